@@ -1,0 +1,137 @@
+"""`fp4-ablate`: parse the subcommand, hand the rest to Hydra (run, sweep) or argparse (the rest).
+
+    fp4-ablate run [OVERRIDES]        one run (Hydra: --help, --cfg job, key=value, +group=option)
+    fp4-ablate sweep [OVERRIDES]      the paper's grid (or any Hydra sweep) over seeds, resumable
+    fp4-ablate report [RESULTS_DIR]   the token-cost table, CSV, LaTeX and plots
+    fp4-ablate calibrate [RESULTS_DIR] the target perplexity from FP8 runs without a target
+    fp4-ablate bench                  quantization kernels and training steps on a CUDA GPU
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+from . import hydra_app
+
+USAGE = __doc__.split("\n", 2)[2]
+SUBCOMMANDS = ("run", "sweep", "report", "calibrate", "bench")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: fp4-ablate {run,sweep,report,calibrate,bench} ...\n\n" + USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"fp4-ablate: unknown command {command!r}; choose one of: {', '.join(SUBCOMMANDS)}",
+              file=sys.stderr)
+        return 2
+    handler = {"run": run_command, "sweep": sweep_command, "report": report_command,
+               "calibrate": calibrate_command, "bench": bench_command}[command]
+    code = handler(rest)
+    return int(code or 0)
+
+
+def _precheck_or_exit(command_lines: List[List[str]]) -> Optional[object]:
+    cfg = None
+    for line in command_lines:
+        try:
+            cfg = hydra_app.precheck(line)
+        except hydra_app.PrecheckError as err:
+            print(f"fp4-ablate: {err}", file=sys.stderr)
+            raise SystemExit(2)
+    return cfg
+
+
+def run_command(argv: List[str]) -> int:
+    from hydra.core.hydra_config import HydraConfig
+    from fp4_experiments.runner import one_line, run_experiment
+
+    flags, overrides = hydra_app.split_flags(argv)
+    if not flags:
+        _precheck_or_exit([overrides])
+
+    def task(cfg):
+        summary = run_experiment(cfg, list(HydraConfig.get().overrides.task))
+        print(one_line(summary), flush=True)
+
+    hydra_app.run_hydra(task, argv, "fp4-ablate run")
+    return 0
+
+
+def sweep_command(argv: List[str]) -> int:
+    from hydra.core.hydra_config import HydraConfig
+    from fp4_experiments.sweep import DEFAULT_GRID, GRID_KEYS, read_ledger, summarize, sweep_job
+
+    flags, overrides = hydra_app.split_flags(argv)
+    if not any(hydra_app.key_of(o) in GRID_KEYS for o in overrides):
+        overrides.append("+ablation=" + ",".join(DEFAULT_GRID))
+    cfg = _precheck_or_exit(hydra_app.first_value_variants(overrides)[:1])
+    if hydra_app.find_override(overrides, "seed") is None:
+        overrides.append(f"seed=range(0,{cfg.sweep.seeds})")
+    if hydra_app.find_override(overrides, "hydra/launcher") is None:
+        overrides += _parallel_launcher()
+    if not flags:
+        _precheck_or_exit(hydra_app.first_value_variants(overrides)[1:])
+    total = hydra_app.sweep_size(overrides)
+    sweep_id = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{os.getpid()}"
+    results_dir = cfg.results_dir
+    overrides += [f"sweep.total={total}", f"sweep.id={sweep_id}",
+                  f"hydra.sweep.dir={os.path.join(os.path.dirname(results_dir) or '.', 'sweeps', sweep_id)}"]
+    if not flags:
+        print(f"fp4-ablate sweep: {total} runs; ledger in "
+              f"{os.path.join(os.path.dirname(results_dir) or '.', 'sweeps', sweep_id)}", flush=True)
+
+    def task(cfg):
+        hc = HydraConfig.get()
+        sweep_job(cfg, int(hc.job.num), list(hc.overrides.task))
+
+    if flags:
+        # --cfg/--info/--help describe one job: the sweep's first (Hydra allows no sweep there).
+        hydra_app.run_hydra(task, [*flags, *hydra_app.first_value_variants(overrides)[0]],
+                            "fp4-ablate sweep")
+        return 0
+    hydra_app.run_hydra(task, ["--multirun", *overrides], "fp4-ablate sweep")
+    text, failed = summarize(read_ledger(results_dir, sweep_id), total)
+    print(text, flush=True)
+    return 1 if failed else 0
+
+
+def _parallel_launcher() -> List[str]:
+    """One run per local GPU when several are visible (Hydra's joblib launcher + GPU slots)."""
+    try:
+        import torch
+        n = torch.cuda.device_count()
+    except Exception:
+        n = 0
+    if n <= 1:
+        return []
+    try:
+        import hydra_plugins.hydra_joblib_launcher  # noqa: F401
+    except ImportError:
+        print(f"fp4-ablate sweep: {n} GPUs visible but hydra-joblib-launcher is not installed; "
+              "running sequentially (pip install hydra-joblib-launcher)", file=sys.stderr)
+        return []
+    return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n}"]
+
+
+def report_command(argv: List[str]) -> int:
+    from fp4_experiments.report.cli import main as report_main
+    return report_main(argv)
+
+
+def calibrate_command(argv: List[str]) -> int:
+    from fp4_experiments.calibrate import main as calibrate_main
+    return calibrate_main(argv)
+
+
+def bench_command(argv: List[str]) -> int:
+    from fp4_experiments.bench import main as bench_main
+    return bench_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

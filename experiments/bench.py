@@ -1,0 +1,177 @@
+"""`fp4-ablate bench`: what the quantization kernels and the emulated training steps cost.
+
+Everything is measured in one process on one GPU and reported as ratios taken inside that
+run, so numbers from different machines are never mixed:
+
+1. kernels (`bench_kernels`): each quantizer on an 8192 x 8192 bf16 tensor, both orientations,
+   against the device-to-device copy bandwidth measured in the same run, beside the torch
+   reference eager and under torch.compile, with a bit-exactness pass on planted hard blocks;
+2. training steps: median step time and peak memory of the ~20M and ~150M models at sequence
+   length 512 for bf16, fp8, each ladder rung and wgrad with each stabilizer, as ratios to bf16
+   (eager for every configuration; compiled for the ones the targets name);
+3. `results/bench/<device>.md` and `<device>.json` with the device, the versions and the command.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from fp4_configs.schema import ModelConfig
+from .rundir import atomic_write_json, atomic_write_text, git_commit, versions
+
+STEP_CONFIGS = [("bf16", "none"), ("fp8", "none"), ("fprop", "none"), ("dgrad", "none"),
+                ("wgrad", "none"), ("wgrad", "sr"), ("wgrad", "rht"), ("wgrad", "h16")]
+COMPILED_CONFIGS = [("bf16", "none"), ("fp8", "none"), ("wgrad", "h16")]
+
+
+def load_model_config(name: str):
+    path = files("fp4_configs") / "model" / f"{name}.yaml"
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(str(path)))
+
+
+def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq_len: int,
+               vocab: int, steps: int, warmup: int, compile: bool, device) -> Dict:
+    from fp4.linear import QuantState, configure
+    from fp4.recipe import Recipe
+    from .model import build_llama, causal_lm_loss
+
+    configure(quant_backend="auto", real_fp8=True)
+    torch.manual_seed(0)
+    mcfg = load_model_config(model_name)
+    mcfg.seq_len = seq_len
+    state = QuantState(seed=0)
+    model, info = build_llama(mcfg, vocab, Recipe(ladder=ladder, stabilizer=stabilizer), state)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile else model
+    x = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
+    times: List[float] = []
+    torch.cuda.reset_peak_memory_stats(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for i in range(warmup + steps):
+        start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = causal_lm_loss(fwd, x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state.advance_step()
+        end.record()
+        torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(start.elapsed_time(end) / 1e3)
+    peak = torch.cuda.max_memory_allocated(device)
+    del model, opt, fwd
+    torch.cuda.empty_cache()
+    return {"model": model_name, "ladder": ladder, "stabilizer": stabilizer,
+            "compiled": compile, "params": info.param_count, "batch": batch, "seq_len": seq_len,
+            "median_step_s": statistics.median(times), "peak_mem_bytes": peak,
+            "tokens_per_s": batch * seq_len / statistics.median(times)}
+
+
+def bench_steps(models: List[str], batches: Dict[str, int], seq_len: int, steps: int,
+                warmup: int, device, compile: bool) -> List[Dict]:
+    rows = []
+    for model_name in models:
+        plan = [(l, s, False) for l, s in STEP_CONFIGS]
+        if compile:
+            plan += [(l, s, True) for l, s in COMPILED_CONFIGS]
+        for ladder, stab, comp in plan:
+            t0 = time.time()
+            try:
+                row = bench_step(model_name, ladder, stab, batch=batches[model_name],
+                                 seq_len=seq_len, vocab=8192, steps=steps, warmup=warmup,
+                                 compile=comp, device=device)
+            except Exception as err:  # recorded in the table: a failure is a result here
+                row = {"model": model_name, "ladder": ladder, "stabilizer": stab,
+                       "compiled": comp, "error": f"{type(err).__name__}: {err}"[:300]}
+            row["wall_s"] = time.time() - t0
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    for row in rows:  # ratios to bf16 of the same model and compile mode, inside this run
+        ref = next((r for r in rows if r["model"] == row["model"] and r["ladder"] == "bf16"
+                    and r["compiled"] == row["compiled"] and "error" not in r), None)
+        if ref and "error" not in row:
+            row["step_ratio_vs_bf16"] = row["median_step_s"] / ref["median_step_s"]
+            row["mem_ratio_vs_bf16"] = row["peak_mem_bytes"] / ref["peak_mem_bytes"]
+    return rows
+
+
+def render(meta: Dict, kernel_rows: List[Dict], step_rows: List[Dict]) -> str:
+    lines = [f"# fp4-ablate benchmark: {meta['device_name']}", "",
+             f"- command: `{meta['command']}`", f"- git commit: {meta['git_commit']}",
+             f"- versions: {meta['versions']}", f"- date: {meta['date']}", ""]
+    if kernel_rows:
+        lines += ["## Quantization kernels", "",
+                  "| op | orientation | impl | median ms | GB/s | % of copy | bit-exact |",
+                  "|---|---|---|---:|---:|---:|---|"]
+        for r in kernel_rows:
+            lines.append(f"| {r.get('op')} | {r.get('orientation')} | {r.get('impl')} | "
+                         f"{_f(r.get('median_ms'), 3)} | {_f(r.get('gbps'), 0)} | "
+                         f"{_f(r.get('pct_copy'), 1)} | {r.get('correct', r.get('error', ''))} |")
+        lines.append("")
+    if step_rows:
+        lines += ["## Training steps (AdamW, bf16 autocast, random tokens, vocab 8192)", "",
+                  "| model | ladder | stabilizer | compiled | median step ms | x bf16 | peak GiB | x bf16 mem | tok/s |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in step_rows:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['ladder']} | {r['stabilizer']} | "
+                             f"{r['compiled']} | error: {r['error']} | | | | |")
+                continue
+            lines.append(f"| {r['model']} | {r['ladder']} | {r['stabilizer']} | {r['compiled']} | "
+                         f"{r['median_step_s'] * 1e3:.1f} | {_f(r.get('step_ratio_vs_bf16'), 3)} | "
+                         f"{r['peak_mem_bytes'] / 2**30:.2f} | {_f(r.get('mem_ratio_vs_bf16'), 3)} | "
+                         f"{r['tokens_per_s']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _f(v, nd) -> str:
+    return "" if v is None else f"{v:.{nd}f}"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="fp4-ablate bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--size", type=int, default=8192, help="kernel tensor is SIZE x SIZE bf16")
+    ap.add_argument("--models", default="llama-20m,llama-150m")
+    ap.add_argument("--batches", default="32,16", help="sequences per step, one per model")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled step runs")
+    ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--skip-steps", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("fp4-ablate bench: needs a CUDA GPU (the timings it reports are GPU timings); "
+              "on the CPU run the tests instead", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    models = args.models.split(",")
+    batches = dict(zip(models, (int(b) for b in args.batches.split(","))))
+    kernel_rows = []
+    if not args.skip_kernels:
+        from .bench_kernels import bench_kernels
+        kernel_rows = bench_kernels(device="cuda", size=args.size)
+    step_rows = [] if args.skip_steps else bench_steps(
+        models, batches, args.seq_len, args.steps, args.warmup, device, not args.no_compile)
+    name = torch.cuda.get_device_name(device)
+    meta = {"device_name": name, "versions": versions(), "git_commit": git_commit()[0],
+            "command": "fp4-ablate bench " + " ".join(argv if argv is not None else sys.argv[2:]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    out = Path(args.out)
+    slug = name.lower().replace(" ", "-")
+    atomic_write_json(out / f"{slug}.json", {"meta": meta, "kernels": kernel_rows, "steps": step_rows})
+    atomic_write_text(out / f"{slug}.md", render(meta, kernel_rows, step_rows))
+    print(render(meta, kernel_rows, step_rows))
+    return 0

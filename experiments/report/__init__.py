@@ -1,0 +1,216 @@
+"""``fp4-ablate report``: the token-cost table, figures and provenance of an ablation sweep.
+
+Pipeline (each step its own module, each testable on synthetic run directories):
+
+1. :mod:`.runs` loads every run directory under ``results_dir`` (docs/design.md section 2),
+   keeps the valid finished ones and lists the rest -- corrupt, failed, duplicated or
+   still running -- by name with the reason.  None of those enters a statistic.
+2. :mod:`.stats` computes per configuration and target: tokens to target (mean, 95%
+   t-interval), the extra token cost versus the FP8 baseline *paired by seed*, n/N
+   converged.  A missing baseline raises :class:`MissingBaselineError`; runs of one
+   model/data with different targets become separate groups with a warning.
+3. :mod:`.throughput` attaches the step-throughput gain (measured / modeled on hardware
+   profiles / user) and the net speedup = gain / (1 + cost).
+4. :mod:`.tables` and :mod:`.plots` write table.md / table.csv / table.tex and PNGs;
+   ``report.json`` records the provenance (run dirs, their commits and devices, the
+   command).  With ``wandb=True`` the table and figures are logged to Weights & Biases
+   (honours WANDB_MODE=offline and WANDB_DIR).
+
+Every error raised on purpose derives from :class:`ReportError`, so the CLI can print
+the message instead of a traceback.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from .runs import DEFAULT_RESULTS_DIR, Issue, ReportError, load_runs
+from .stats import MissingBaselineError, summarize
+from .throughput import HardwareProfileError, add_throughput
+from .tables import atomic_write, to_csv, to_markdown, write_tables
+from .plots import write_plots
+
+__all__ = ["make_report", "Report", "ReportError", "MissingBaselineError", "HardwareProfileError", "NoRunsError",
+           "load_runs", "Issue"]
+
+
+class NoRunsError(ReportError):
+    """No finished, valid run to report on (the message lists what was found instead)."""
+
+
+class Report(str):
+    """The report's Markdown (this object *is* the string) plus what was produced.
+
+    Attributes: ``markdown`` (str), ``out_dir`` (Path), ``files`` ({name: Path}),
+    ``table`` (DataFrame, one row per configuration, numeric), ``runs`` (valid runs),
+    ``issues`` (excluded or incomplete run dirs), ``warnings`` (list of str),
+    ``wandb_dir`` (offline run directory or None).
+    """
+
+    def __new__(cls, markdown: str, **attrs):
+        obj = super().__new__(cls, markdown)
+        obj.__dict__.update(attrs)
+        return obj
+
+    @property
+    def markdown(self) -> str:
+        return str.__str__(self)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _tool_commit() -> Optional[str]:
+    # Read-only: which commit of fp4-ablate produced the report (None outside a git checkout).
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                           text=True, timeout=10)
+        return (r.stdout.strip() or None) if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _default_out_dir(results_dir: Path) -> Path:
+    return results_dir.parent / "report" if results_dir.name == "runs" else Path("results") / "report"
+
+
+def _issue_lines(issues: Sequence[Issue]) -> List[str]:
+    lines = []
+    bad = [i for i in issues if not i.incomplete]
+    running = [i for i in issues if i.incomplete]
+    if bad:
+        lines += ["## Excluded run directories", ""] + [f"- `{i.name}`: {i.problem}" for i in bad] + [""]
+    if running:
+        lines += ["## Incomplete runs (no summary yet; not counted)", ""]
+        lines += [f"- `{i.name}`: {i.problem}" for i in running] + [""]
+    return lines
+
+
+def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup) -> str:
+    n_seeds = runs["seed"].nunique()
+    lines = ["# fp4-ablate report", "",
+             f"Results: `{results_dir}` -- {len(runs)} finished runs over {n_seeds} seed(s), "
+             f"{sum(not i.incomplete for i in issues)} excluded, {sum(i.incomplete for i in issues)} incomplete.",
+             "",
+             "Extra tokens: paired by seed against the FP8 run of the same model, data, target and seed "
+             "(mean ± 95% t-interval over seeds). Net speedup = step gain / (1 + extra tokens), "
+             "interval from the cost interval. Step gain source: `measured` (native kernels, own tokens/s), "
+             "`modeled:<profile>` (datasheet peaks substituted into the measured FP8 step, an upper bound), "
+             "`user` (--step-speedup" + (f" {step_speedup}" if step_speedup is not None else "") + ").", ""]
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    lines.append(to_markdown(table, list(profs), heading_level=2))
+    figs = sorted(plot_files)
+    if figs:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figs] + [""]
+    lines += _issue_lines(issues)
+    if profs:
+        lines += ["## Hardware profiles (vendor datasheet dense peaks, not measurements)", ""]
+        for p in profs.values():
+            peaks = ", ".join(f"{k} {v:g}" if v is not None else f"{k} n/a" for k, v in p.peak_tflops.items())
+            lines.append(f"- {p.name} ({p.vendor}): {peaks} TFLOP/s -- source: {p.source}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _log_wandb(out_dir: Path, csv_text: str, files: Dict[str, Path], markdown: str, provenance: dict):
+    import io
+
+    import wandb as wb
+
+    kwargs = {} if os.environ.get("WANDB_DIR") else {"dir": str(out_dir)}
+    run = wb.init(project=os.environ.get("WANDB_PROJECT", "fp4-ablate"), job_type="report",
+                  config={"results_dir": provenance["results_dir"], "profiles": provenance["profiles_used"],
+                          "step_speedup": provenance["step_speedup"]}, **kwargs)
+    try:
+        df = pd.read_csv(io.StringIO(csv_text))
+        payload = {"report/table": wb.Table(dataframe=df.astype(object).where(df.notna(), None))}
+        for name, path in files.items():
+            if name.endswith(".png"):
+                payload[f"report/{Path(name).stem}"] = wb.Image(str(path))
+        payload["report/markdown"] = wb.Html(f"<pre>{markdown}</pre>")
+        run.log(payload)
+        for r in df.to_dict("records"):
+            if isinstance(r.get("net"), float) and math.isfinite(r["net"]):
+                run.summary[f"net/{r['label']}/{r['target_ppl']:g}"] = r["net"]
+        run_dir = getattr(run, "dir", None)
+    finally:
+        run.finish()
+    return str(Path(run_dir).parent) if run_dir else None
+
+
+def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x", "b200"),
+                step_speedup: Union[None, float, Mapping[str, float]] = None, wandb: bool = False) -> Report:
+    """Build the report for the runs under ``results_dir``; returns its Markdown as a :class:`Report`.
+
+    ``out_dir`` defaults to ``<results_dir>/../report`` (``results/report``).  ``profiles``:
+    hardware profile names (configs/hardware/profile/) or YAML paths for the modeled gain.
+    ``step_speedup``: a user-measured step-throughput gain (a ratio, 1.20 = +20%) for every
+    configuration with an FP4 GEMM, or {label or ladder: ratio}.  Raises ReportError
+    subclasses (NoRunsError, MissingBaselineError, HardwareProfileError) with a message.
+    """
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(results_dir)
+    runs, issues = load_runs(results_dir)
+    if runs.empty:
+        found = "\n".join(f"  {i.name}: {i.problem}" for i in issues) or "  (no run directories)"
+        raise NoRunsError(f"no finished valid runs under {results_dir}:\n{found}")
+    stats, warnings, baselines = summarize(runs, issues)
+    table, profs = add_throughput(stats, runs, profiles, step_speedup)
+
+    files = write_tables(table, out_dir, list(profs))
+    plot_files = write_plots(table, runs, out_dir)
+    files.update(plot_files)
+    markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup)
+    files["report.md"] = atomic_write(out_dir / "report.md", markdown)
+
+    run_fields = ("run", "run_dir", "status", "ladder", "stabilizer", "format", "model", "data", "seed",
+                  "target_ppl", "tokens_to_target", "git_commit", "git_dirty", "device_name", "hostname",
+                  "started_at")
+    provenance = {
+        "command": shlex.join(sys.argv),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "results_dir": str(results_dir.resolve()),
+        "out_dir": str(out_dir.resolve()),
+        "tool_git_commit": _tool_commit(),
+        "profiles_used": {n: {"vendor": p.vendor, "peak_tflops": dict(p.peak_tflops), "source": p.source}
+                          for n, p in profs.items()},
+        "step_speedup": step_speedup if not isinstance(step_speedup, Mapping) else dict(step_speedup),
+        "git_commits": sorted({c for c in runs["git_commit"] if isinstance(c, str) and c}),
+        "devices": sorted({d for d in runs["device_name"] if isinstance(d, str) and d}),
+        "runs": [dict({k: r.get(k) for k in run_fields}, baseline=Path(baselines[r["run_dir"]]).name)
+                 for r in runs.to_dict("records")],
+        "excluded": [{"run_dir": i.run_dir, "problem": i.problem} for i in issues if not i.incomplete],
+        "incomplete": [{"run_dir": i.run_dir, "problem": i.problem} for i in issues if i.incomplete],
+        "warnings": warnings,
+        "files": sorted(list(files) + ["report.json"]),
+    }
+    wandb_dir = None
+    if wandb:
+        wandb_dir = _log_wandb(out_dir, to_csv(table, list(profs)), files, markdown, provenance)
+        provenance["wandb_dir"] = wandb_dir
+    files["report.json"] = atomic_write(out_dir / "report.json",
+                                        json.dumps(_jsonable(provenance), indent=2, sort_keys=False) + "\n")
+    return Report(markdown, out_dir=out_dir, files=files, table=table, runs=runs, issues=issues,
+                  warnings=warnings, wandb_dir=wandb_dir)

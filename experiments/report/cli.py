@@ -1,0 +1,40 @@
+"""`fp4-ablate report [RESULTS_DIR]`: argument parsing for make_report; errors become messages."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from . import ReportError, make_report
+from .runs import DEFAULT_RESULTS_DIR
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="fp4-ablate report",
+        description="The token-cost table (markdown, CSV, LaTeX) and plots of the runs under "
+                    "RESULTS_DIR: tokens to target with 95%% intervals over seeds, extra-token "
+                    "cost paired by seed against the FP8 baseline, step-throughput gain and net "
+                    "speedup.")
+    ap.add_argument("results_dir", nargs="?", default=str(DEFAULT_RESULTS_DIR),
+                    help="directory of run directories (default: %(default)s)")
+    ap.add_argument("--out", help="report directory (default: RESULTS_DIR/../report)")
+    ap.add_argument("--profile", action="append", dest="profiles", metavar="NAME",
+                    help="hardware profile for the modeled step gain (configs/hardware/profile/"
+                         "NAME.yaml or a YAML path); repeat for several (default: mi355x, b200)")
+    ap.add_argument("--step-speedup", type=float, metavar="X",
+                    help="a measured step-throughput gain to use instead (ratio: 1.20 = +20%%)")
+    ap.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
+    args = ap.parse_args(argv)
+    if args.step_speedup is not None and args.step_speedup <= 0:
+        ap.error(f"--step-speedup={args.step_speedup} must be > 0 (a ratio, e.g. 1.20)")
+    try:
+        report = make_report(args.results_dir, out_dir=args.out,
+                             profiles=tuple(args.profiles or ("mi355x", "b200")),
+                             step_speedup=args.step_speedup, wandb=args.wandb)
+    except ReportError as err:
+        print(f"fp4-ablate report: {err}", file=sys.stderr)
+        return 2
+    print(report.markdown)
+    print(f"\nwritten to {report.out_dir}: " + ", ".join(sorted(report.files)))
+    return 0

@@ -1,0 +1,230 @@
+"""The ablation table: one row per configuration, as Markdown, CSV and LaTeX.
+
+Rows follow the ladder (bf16 reference, fp8, fprop, dgrad, wgrad, then wgrad+sr,
+wgrad+rht, wgrad+h16, then anything else), one block per comparison group (model, data,
+target perplexity) -- groups with different targets are never merged into one table.
+
+The Markdown and LaTeX cells are for reading: means with their 95% interval, costs and
+speedups as signed percentages, and, where no seed reached the target, *why* -- "did not
+converge (best ppl X at N tokens)" or "diverged at N tokens" -- instead of an empty cell
+that a reader could take for a missing run.  The CSV is for machines: every number is
+unformatted (fractions, not percentages; NaN where undefined) so it can be re-plotted or
+re-tested without parsing strings.
+
+Every file is written atomically (temporary file in the same directory, then
+``os.replace``), so a report being regenerated is never seen half-written.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence, Union
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+GROUP_KEYS = ("model", "data", "target_ppl")
+DISPLAY_COLUMNS = ("configuration", "seeds finished", "converged", "tokens to target",
+                   "extra tokens vs FP8", "tokens/s", "step gain", "net speedup", "notes")
+CSV_COLUMNS = ("model", "data", "target_ppl", "label", "ladder", "stabilizer", "format", "n_runs", "n_reached",
+               "n_diverged", "n_not_reached", "seeds", "tokens_mean", "tokens_lo", "tokens_hi", "n_paired",
+               "cost_mean", "cost_lo", "cost_hi", "tokens_per_s", "gain", "gain_source", "net", "net_lo",
+               "net_hi", "gain_measured", "t_extra_s_per_token", "best_ppl", "best_ppl_tokens", "diverged_at",
+               "notes")
+
+
+def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:
+    """Write data to path through a temporary sibling and os.replace (no torn files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float, np.floating, np.integer)) and math.isfinite(x)
+
+
+def fmt_tokens(x: float, ref: float = None) -> str:
+    """Tokens with a k/M/B unit chosen from `ref` (default x) and 3 significant figures."""
+    ref = x if ref is None else ref
+    unit, suffix = 1.0, ""
+    for u, s in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(ref) >= u:
+            unit, suffix = u, s
+            break
+    v = abs(ref) / unit
+    decimals = max(0, 2 - int(math.floor(math.log10(v)))) if v > 0 else 0
+    return f"{x / unit:,.{decimals}f}{suffix}"
+
+
+def fmt_pct(x: float) -> str:
+    return f"{x * 100:+.1f}%"
+
+
+def fmt_ratio_pct(ratio: float) -> str:
+    """A ratio such as 1.106 as the signed change it is: "+10.6%"."""
+    return fmt_pct(ratio - 1.0)
+
+
+def _no_convergence(row: dict) -> List[str]:
+    parts = []
+    if row["diverged_at"]:
+        parts.append("diverged at " + " / ".join(fmt_tokens(t) if _finite(t) else "?" for t in row["diverged_at"])
+                     + " tokens")
+    if row["n_not_reached"]:
+        if _finite(row["best_ppl"]):
+            at = f" at {fmt_tokens(row['best_ppl_tokens'])} tokens" if _finite(row["best_ppl_tokens"]) else ""
+            parts.append(f"did not converge (best ppl {row['best_ppl']:.4g}{at})")
+        else:
+            parts.append("did not converge")
+    return parts
+
+
+def _is_baseline(row: dict) -> bool:
+    return row.get("gain_source") == "baseline"
+
+
+def display_row(row: dict) -> Dict[str, str]:
+    """The human-readable cells of one configuration."""
+    n, k = row["n_runs"], row["n_reached"]
+    notes = []
+    if k == 0:
+        tokens = "; ".join(_no_convergence(row))
+    else:
+        tokens = fmt_tokens(row["tokens_mean"])
+        if _finite(row["tokens_lo"]):
+            tokens += " ± " + fmt_tokens((row["tokens_hi"] - row["tokens_lo"]) / 2, ref=row["tokens_mean"])
+        elif k == 1:
+            tokens += " (n=1)"
+        if k < n:
+            notes += [f"{len(row['diverged_at']) + row['n_not_reached']} seed(s) missed the target: "
+                      + "; ".join(_no_convergence(row))]
+    if _is_baseline(row):
+        cost = "0 (baseline)"
+    elif row["n_paired"] == 0:
+        cost = "n/a (did not converge)" if k == 0 else "n/a (baseline did not converge)"
+    else:
+        cost = fmt_pct(row["cost_mean"])
+        cost += (" ± " + f"{(row['cost_hi'] - row['cost_lo']) * 50:.1f}%") if _finite(row["cost_lo"]) else " (n=1)"
+        if row["n_paired"] < k:
+            notes.append(f"cost paired over {row['n_paired']} of {k} converged seeds (baseline missed the others)")
+    if _is_baseline(row):
+        gain, net = "baseline", "baseline"
+    else:
+        gain = f"{fmt_ratio_pct(row['gain'])} ({row['gain_source']})" if _finite(row["gain"]) else "n/a"
+        if _finite(row["net"]):
+            net = fmt_ratio_pct(row["net"])
+            if _finite(row["net_lo"]):
+                net += f" [{fmt_ratio_pct(row['net_lo'])}, {fmt_ratio_pct(row['net_hi'])}]"
+        else:
+            net = "n/a"
+    if row.get("gain_note"):
+        notes.append(row["gain_note"])
+    tps = f"{row['tokens_per_s']:,.0f}" if _finite(row["tokens_per_s"]) else "n/a"
+    return dict(zip(DISPLAY_COLUMNS, (row["label"], str(n), f"{k}/{n}", tokens, cost, tps, gain, net,
+                                      "; ".join(notes))))
+
+
+def profile_row(row: dict, profiles: Sequence[str]) -> Dict[str, str]:
+    """Modeled gain / net on each hardware profile for one configuration."""
+    out = {"configuration": row["label"]}
+    for p in profiles:
+        g, net = row.get(f"gain_{p}"), row.get(f"net_{p}")
+        if _is_baseline(row):
+            out[p] = "baseline"
+        elif not _finite(g):
+            out[p] = "n/a: " + (row.get(f"note_{p}") or "not modeled")
+        else:
+            out[p] = f"{fmt_ratio_pct(g)} / " + (fmt_ratio_pct(net) if _finite(net) else "n/a")
+    return out
+
+
+def group_title(key: tuple) -> str:
+    model, data, target = key
+    return f"model={model}, data={data}, target ppl={target:g}"
+
+
+def groups(table: pd.DataFrame):
+    """(group key, rows) in table order; the table is already sorted by group then ladder."""
+    seen: Dict[tuple, List[dict]] = {}
+    for r in table.to_dict("records"):
+        seen.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
+    return list(seen.items())
+
+
+def to_markdown(table: pd.DataFrame, profiles: Sequence[str] = (), heading_level: int = 2) -> str:
+    parts = []
+    h = "#" * heading_level
+    for key, rows in groups(table):
+        parts.append(f"{h} {group_title(key)}\n")
+        parts.append(tabulate([display_row(r) for r in rows], headers="keys", tablefmt="github",
+                              disable_numparse=True) + "\n")
+        if profiles:
+            parts.append(f"Modeled step gain / net speedup per hardware profile (datasheet peaks):\n")
+            parts.append(tabulate([profile_row(r, profiles) for r in rows], headers="keys", tablefmt="github",
+                                  disable_numparse=True) + "\n")
+    return "\n".join(parts)
+
+
+def to_csv(table: pd.DataFrame, profiles: Sequence[str] = ()) -> str:
+    cols = list(CSV_COLUMNS[:-1]) + [c for p in profiles for c in (f"gain_{p}", f"net_{p}")] + ["notes"]
+    flat = []
+    for r in table.to_dict("records"):
+        d = {c: r.get(c) for c in cols}
+        d["seeds"] = ";".join(map(str, r["seeds"]))
+        d["diverged_at"] = ";".join(str(t) for t in r["diverged_at"])
+        d["notes"] = display_row(r)["notes"]
+        flat.append(d)
+    buf = io.StringIO()
+    pd.DataFrame(flat, columns=cols).to_csv(buf, index=False)
+    return buf.getvalue()
+
+
+_LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(s: str) -> str:
+    out = "".join(_LATEX_ESCAPES.get(c, c) for c in str(s))
+    return out.replace("±", r"$\pm$")
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs}); one block per comparison group."""
+    cols = [c for c in DISPLAY_COLUMNS if c != "notes"]
+    grouped = groups(table)
+    lines = [r"% fp4-ablate report table; requires \usepackage{booktabs}",
+             r"\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", r"\toprule",
+             " & ".join(latex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    for i, (key, rows) in enumerate(grouped):
+        if len(grouped) > 1:
+            if i:
+                lines.append(r"\midrule")
+            lines.append(rf"\multicolumn{{{len(cols)}}}{{l}}{{\textit{{{latex_escape(group_title(key))}}}}} \\")
+        for r in rows:
+            d = display_row(r)
+            lines.append(" & ".join(latex_escape(d[c]) for c in cols) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def write_tables(table: pd.DataFrame, out_dir: Union[str, Path], profiles: Sequence[str] = ()) -> Dict[str, Path]:
+    out_dir = Path(out_dir)
+    return {
+        "table.md": atomic_write(out_dir / "table.md", to_markdown(table, profiles)),
+        "table.csv": atomic_write(out_dir / "table.csv", to_csv(table, profiles)),
+        "table.tex": atomic_write(out_dir / "table.tex", to_latex(table)),
+    }

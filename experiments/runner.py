@@ -1,0 +1,217 @@
+"""One run of the ablation: config -> recipe -> model -> training loop -> run directory.
+
+`run_experiment(cfg)` is what `fp4-ablate run` and every job of `fp4-ablate sweep` execute.
+It is idempotent: the run directory is keyed by the experiment config and seed, a finished
+run is skipped (its summary returned), an interrupted one resumes from its checkpoint, and
+`sweep.force=true` starts over. A crash is recorded (`status: failed`, `traceback.txt`) and
+re-raised, so `run` exits non-zero and `sweep` can record it and go on; a failed run is
+retried, from its checkpoint, the next time the same command runs.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from fp4.linear import QuantState, gemm_paths
+from fp4.recipe import Recipe
+from .data import TrainLoader, prepare_data
+from .model import build_llama
+from .rundir import (CHECKPOINT, SUMMARY, atomic_write_json, atomic_write_text, read_json,
+                     run_key, run_name, write_run_files)
+from .tracking import make_tracker
+from .train import train
+from .validate import validate_config
+
+log = logging.getLogger("fp4_experiments.runner")
+
+FINISHED = ("reached", "not_reached", "diverged", "completed")
+
+
+def recipe_from_config(cfg) -> Recipe:
+    st, fmt = cfg.stabilizer, cfg.format
+    return Recipe(
+        ladder=cfg.ladder.name, stabilizer=st.name, format=fmt.name, seed=int(cfg.seed),
+        fp8_forward=fmt.fp8_forward, fp8_backward=fmt.fp8_backward,
+        scale_mode=fmt.scale_mode, sr_operands=st.sr_operands,
+        stabilizer_gemms=list(st.gemms), hadamard_block=st.hadamard_size,
+        hadamard_signs=st.hadamard_signs if st.hadamard else None,
+        nvfp4_2d_weights=fmt.nvfp4_2d_weights, ufp4_element=fmt.ufp4_element,
+    )
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"hardware.device={name} but CUDA is not available; use hardware=cpu")
+    return torch.device(name)
+
+
+def _progress(cfg):
+    if not cfg.train.progress_bar:
+        return None
+    from tqdm.auto import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(total=cfg.train.max_tokens, unit="tok", unit_scale=True, dynamic_ncols=True,
+                mininterval=0.5 if tty else 30.0, desc=f"{cfg.ladder.name}/{cfg.stabilizer.name}")
+
+
+def _file_logger(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+    # The run log records this package's INFO lines even when the host (tests, a notebook)
+    # leaves the root logger at WARNING.
+    pkg = logging.getLogger("fp4_experiments")
+    if pkg.level == logging.NOTSET or pkg.level > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    return handler
+
+
+def run_experiment(cfg, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    validate_config(cfg)
+    key = run_key(cfg)
+    name = run_name(cfg, key)
+    run_dir = Path(cfg.results_dir) / name
+    previous = read_json(run_dir / SUMMARY)
+    if previous and previous.get("status") in FINISHED and not cfg.sweep.force:
+        log.info("%s: already finished (%s); skipped. sweep.force=true re-runs it.",
+                 name, previous["status"])
+        return previous
+    if cfg.sweep.force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SUMMARY).unlink(missing_ok=True)  # a failed run is being retried
+    handler = _file_logger(run_dir)
+    started = time.time()
+    try:
+        return _run(cfg, key, name, run_dir, list(overrides), started)
+    except BaseException as err:
+        tb = traceback.format_exc()
+        atomic_write_text(run_dir / "traceback.txt", tb)
+        atomic_write_json(run_dir / SUMMARY, {
+            **_identity(cfg, key), "status": "failed", "error": f"{type(err).__name__}: {err}",
+            "wall_time_s": time.time() - started})
+        log.error("%s failed: %s (traceback in %s)", name, err, run_dir / "traceback.txt")
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _identity(cfg, key: str) -> Dict[str, Any]:
+    return {"run_key": key, "ladder": cfg.ladder.name, "stabilizer": cfg.stabilizer.name,
+            "format": cfg.format.name, "model": cfg.model.name, "data": _data_label(cfg),
+            "seed": int(cfg.seed), "target_ppl": cfg.train.target_ppl,
+            "max_tokens": int(cfg.train.max_tokens)}
+
+
+def _data_label(cfg) -> str:
+    d = cfg.data
+    if d.name in ("c4_local", "jsonl"):
+        label = f"{d.name}:{Path(str(d.path)).name}"
+        return label + (f"|val:{Path(str(d.val_path)).name}" if d.val_path else "")
+    return d.name
+
+
+def _run(cfg, key, name, run_dir: Path, overrides, started) -> Dict[str, Any]:
+    device = pick_device(cfg.hardware.device)
+    torch.manual_seed(cfg.seed)
+    bundle = prepare_data(cfg.data, cfg.tokenizer, cfg.model.seq_len, Path(cfg.cache_dir))
+    recipe = recipe_from_config(cfg)
+    quant_state = QuantState(seed=int(cfg.seed))
+    torch.manual_seed(cfg.seed)  # model init depends on the seed only, not on data preparation
+    model, info = build_llama(cfg.model, bundle.tokenizer.vocab_size, recipe, quant_state,
+                              eos_id=bundle.tokenizer.eos_id)
+    model.to(device)
+    _configure_backends(cfg, device)
+    paths = gemm_paths(recipe, device)
+    log.info("%s: %s parameters (%s in %d quantized linears); GEMM paths: %s",
+             name, f"{info.param_count:,}", f"{info.linear_param_count:,}",
+             info.quantized_linears, paths)
+    print(f"model {cfg.model.name}: {info.param_count:,} parameters "
+          f"({info.linear_param_count:,} in quantized linears)", flush=True)
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    loader = TrainLoader(bundle.train_tokens, cfg.model.seq_len, micro, int(cfg.seed))
+    meta = write_run_files(run_dir, cfg, key, device, overrides)
+    atomic_write_json(run_dir / "data.json", bundle.describe())
+    atomic_write_json(run_dir / "recipe.json", recipe.describe())
+    resume = (run_dir / CHECKPOINT).exists()
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    tracker = make_tracker(cfg.logger, run_dir, key, name, resolved)
+    progress = _progress(cfg)
+    try:
+        outcome, loop = train(cfg=cfg, model=model, loader=loader, val=bundle.val,
+                              vocab_size=bundle.tokenizer.vocab_size, quant_state=quant_state,
+                              device=device, run_dir=run_dir, resume=resume,
+                              on_metrics=tracker.log, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    timed_tokens = loop.timed_tokens or loop.tokens
+    timed_time = loop.timed_time_s or loop.train_time_s
+    summary = {
+        **_identity(cfg, key),
+        "status": outcome.status,
+        "tokens_to_target": outcome.tokens_to_target,
+        "diverged_at_tokens": outcome.diverged_at_tokens,
+        "diverged_reason": outcome.diverged_reason,
+        "steps": loop.step,
+        "tokens_seen": loop.tokens,
+        "tokens_per_step": cfg.train.batch_size * cfg.model.seq_len,
+        "epochs": loader.epoch,
+        "best_ppl": loop.best_ppl if loop.evals else None,
+        "best_ppl_tokens": loop.best_ppl_tokens if loop.evals else None,
+        "final_ppl": loop.evals[-1]["ppl"] if loop.evals else None,
+        "mean_tokens_per_s": timed_tokens / timed_time if timed_time else None,
+        "mean_step_time_s": timed_time / max(loop.step - loop.untimed_steps, 1),
+        "param_count": info.param_count,
+        "linear_param_count": info.linear_param_count,
+        "gemm_flops_per_token": info.gemm_flops_per_token,
+        "device_name": meta["device_name"],
+        "torch_version": torch.__version__,
+        "git_commit": meta["git_commit"],
+        "git_dirty": meta["git_dirty"],
+        "gemm_paths": paths,
+        "recipe": recipe.describe(),
+        "wall_time_s": time.time() - started,
+    }
+    if loader.epoch > 4:
+        log.warning("%s: trained for %.1f epochs; beyond ~4, repeated data stops being nearly "
+                    "as good as fresh data", name, loader.epoch)
+    atomic_write_json(run_dir / SUMMARY, summary)
+    tracker.finish(summary)
+    log.info("%s: %s", name, one_line(summary))
+    return summary
+
+
+def _configure_backends(cfg, device) -> None:
+    """Route quantization to the Triton kernels / real FP8 GEMMs as the hardware config says."""
+    import fp4.linear as linear
+    linear.configure(quant_backend=cfg.hardware.quant_backend,
+                     real_fp8=bool(cfg.hardware.real_fp8) and device.type == "cuda")
+
+
+def one_line(summary: Dict[str, Any]) -> str:
+    s = summary
+    head = f"{s['ladder']}/{s['stabilizer']}/{s['format']} seed {s['seed']}: {s['status']}"
+    if s["status"] == "reached":
+        head += f" at {s['tokens_to_target']:,.0f} tokens (target ppl {s['target_ppl']})"
+    elif s["status"] == "diverged":
+        head += f" at {s['diverged_at_tokens']:,} tokens ({s.get('diverged_reason')})"
+    elif s.get("best_ppl") is not None:
+        head += f"; best ppl {s['best_ppl']:.2f} at {s['best_ppl_tokens']:,} tokens"
+    if s.get("mean_tokens_per_s"):
+        head += f"; {s['mean_tokens_per_s']:,.0f} tok/s"
+    return head

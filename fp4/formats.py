@@ -1,0 +1,166 @@
+"""Element formats: the grids that one quantized number can take, and rounding onto them.
+
+Every format here is a small, sign-symmetric floating-point-like grid described by three numbers:
+
+    mbits   mantissa bits after the leading one
+    emin    exponent of the smallest normal binade (below it the spacing stays 2^(emin - mbits):
+            the subnormals, which make the grid uniform down to zero)
+    max     the largest magnitude (the grid stops there; values past it saturate)
+
+| name | grid (magnitudes)            | max   | mbits | emin | emax_elem = floor(log2 max) |
+|------|------------------------------|-------|-------|------|-----------------------------|
+| e2m1 | 0 .5 1 1.5 2 3 4 6           | 6     | 1     | 0    | 2                           |
+| e1m2 | 0 .25 ... 1.75               | 1.75  | 2     | 0    | 0                           |
+| int4 | 0 1 ... 7                    | 7     | 2     | 2    | 2                           |
+| e4m3 | OCP E4M3FN incl. subnormals  | 448   | 3     | -6   | 8                           |
+| e5m2 | OCP E5M2 incl. subnormals    | 57344 | 2     | -14  | 15                          |
+
+int4 is written as a float grid with emin = 2: one "binade" [4, 8) with step 1 and subnormals
+0..3 with the same step, i.e. the integers 0..7. It is the *symmetric* +-7 grid (-8 unused), so
+negation commutes with rounding and stochastic rounding is unbiased at both ends.
+
+Rounding is computed, not searched: for a magnitude a the local grid spacing is
+
+    quantum(a) = 2^(max(floor(log2 a), emin) - mbits)
+
+and round-to-nearest-even is torch.round(a / quantum) * quantum (torch.round is half-to-even, and
+an even multiple of the quantum is exactly a grid point whose last mantissa bit is 0; a tie that
+carries into the next binade lands on its even leading point). floor(log2 a) comes from frexp, so
+it is exact. All of this runs in float64, where float32 (and bfloat16) subnormals are normal
+numbers and a / quantum is an exact power-of-two rescale.
+
+Rules shared by every rounding mode:
+- Magnitudes are clamped to max first (saturation, "satfinite"); +-Inf therefore becomes +-max.
+  For nearest rounding clamping first is the same as clamping after (rounding is monotone and
+  max is a grid point); for stochastic rounding it means the top of the grid is never exceeded.
+- NaN stays NaN.
+- The sign is reattached with copysign, so a negative value that rounds to zero gives -0, as
+  the sign bit of a hardware FP4/FP8 encoding does.
+
+Stochastic rounding: with lo <= a < hi the neighbouring grid points, the result is hi with
+probability (a - lo) / (hi - lo). The caller passes float32 uniforms u in [0, 1) (torch.rand) and
+the rule is `hi if u < frac else lo` with frac = a/quantum - floor(a/quantum) computed in
+float64; u is a multiple of 2^-24, so the probability is frac rounded up to that resolution
+(bias at most 2^-24 of a quantum). Values already on the grid never move.
+
+Rounding "up" (ceil onto the grid, then saturate) is used for the NVFP4 E4M3 block scale under
+stochastic rounding, so that the block maximum cannot clip.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+__all__ = ["ElementFormat", "ELEMENT_FORMATS", "E2M1", "E1M2", "INT4", "E4M3", "E5M2",
+           "floor_log2", "get_format", "pow2", "quantum", "round_to_grid"]
+
+
+@dataclass(frozen=True)
+class ElementFormat:
+    """A sign-symmetric element grid. `grid` holds the non-negative magnitudes, ascending, float64."""
+
+    name: str
+    max: float
+    mbits: int
+    emin: int
+    emax_elem: int
+    grid: torch.Tensor = field(repr=False, compare=False)
+
+    @property
+    def min_subnormal(self) -> float:
+        return 2.0 ** (self.emin - self.mbits)
+
+
+def _enumerate_grid(max_value: float, mbits: int, emin: int) -> torch.Tensor:
+    # The subnormal range and every normal binade share the formula k * 2^(e - mbits).
+    step = 2.0 ** (emin - mbits)
+    values = {k * step for k in range(2 ** (mbits + 1))}
+    for e in range(emin + 1, int(math.floor(math.log2(max_value))) + 1):
+        values.update(m * 2.0 ** (e - mbits) for m in range(2 ** mbits, 2 ** (mbits + 1)))
+    return torch.tensor(sorted(v for v in values if v <= max_value), dtype=torch.float64)
+
+
+def _make(name: str, max_value: float, mbits: int, emin: int) -> ElementFormat:
+    fmt = ElementFormat(name, float(max_value), mbits, emin, int(math.floor(math.log2(max_value))),
+                        _enumerate_grid(max_value, mbits, emin))
+    # The descriptor must be self-consistent: max is the top of the enumerated grid.
+    assert fmt.grid[-1].item() == fmt.max, name
+    return fmt
+
+
+E2M1 = _make("e2m1", 6.0, 1, 0)
+E1M2 = _make("e1m2", 1.75, 2, 0)
+INT4 = _make("int4", 7.0, 2, 2)
+E4M3 = _make("e4m3", 448.0, 3, -6)
+E5M2 = _make("e5m2", 57344.0, 2, -14)
+
+ELEMENT_FORMATS: Dict[str, ElementFormat] = {f.name: f for f in (E2M1, E1M2, INT4, E4M3, E5M2)}
+GRID_ROUNDINGS = ("nearest", "stochastic", "up")
+
+
+def get_format(name: str) -> ElementFormat:
+    try:
+        return ELEMENT_FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown element format {name!r}; valid: {sorted(ELEMENT_FORMATS)}") from None
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact float64 2^e for integer e in [-1022, 1023], built from the exponent bits.
+
+    Avoids exp2/ldexp implementations that may go through float32 or lose the subnormal range.
+    """
+    e = e.to(torch.int64)
+    return ((e + 1023) << 52).view(torch.float64)
+
+
+def floor_log2(a: torch.Tensor) -> torch.Tensor:
+    # frexp: a = m * 2^k with m in [0.5, 1), so floor(log2 a) = k - 1 exactly (a > 0).
+    return torch.frexp(a).exponent.to(torch.int64) - 1
+
+
+def _exponent_field(a: torch.Tensor) -> torch.Tensor:
+    # Biased float64 exponent of a >= 0: floor(log2 a) + 1023 for normal a (every float32 and
+    # bfloat16 value is normal in float64); 0 for a = 0, 2047 for NaN.
+    return a.view(torch.int64) >> 52
+
+
+def _quantum_fields(a: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    # Biased exponent of quantum(a); NaN gives a huge but finite quantum, keeping NaN / q = NaN.
+    return torch.clamp(_exponent_field(a), min=fmt.emin + 1023) - fmt.mbits
+
+
+def quantum(a: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """Grid spacing at magnitude a (float64, a >= 0): 2^(max(floor(log2 a), emin) - mbits)."""
+    return (_quantum_fields(a, fmt) << 52).view(torch.float64)
+
+
+def round_to_grid(v: torch.Tensor, fmt: ElementFormat, rounding: str = "nearest",
+                  generator: Optional[torch.Generator] = None,
+                  uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Round v (already in the scaled domain) onto fmt's grid; returns float64, same shape.
+
+    rounding: "nearest" (RNE, saturating), "stochastic" (needs `uniforms` or draws them from
+    `generator` with torch.rand(v.shape) float32), or "up" (ceil onto the grid, saturating).
+    """
+    if rounding not in GRID_ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; valid: {list(GRID_ROUNDINGS)}")
+    v = v.to(torch.float64)
+    a = v.abs().clamp_(max=fmt.max)  # NaN propagates through clamp
+    fields = _quantum_fields(a, fmt)
+    # Multiplying by the exact reciprocal 2^-k is the same as dividing, and cheaper.
+    scaled = a.mul_(((2046 - fields) << 52).view(torch.float64))
+    if rounding == "nearest":
+        r = scaled.round_()
+    elif rounding == "up":
+        r = scaled.ceil_()
+    else:
+        if uniforms is None:
+            uniforms = torch.rand(v.shape, generator=generator, dtype=torch.float32, device=v.device)
+        lo = torch.floor(scaled)
+        r = lo.add_(torch.lt(uniforms, scaled.sub_(lo)))
+    # Ceil never passes max: max is a grid point, and |v| was clamped to it.
+    return r.mul_((fields << 52).view(torch.float64)).copysign_(v)

@@ -1,0 +1,216 @@
+"""Integer-only rounding of float32 bit patterns: the subnormal-safe core of every kernel.
+
+Why integers. GPU code may flush float32 subnormals to zero (libdevice under Triton's
+nvvm-reflect-ftz, `.ftz` instruction variants, fast-math in generated code). MX scaling lives
+at the bottom of the float32 range: the smallest E8M0 scale 2^-127 is itself a subnormal, and
+a gradient block whose amax is subnormal needs it. A quantizer that materialises 2^e as a float
+(exp2, ldexp) or multiplies a subnormal by a scale can turn such a block into scale 0 and then
+0/0 = NaN. Here no float operation ever sees a subnormal operand on the MX path:
+
+- the block amax is an integer max of |x| bit patterns (for finite non-negative floats the bit
+  pattern order is the value order, and NaN/Inf bit patterns sort above every finite one);
+- floor(log2 amax) comes from the exponent field; a subnormal amax is normalised by converting
+  its integer mantissa to float (an int->float conversion, exact below 2^24, no subnormal
+  operand), i.e. amax = m * 2^-149 = float(m) * 2^-149;
+- an element is rounded onto the scaled grid *in x's own units*: the grid point spacing at
+  |x| is 2^Q with Q = max(floor(log2|x|), e + emin) - mbits, and rounding to a multiple of 2^Q
+  is integer arithmetic on the bit pattern (see `round_bits`), which is linear in the value
+  inside a binade and across the subnormal range, and whose mantissa carry moves into the
+  next binade by itself. The result *is* q * 2^e: nothing is ever multiplied by 2^e.
+- bit patterns of 2^k and n * 2^k (k down to -149) are assembled from integer fields.
+
+So the MX kernels are exact and identical on any device for every finite input, including
+subnormal ones, and under TRITON_INTERPRET=1 (numpy, which keeps subnormals) they compute
+the same bits. Paths that need a division by an arbitrary float32 scale (NVFP4, FP8) emulate
+the float32 division as float64 division rounded to float32: float64 has more than 2*24+2
+significand bits, so that double rounding equals one correctly rounded float32 division
+(Figueroa), Triton lowers float64 division to IEEE `div.rn.f64` (its float32 `/` is the
+approximate `div.full.f32`), and flush-to-zero never applies to float64.
+
+Format descriptors (FORMATS): mbits, emin (exponent of the smallest normal binade; below it the
+spacing stays 2^(emin - mbits)), emax_elem = floor(log2 max), and max = maxn * 2^maxq with maxn
+a small odd integer so that max * 2^e can be assembled exactly, plus mcap, the 23-bit mantissa
+of max / 2^emax_elem (rceil compares the amax mantissa against it).
+"""
+from __future__ import annotations
+
+import struct
+
+import triton
+import triton.language as tl
+
+ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_UP = 0, 1, 2
+# Globals read inside @triton.jit functions must be constexpr.
+F32_INF_BITS = tl.constexpr(0x7F800000)
+F32_NAN_BITS = tl.constexpr(0x7FC00000)
+
+#            mbits emin emax maxn maxq  mcap
+FORMATS = {
+    "e2m1": (1, 0, 2, 3, 1, 0x400000),      # max 6     = 3 * 2^1  = 1.5  * 2^2
+    "e1m2": (2, 0, 0, 7, -2, 0x600000),     # max 1.75  = 7 * 2^-2 = 1.75 * 2^0
+    "int4": (2, 2, 2, 7, 0, 0x600000),      # max 7     = 7 * 2^0  = 1.75 * 2^2
+    "e4m3": (3, -6, 8, 7, 6, 0x600000),     # max 448   = 7 * 2^6
+    "e5m2": (2, -14, 15, 7, 13, 0x600000),  # max 57344 = 7 * 2^13
+}
+
+
+def f32_bits(value: float) -> int:
+    """Host-side float32 bit pattern of a Python float (for constexpr constants)."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def fixed_scale_consts(fmt: str):
+    """(qlo, qbits, maxb) for rounding an already-scaled value (block exponent e = 0)."""
+    mbits, emin, _, maxn, maxq, _ = FORMATS[fmt]
+    return emin + 127, f32_bits(2.0 ** (emin - mbits)), f32_bits(float(maxn) * 2.0 ** maxq)
+
+
+@triton.jit
+def pow2_bits(k):
+    """float32 bits of 2^k for int32 k in [-149, 127], assembled from fields (never exp2)."""
+    sub = 1 << tl.minimum(tl.maximum(k + 149, 0), 22)
+    return tl.where(k >= -126, (k + 127) << 23, sub)
+
+
+@triton.jit
+def scaled_int_bits(k, MAXN: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr):
+    """float32 bits of MAXN * 2^k (MAXN a small integer constant, NBITS its float32 bits).
+
+    Normal results add k to the exponent field of float(MAXN); subnormal ones are the integer
+    MAXN shifted into place; a result past the float32 range gives +Inf bits (only reachable
+    for a scale that itself overflows, where no finite element can exceed it).
+    """
+    top = k + LOG2N
+    normal = NBITS + (tl.minimum(k, 127) << 23)
+    sub = MAXN << tl.minimum(tl.maximum(k + 149, 0), 22)
+    bits = tl.where(top >= -126, normal, sub)
+    return tl.where(top >= 128, 0x7F800000, bits)
+
+
+@triton.jit
+def round_bits(a, qlo, qbits, maxb, rnd, MBITS: tl.constexpr, ROUND: tl.constexpr):
+    """Round magnitudes onto a scaled grid; all operands int32 float32-bit patterns.
+
+    a      |x| bits, finite (NaN is the caller's business)
+    qlo    biased exponent field of the grid's smallest normal binade: e + emin + 127 (>= 0)
+    qbits  bits of the subnormal grid spacing 2^(e + emin - mbits)
+    maxb   bits of the grid max * 2^e (saturation threshold; a >= maxb gives maxb)
+    rnd    int32 random bits (stochastic rounding only)
+    Returns the bits of the grid point (q * 2^e), non-negative.
+
+    s is the number of low bits of the 24-bit significand (sig = mantissa with the hidden bit,
+    value = sig * 2^(max(expf,1) - 150)) below the grid spacing. For s <= 23 rounding the bit
+    pattern itself at bit s is exact: the pattern is linear in the value inside a binade and
+    over the subnormals, and a carry out of the mantissa lands on the next binade's leading
+    point, which is a grid point. For s >= 24 the value is below one spacing: the result is
+    0 or exactly one spacing (qbits).
+    """
+    expf = a >> 23
+    ep = tl.maximum(expf, 1)
+    s = tl.maximum(expf, qlo) - ep + (23 - MBITS)
+    sc = tl.minimum(s, 23)
+    mask = (1 << sc) - 1
+    sig = a - ((ep - 1) << 23)
+    if ROUND == 0:
+        # RNE: add half - 1 plus the kept LSB, truncate; a tie rounds to the even neighbour.
+        # The parity is taken from the significand (hidden bit included), not from the pattern:
+        # at s = 23 the pattern's bit 23 is the exponent's LSB, while the grid index of the
+        # binade's leading point 2^(expf-127) is odd (e.g. 0.75 -> 1.0, not 0.5, for e2m1).
+        lsb = (sig >> sc) & 1
+        norm = (a + (mask >> 1) + lsb) & ~mask
+        tiny = tl.where((s == 24) & (sig > 0x800000), qbits, 0)
+    elif ROUND == 1:
+        # Up with probability (dropped bits) / 2^s: exact at the bits' resolution.
+        up = (rnd & mask) < (a & mask)
+        norm = (a & ~mask) + tl.where(up, mask + 1, 0)
+        d = tl.minimum(tl.maximum(s - 24, 0), 31)
+        tiny = tl.where((rnd & 0xFFFFFF) < (sig >> d), qbits, 0)
+    else:
+        norm = (a & ~mask) + tl.where((a & mask) != 0, mask + 1, 0)
+        tiny = tl.where(sig != 0, qbits, 0)
+    res = tl.where(s <= 23, norm, tiny)
+    return tl.where(a >= maxb, maxb, res)
+
+
+@triton.jit
+def mx_exponent(am, MODE: tl.constexpr, MBITS: tl.constexpr, EMAX: tl.constexpr,
+                MCAP: tl.constexpr):
+    """E8M0 exponent (int32, clamped to [-127, 127]; -127 for am == 0) from amax bits `am`.
+
+    MODE: 0 floor, 1 ceil, 2 rceil, 3 even (see fp4.scaling). A subnormal amax is normalised by
+    an int->float conversion of its mantissa, so E and M are exact for every finite amax.
+    """
+    expa = am >> 23
+    mant = am & 0x7FFFFF
+    fb = mant.to(tl.float32).to(tl.int32, bitcast=True)
+    E = tl.where(expa > 0, expa - 127, (fb >> 23) - 276)
+    M = tl.where(expa > 0, mant, fb & 0x7FFFFF)
+    if MODE == 0:
+        e = E - EMAX
+    elif MODE == 1:
+        e = E + (M != 0).to(tl.int32) - EMAX
+    elif MODE == 2:
+        # max = mcap-mantissa * 2^EMAX covers amax at e0 = E - EMAX iff amax's mantissa <= mcap.
+        e = E + (M > MCAP).to(tl.int32) - EMAX
+    else:
+        # Round the amax significand to MBITS bits (RNE); a carry to 2.0 bumps the binade.
+        t = M + (1 << (22 - MBITS)) - 1 + ((M >> (23 - MBITS)) & 1)
+        e = E + (t >> 23) - EMAX
+    e = tl.minimum(tl.maximum(e, -127), 127)
+    return tl.where(am == 0, -127, e)
+
+
+@triton.jit
+def load_bits(ptr, offs, mask, IN_KIND: tl.constexpr):
+    """float32 bit patterns (int32) of x; IN_KIND 0: float32 viewed as int32, 1: bfloat16
+    viewed as int16 (widened by a shift, no float conversion), 2: float16 (exact upcast)."""
+    if IN_KIND == 0:
+        bits = tl.load(ptr + offs, mask=mask, other=0)
+    elif IN_KIND == 1:
+        bits = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32) << 16
+    else:
+        bits = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+    return bits
+
+
+@triton.jit
+def store_bits(ptr, offs, bits, mask, IN_KIND: tl.constexpr):
+    """Store float32 bits in x's dtype. Grid values are exact in bfloat16 (<= 5 significant bits,
+    float32 exponent range), so the bfloat16 store is the high half of the pattern."""
+    if IN_KIND == 0:
+        tl.store(ptr + offs, bits, mask=mask)
+    elif IN_KIND == 1:
+        tl.store(ptr + offs, (bits >> 16).to(tl.int16), mask=mask)
+    else:
+        tl.store(ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.float16), mask=mask)
+
+
+@triton.jit
+def div_f32(num, den):
+    """Correctly rounded float32 num / den via float64 division (den: float32 tensor or an exact
+    constant; either is promoted to float64 exactly)."""
+    return (num.to(tl.float64) / den).to(tl.float32)
+
+
+@triton.jit
+def mul_f32(a, b):
+    """Correctly rounded float32 a * b via float64 (exact product), safe for subnormal operands."""
+    return (a.to(tl.float64) * b.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def encode_minifloat(bits, MBITS: tl.constexpr, EMIN: tl.constexpr, SIGN_BIT: tl.constexpr):
+    """Code (sign-magnitude, exponent bias 1 - EMIN) of a float32 grid value given as bits.
+
+    The value must lie exactly on the grid (it comes out of round_bits); the sign goes to bit
+    SIGN_BIT (7 for FP8, 3 for FP4). Normal codes are (E - EMIN + 1, top mantissa bits); subnormal
+    codes are the integer k with value = k * 2^(EMIN - MBITS).
+    """
+    a = bits & 0x7FFFFFFF
+    E = (a >> 23) - 127
+    normal = ((E - EMIN + 1) << MBITS) | ((a >> (23 - MBITS)) & ((1 << MBITS) - 1))
+    sh = tl.minimum(tl.maximum(23 - MBITS - E + EMIN, 0), 31)
+    sub = ((a & 0x7FFFFF) | 0x800000) >> sh
+    code = tl.where(E >= EMIN, normal, sub)
+    code = tl.where(a == 0, 0, code)
+    return code | (((bits >> 31) & 1) << SIGN_BIT)

@@ -1,0 +1,107 @@
+"""FP8 per-tensor current scaling (E4M3 / E5M2): amax pre-pass + one fused scale/round/cast pass.
+
+Contract (docs/design.md, "FP8 per-tensor current scaling"):
+    s = fp32(amax / fmt_max)  (s == 0 -> 1);  q = fp8_rne_satfinite(fp32(x / s));  x_dq = q
+    NaN/Inf anywhere -> every output and s are NaN.
+
+Layout. The tensor is treated as flat (contiguous): each program owns BLOCK consecutive
+elements, so loads and stores are fully coalesced and vectorised. Pass 1 (`_amax_kernel`) maxes
+the |x| bit patterns of its chunk and atomically maxes one int32 (bit-pattern order is value
+order for finite non-negative floats; NaN/Inf patterns sort above them, so the same int says
+"non-finite"). Pass 2 (`_fp8_kernel`) reads that int, derives s, and writes q in x's dtype and,
+optionally, the FP8 byte (sign-magnitude code from integer fields), i.e. the float8 tensor that
+torch._scaled_mm multiplies with s as its per-tensor scale. The tensor scale s is written by
+program 0, so no host round trip sits between the passes.
+
+Numerics: s = fp32(amax / max) and v = fp32(x / s) are float64 divisions rounded once to float32
+(equal to correctly rounded float32 division; Triton's float32 `/` is approximate on NVIDIA),
+and v is rounded onto the FP8 grid by integer arithmetic on its bits (fp4.kernels._bits), so a
+subnormal x, v or s is handled exactly and never flushed. The pass reads x twice (amax, then
+quantize) and writes once: the per-tensor scale depends on all of x, so that is the floor for
+current scaling.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, encode_minifloat,
+                    fixed_scale_consts, load_bits, round_bits, store_bits)
+from .mx_quant import IN_KINDS, draw_seed
+
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# NaN bytes: E4M3FN has only S.1111.111; E5M2 uses exponent 31 with a non-zero mantissa.
+FP8_NAN_CODE = {"e4m3": 0x7F, "e5m2": 0x7E}
+BLOCK = 4096
+
+
+@triton.jit
+def _amax_kernel(x_ptr, amax_ptr, N, IN_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    bits = load_bits(x_ptr, offs, offs < N, IN_KIND)
+    tl.atomic_max(amax_ptr, tl.max(bits & 0x7FFFFFFF, axis=0))
+
+
+@triton.jit
+def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
+                FMT_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                QBITS: tl.constexpr, MAXB: tl.constexpr, NAN_CODE: tl.constexpr,
+                ROUND: tl.constexpr, WRITE_F8: tl.constexpr, IN_KIND: tl.constexpr,
+                BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    bits = load_bits(x_ptr, offs, mask, IN_KIND)
+    g = tl.load(amax_ptr)
+    finite = g < F32_INF_BITS
+    s = div_f32(g.to(tl.float32, bitcast=True), FMT_MAX)
+    s = tl.where(s == 0, 1.0, s)
+    if pid == 0:
+        tl.store(scale_ptr, tl.where(finite, s, float("nan")))
+    v = div_f32(bits.to(tl.float32, bitcast=True), s)
+    if ROUND == 1:
+        rnd = tl.randint(tl.load(seed_ptr), offs.to(tl.int32)).to(tl.int32, bitcast=True)
+    else:
+        rnd = bits
+    q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, QBITS, MAXB, rnd,
+                   MBITS, ROUND)
+    q = q | (bits & (-2147483648))
+    store_bits(out_ptr, offs, tl.where(finite, q, F32_NAN_BITS), mask, IN_KIND)
+    if WRITE_F8:
+        code = tl.where(finite, encode_minifloat(q, MBITS, EMIN, 7), NAN_CODE)
+        tl.store(f8_ptr + offs, code.to(tl.uint8), mask=mask)
+
+
+def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator=None,
+                 return_fp8: bool = False):
+    """(x_dq in x's dtype, s (0-dim fp32), float8 tensor or None) for a float32/bf16/fp16 x.
+
+    x_dq == q (the per-tensor scale excluded, as quantize_operand returns it); with return_fp8
+    the third item is q as torch.float8_e4m3fn / float8_e5m2 (same shape), for torch._scaled_mm.
+    """
+    if fmt not in FP8_MAX:
+        raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_MAX)}")
+    xc = x.contiguous()
+    in_kind = IN_KINDS[xc.dtype]
+    view = {0: torch.int32, 1: torch.int16, 2: torch.float16}[in_kind]
+    n = xc.numel()
+    out = torch.empty_like(xc)
+    dev = xc.device
+    amax = torch.zeros(1, dtype=torch.int32, device=dev)
+    scale = torch.empty((), dtype=torch.float32, device=dev)
+    f8 = torch.empty(xc.shape if return_fp8 else (1,), dtype=torch.uint8, device=dev)
+    seed = draw_seed(generator, dev) if rounding == "stochastic" else amax
+    mbits, emin = FORMATS[fmt][:2]
+    _, qbits, maxb = fixed_scale_consts(fmt)
+    grid = (triton.cdiv(n, BLOCK),)
+    if n:
+        _amax_kernel[grid](xc.view(view), amax, n, IN_KIND=in_kind, BLOCK=BLOCK, num_warps=8)
+        _fp8_kernel[grid](xc.view(view), out.view(view), f8, amax, scale, seed, n,
+                          FMT_MAX=FP8_MAX[fmt], MBITS=mbits, EMIN=emin, QBITS=qbits, MAXB=maxb,
+                          NAN_CODE=FP8_NAN_CODE[fmt], ROUND=1 if rounding == "stochastic" else 0,
+                          WRITE_F8=return_fp8, IN_KIND=in_kind, BLOCK=BLOCK, num_warps=8)
+    else:
+        scale.fill_(1.0)
+    return out, scale, (f8.view(FP8_DTYPES[fmt]) if return_fp8 else None)

@@ -1,0 +1,250 @@
+"""Fused block quantize-dequantize: MX (E8M0 per 32), NVFP4 (E4M3 per 16 or 16x16 + fp32 tensor
+scale), and per-tensor FP8 when a Hadamard transform has to be fused in front of it.
+
+Layout. The operand is a contiguous [B, R, C] tensor (callers fold leading / trailing dims).
+Blocks run along C (AXIS=1: Fprop/Dgrad operands, `axis=-1`) or along R (AXIS=0: the token axis
+that Wgrad reduces over) -- never via a transposed copy. Program (pid_r, pid_c, b) loads one
+[TR, TC] tile with rows contiguous in memory (coalesced, vectorised loads in both orientations),
+reshapes it *logically* to [TR/RB, RB, TC/CB, CB] with (RB, CB) = (1, QB) for AXIS=1,
+(QB, 1) for AXIS=0 and (16, 16) for NVFP4 2-D tiles, and reduces the block amax over dims 1
+and 3. One tile holds TR*TC/QB blocks (e.g. 32 x 128 bf16 = 128 MX blocks), so every element is
+read once and written once. Elements past R or C load as zeros: the same as the reference's zero
+padding, since zeros never raise an amax; they are never stored.
+
+What one program computes (PASS=1):
+  1. bits of x (bf16 widened by a shift; fp32 as int32; fp16 upcast) -> optional block Hadamard:
+     x * signs * fl32(1/sqrt(HB)) then log2(HB) butterfly stages (a+b, a-b) in float32 on the
+     tile (pairs selected by a size-2 axis of a reshape; the pad is zeroed afterwards, exactly
+     as the reference cuts its padded transform).
+  2. per-block amax = integer max of |bits| (NaN/Inf sort above all finite patterns).
+  3. MX: E8M0 exponent by integer bit arithmetic (fp4.kernels._bits.mx_exponent), elements
+     rounded in x's own units by `round_bits` -- the result bits are q * 2^e directly.
+     NVFP4: s_g, s_b, s = s_b * s_g and v = x / s as correctly rounded float32 operations
+     (float64 op then one rounding), E4M3 / E2M1 rounding by `round_bits`, output q * s_b.
+     FP8 (KIND=2): s = fp32(amax / max), v = x / s, output q.
+  4. optional per-block scale codes (E8M0 byte e + 127, 0xFF for NaN; E4M3 byte of s_b).
+PASS=0 is the cheap global-amax pre-pass for NVFP4 / FP8: it recomputes the (transformed) tile
+and atomically maxes its |bits| into one int32.
+
+Subnormal safety: see fp4/kernels/_bits.py. The MX path has no float op on a possibly
+subnormal operand, so an all-zero block (e = -127), a block with subnormal amax or with amax
+just above 2^-127 come out exact and finite on a flushing GPU too. The Hadamard butterflies
+are plain float32 add/mul (IEEE in Triton's default lowering, no libdevice); the tests prove
+bit-identity with the reference where the float32 sums are exact (the reference's float32
+matmul has its own summation order, so inexact sums may differ in the last bit there).
+
+Stochastic rounding: one 32-bit Philox draw per element, tl.randint(seed, linear index), with
+the int32 seed read from a device tensor drawn once from the caller's torch.Generator (no host
+sync); same generator state -> same bits.
+"""
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, encode_minifloat,
+                    fixed_scale_consts, f32_bits, load_bits, mul_f32, mx_exponent, pow2_bits,
+                    round_bits, scaled_int_bits, store_bits)
+
+KIND_MX, KIND_NVFP4, KIND_FP8 = 0, 1, 2
+MODES = {"floor": 0, "ceil": 1, "rceil": 2, "even": 3}
+IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# E4M3 grid constants for the NVFP4 block scale (block exponent 0): qlo, spacing 2^-9, max 448.
+E4M3_QLO, E4M3_QBITS, E4M3_MAXB = (tl.constexpr(v) for v in fixed_scale_consts("e4m3"))
+
+
+@triton.jit
+def _butterfly(f, H: tl.constexpr, AXIS: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+    """One Walsh-Hadamard stage on the tile: pairs (i, i + H) along the axis -> (a + b, a - b)."""
+    sel = tl.arange(0, 2)
+    if AXIS == 1:
+        y = tl.reshape(f, [TR, TC // (2 * H), 2, H])
+        s4 = sel[None, None, :, None]
+        # Summing against -0.0 selects one half exactly (x + -0.0 == x, signed zeros kept).
+        lo = tl.sum(tl.where(s4 == 0, y, -0.0), axis=2, keep_dims=True)
+        hi = tl.sum(tl.where(s4 == 1, y, -0.0), axis=2, keep_dims=True)
+    else:
+        y = tl.reshape(f, [TR // (2 * H), 2, H, TC])
+        s4 = sel[None, :, None, None]
+        lo = tl.sum(tl.where(s4 == 0, y, -0.0), axis=1, keep_dims=True)
+        hi = tl.sum(tl.where(s4 == 1, y, -0.0), axis=1, keep_dims=True)
+    y = tl.where(s4 == 0, lo + hi, lo - hi)
+    return tl.reshape(y, [TR, TC])
+
+
+@triton.jit
+def _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND: tl.constexpr, AXIS: tl.constexpr,
+                      LOG2HB: tl.constexpr, HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr,
+                      TR: tl.constexpr, TC: tl.constexpr):
+    """float32 bits of the (optionally Hadamard-transformed) [TR, TC] tile; pad positions 0."""
+    bits = load_bits(x_ptr, offs, inb, IN_KIND)
+    if LOG2HB > 0:
+        f = bits.to(tl.float32, bitcast=True)
+        if HAS_SIGNS:
+            # Tiles start at multiples of the Hadamard block, so the position inside a block
+            # is the tile-local index modulo HB.
+            if AXIS == 1:
+                f = f * tl.load(signs_ptr + tl.arange(0, TC) % (1 << LOG2HB))[None, :]
+            else:
+                f = f * tl.load(signs_ptr + tl.arange(0, TR) % (1 << LOG2HB))[:, None]
+        f = f * HSCALE
+        for st in tl.static_range(LOG2HB):
+            f = _butterfly(f, 1 << st, AXIS, TR, TC)
+        bits = tl.where(inb, f, 0.0).to(tl.int32, bitcast=True)
+    return bits
+
+
+@triton.jit
+def block_quant_kernel(
+        x_ptr, out_ptr, signs_ptr, amax_ptr, tscale_ptr, scale_ptr, seed_ptr, R, C,
+        KIND: tl.constexpr, PASS: tl.constexpr, AXIS: tl.constexpr, RB: tl.constexpr,
+        CB: tl.constexpr, LOG2HB: tl.constexpr, HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr,
+        MODE: tl.constexpr, ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+        EMAX: tl.constexpr, MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr,
+        NBITS: tl.constexpr, MCAP: tl.constexpr, FMT_MAX: tl.constexpr, FIX_QBITS: tl.constexpr,
+        FIX_MAXB: tl.constexpr, SB_ROUND: tl.constexpr, IN_KIND: tl.constexpr,
+        WRITE_SCALES: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    rows = pid_r * TR + tl.arange(0, TR)
+    cols = pid_c * TC + tl.arange(0, TC)
+    lin = rows[:, None] * C + cols[None, :]
+    offs = pid_b.to(tl.int64) * R * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+    inb = (rows[:, None] < R) & (cols[None, :] < C)
+    bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
+                             HAS_SIGNS, TR, TC)
+    if PASS == 0:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(bits & 0x7FFFFFFF, axis=1), axis=0))
+    else:
+        b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
+        a4 = b4 & 0x7FFFFFFF
+        sign = b4 & (-2147483648)
+        am = tl.max(tl.max(a4, axis=3, keep_dims=True), axis=1, keep_dims=True)
+        if ROUND == 1:
+            seed = tl.load(seed_ptr)
+            rnd = tl.randint(seed, tl.reshape(lin + pid_b * R * C, [TR // RB, RB, TC // CB, CB]))
+            rnd = rnd.to(tl.int32, bitcast=True)
+        else:
+            rnd = a4
+        if KIND == 0:
+            e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
+            mag = round_bits(a4, e + (EMIN + 127), pow2_bits(e + (EMIN - MBITS)),
+                             scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS), rnd, MBITS, ROUND)
+            out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | sign)
+            code = tl.where(am >= F32_INF_BITS, 255, e + 127)
+        else:
+            g = tl.load(amax_ptr)
+            finite = g < F32_INF_BITS
+            gf = g.to(tl.float32, bitcast=True)
+            x = b4.to(tl.float32, bitcast=True)
+            if KIND == 1:
+                s_g = div_f32(gf, 2688.0)
+                if pid_r + pid_c + pid_b == 0:
+                    tl.store(tscale_ptr, tl.where(finite, s_g, float("nan")))
+                safe_g = tl.where(s_g > 0, s_g, 1.0)
+                ratio = div_f32(div_f32(am.to(tl.float32, bitcast=True), 6.0), safe_g)
+                sb = round_bits(ratio.to(tl.int32, bitcast=True) & 0x7FFFFFFF, E4M3_QLO,
+                                E4M3_QBITS, E4M3_MAXB, am, 3, SB_ROUND)
+                sb = tl.where(s_g > 0, sb, 0)
+                s_b = sb.to(tl.float32, bitcast=True)
+                s = mul_f32(s_b, s_g)
+                v = div_f32(x, tl.where(s > 0, s, 1.0))
+                q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, FIX_QBITS,
+                               FIX_MAXB, rnd, MBITS, ROUND)
+                q = tl.where(s > 0, q, 0)
+                # q * s_b is exact in float32 (<= 5 significant bits, far from the subnormals).
+                dq = (q | sign).to(tl.float32, bitcast=True) * s_b
+                out = tl.where(finite, dq.to(tl.int32, bitcast=True), F32_NAN_BITS)
+                code = encode_minifloat(sb, 3, -6, 7)
+            else:
+                s = div_f32(gf, FMT_MAX)
+                s = tl.where(s == 0, 1.0, s)
+                if pid_r + pid_c + pid_b == 0:
+                    tl.store(tscale_ptr, tl.where(finite, s, float("nan")))
+                v = div_f32(x, s)
+                q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, FIX_QBITS,
+                               FIX_MAXB, rnd, MBITS, ROUND)
+                out = tl.where(finite, q | sign, F32_NAN_BITS)
+                code = am  # no block scales for a per-tensor format
+        store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND)
+        if WRITE_SCALES:
+            nrb = (R + RB - 1) // RB
+            ncb = (C + CB - 1) // CB
+            rb = (pid_r * (TR // RB) + tl.arange(0, TR // RB))[:, None, None, None]
+            cb = (pid_c * (TC // CB) + tl.arange(0, TC // CB))[None, None, :, None]
+            tl.store(scale_ptr + pid_b.to(tl.int64) * nrb * ncb + rb * ncb + cb,
+                     code.to(tl.uint8), mask=(rb < nrb) & (cb < ncb))
+
+
+def _fmt_constexprs(elem: str):
+    mbits, emin, emax, maxn, maxq, mcap = FORMATS[elem]
+    _, qbits, maxb = fixed_scale_consts(elem)
+    return dict(MBITS=mbits, EMIN=emin, EMAX=emax, MAXN=maxn, MAXQ=maxq,
+                LOG2N=int(math.floor(math.log2(maxn))), NBITS=f32_bits(float(maxn)), MCAP=mcap,
+                FMT_MAX=float(maxn) * 2.0 ** maxq, FIX_QBITS=qbits, FIX_MAXB=maxb)
+
+
+def _f32_value(v: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def draw_seed(generator, device) -> torch.Tensor:
+    """One int32 seed on `device`, drawn from `generator` (torch's global RNG when None)."""
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    seed = torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=gdev, dtype=torch.int64)
+    return seed.to(device=device, dtype=torch.int32)
+
+
+def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str = "even",
+                   rounding: str = "nearest", generator=None, block_2d: bool = False,
+                   hadamard_block=None, hadamard_signs=None, write_scales: bool = False):
+    """Launch on a contiguous [B, R, C] tensor; blocks along C (axis=1) or R (axis=0).
+
+    Returns (x_dq [B, R, C] in x's dtype, tensor scale (0-dim fp32) or None, scale codes (uint8
+    [B, ceil(R/RB), ceil(C/CB)]) or None).
+    """
+    assert x3.dim() == 3 and x3.is_contiguous() and axis in (0, 1)
+    B, R, C = x3.shape
+    in_kind = IN_KINDS[x3.dtype]
+    view = {0: torch.int32, 1: torch.int16, 2: torch.float16}[in_kind]
+    qb = 32 if kind == KIND_MX else 16
+    if block_2d:
+        rb, cb = 16, 16
+    else:
+        rb, cb = (1, qb) if axis == 1 else (qb, 1)
+    hb = hadamard_block or 1
+    log2hb = int(math.log2(hb))
+    # Tile: ~4096 elements, rows contiguous; the axis extent covers whole blocks and Hadamard blocks.
+    if axis == 1:
+        tc = max(128, hb, cb)
+        tr = max(4096 // tc, rb)
+    else:
+        tr = max(32, hb, rb)
+        tc = max(4096 // tr, cb, 16)
+    out = torch.empty_like(x3)
+    dev = x3.device
+    amax = torch.zeros(1, dtype=torch.int32, device=dev)
+    tscale = torch.empty((), dtype=torch.float32, device=dev)
+    nrb, ncb = -(-R // rb), -(-C // cb)
+    scales = torch.empty((B, nrb, ncb) if write_scales else (1,), dtype=torch.uint8, device=dev)
+    signs = (hadamard_signs.to(device=dev, dtype=torch.float32).contiguous()
+             if hadamard_signs is not None else amax)
+    seed = draw_seed(generator, dev) if rounding == "stochastic" else amax
+    grid = (triton.cdiv(R, tr), triton.cdiv(C, tc), B)
+    meta = dict(KIND=kind, AXIS=axis, RB=rb, CB=cb, LOG2HB=log2hb,
+                HSCALE=_f32_value(1.0 / math.sqrt(hb)), HAS_SIGNS=hadamard_signs is not None,
+                MODE=MODES[mode] if mode else 0, ROUND=1 if rounding == "stochastic" else 0,
+                SB_ROUND=2 if rounding == "stochastic" else 0,
+                IN_KIND=in_kind, WRITE_SCALES=write_scales, TR=tr, TC=tc, num_warps=4,
+                **_fmt_constexprs(elem))
+    args = (x3.view(view), out.view(view), signs, amax, tscale, scales, seed, R, C)
+    if kind != KIND_MX and x3.numel():
+        block_quant_kernel[grid](*args, PASS=0, **meta)
+    if x3.numel():
+        block_quant_kernel[grid](*args, PASS=1, **meta)
+    return out, (tscale if kind != KIND_MX else None), (scales if write_scales else None)

@@ -1,0 +1,328 @@
+"""Tests of `fp4-ablate report` on synthetic run directories (docs/design.md section 2).
+
+Every expected number is computed by hand in the test from the synthetic inputs, never
+by calling the code under test.
+"""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from fp4_experiments.report import (HardwareProfileError, MissingBaselineError, NoRunsError, ReportError,
+                                    make_report)
+from fp4_experiments.report.runs import load_runs
+from fp4_experiments.report.stats import TargetMismatchWarning, mean_ci, net_speedup, summarize, t_ppf
+from fp4_experiments.report.tables import latex_escape
+from fp4_experiments.report.throughput import (HardwareProfile, gemm_precisions, load_profile, modeled_gain)
+
+MODEL, DATA, TARGET = "tiny_llama", "syn", 30.0
+FP4_GEMMS = {"bf16": (), "fp8": (), "fprop": ("fprop",), "dgrad": ("fprop", "dgrad"),
+             "wgrad": ("fprop", "dgrad", "wgrad")}
+FLOPS = {"fprop": 2e8, "dgrad": 2e8, "wgrad": 2e8}
+
+
+def write_run(root, ladder, stabilizer, seed, status="reached", tokens=None, tps=1e6, target=TARGET,
+              native=False, device="cpu", best_ppl=None, best_at=None, diverged_at=None, fmt="mxfp4",
+              model=MODEL, key="abcd1234", summary=True):
+    """One run directory as the training loop writes it, with a curve consistent with its summary."""
+    d = Path(root) / f"{ladder}-{stabilizer}-{fmt}-{model}-s{seed}-{key}"
+    d.mkdir(parents=True)
+    suffix = "(hipBLASLt)" if native else "(emulated)"
+    paths = {g: (f"bf16 (torch.matmul)" if ladder == "bf16" else
+                 f"fp4:{fmt} {suffix}" if g in FP4_GEMMS[ladder] else f"fp8:e4m3xe4m3 {suffix}")
+             for g in ("fprop", "dgrad", "wgrad")}
+    end = {"reached": tokens, "not_reached": best_at, "diverged": diverged_at}[status]
+    evals = []
+    for i in range(1, 11):
+        t = end * i / 10
+        ppl = (target * (tokens / t) ** 0.3 if status == "reached" else
+               best_ppl * (end / t) ** 0.3 if status == "not_reached" else 80.0 / i ** 0.2)
+        evals.append({"kind": "eval", "step": i * 10, "tokens": t, "epoch": 0, "val_loss": math.log(ppl),
+                      "val_ppl": ppl})
+    lines = [json.dumps({"kind": "train", "step": 1, "tokens": 100, "epoch": 0, "loss": 7.0, "lr": 1e-3,
+                         "grad_norm": 1.0, "tokens_per_s": tps, "step_time_s": 0.1})]
+    lines += [json.dumps(e) for e in evals]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "config.yaml").write_text(f"seed: {seed}\nladder:\n  name: {ladder}\n")
+    (d / "meta.json").write_text(json.dumps({"run_key": key, "git_commit": "c0ffee", "git_dirty": False,
+                                             "device_name": device, "hostname": "h", "seed": seed,
+                                             "started_at": "2025-01-01T00:00:00"}))
+    if summary:
+        s = {"status": status, "run_key": key, "ladder": ladder, "stabilizer": stabilizer, "format": fmt,
+             "model": model, "data": DATA, "seed": seed, "target_ppl": target, "max_tokens": 10_000,
+             "tokens_to_target": tokens if status == "reached" else None, "steps": 100,
+             "tokens_seen": end, "best_ppl": best_ppl if best_ppl else target * 0.99,
+             "best_ppl_tokens": best_at if best_at else end, "final_ppl": evals[-1]["val_ppl"],
+             "diverged_at_tokens": diverged_at, "diverged_reason": "loss" if diverged_at else None,
+             "mean_tokens_per_s": tps, "mean_step_time_s": 0.1, "param_count": 1, "linear_param_count": 1,
+             "gemm_flops_per_token": FLOPS, "tokens_per_step": 100, "epochs": 0.1, "device_name": device,
+             "torch_version": "2.x", "git_commit": "c0ffee", "gemm_paths": paths, "recipe": {},
+             "wall_time_s": 1.0}
+        (d / "summary.json").write_text(json.dumps(s))
+    return d
+
+
+def profile_yaml(tmp_path):
+    p = tmp_path / "toy.yaml"
+    p.write_text("name: toy\nvendor: test\npeak_tflops: {bf16: 500, fp8: 1000, fp4: 2000}\nsource: made up\n")
+    return p
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Seeds 1 and 2: fp8 1000/1200 tokens, wgrad 1300/1500, wgrad+h16 1100/1320, bf16 950/1140,
+    fprop one diverged + one not reached, dgrad both diverged."""
+    root = tmp_path / "results" / "runs"
+    for seed, fp8, wg, h16, bf in ((1, 1000, 1300, 1100, 950), (2, 1200, 1500, 1320, 1140)):
+        write_run(root, "fp8", "none", seed, tokens=fp8, tps=1e6)
+        write_run(root, "wgrad", "none", seed, tokens=wg, tps=1.25e6)
+        write_run(root, "wgrad", "h16", seed, tokens=h16, tps=1 / 8.5e-7)
+        write_run(root, "bf16", "none", seed, tokens=bf, tps=5e5)
+    write_run(root, "fprop", "none", 1, status="diverged", diverged_at=500)
+    write_run(root, "fprop", "none", 2, status="not_reached", best_ppl=31.5, best_at=1800)
+    write_run(root, "dgrad", "none", 1, status="diverged", diverged_at=500)
+    write_run(root, "dgrad", "none", 2, status="diverged", diverged_at=700)
+    return root
+
+
+def row(table, label, target=TARGET):
+    r = table[(table.label == label) & (table.target_ppl == target)]
+    assert len(r) == 1, (label, list(table.label))
+    return r.iloc[0]
+
+
+# ---------------------------------------------------------------- statistics
+
+@pytest.mark.parametrize("df,q", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (29, 2.045),
+                                  (1e9, 1.960)])
+def test_t_quantiles_match_tables(df, q):
+    assert t_ppf(0.975, df) == pytest.approx(q, abs=6e-4)
+    assert t_ppf(0.025, df) == pytest.approx(-q, abs=6e-4)
+
+
+def test_t_quantile_other_levels():
+    assert t_ppf(0.995, 5) == pytest.approx(4.032, abs=6e-4)
+    assert t_ppf(0.95, 10) == pytest.approx(1.812, abs=6e-4)
+    assert t_ppf(0.5, 3) == 0.0
+
+
+def test_mean_ci_by_hand():
+    # 1..5: sd = sqrt(2.5); half = 2.7764451 * sqrt(2.5) / sqrt(5)
+    m = mean_ci([1, 2, 3, 4, 5])
+    assert (m.mean, m.n) == (3.0, 5)
+    assert m.hi - 3.0 == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
+    # 1..10: sd = sqrt(82.5/9); df 9 -> 2.2621572
+    m = mean_ci(range(1, 11))
+    assert m.hi - 5.5 == pytest.approx(2.2621572 * math.sqrt(82.5 / 9) / math.sqrt(10), rel=1e-6)
+    one = mean_ci([7.0])
+    assert one.mean == 7.0 and math.isnan(one.lo) and math.isnan(one.hi)
+
+
+def test_net_speedup_paper_headline():
+    net = net_speedup(1.20, 0.085)
+    assert net == pytest.approx(1.20 / 1.085)
+    assert net == pytest.approx(1.10599, abs=1e-5)
+    assert f"{(net - 1) * 100:+.1f}%" == "+10.6%"
+
+
+def test_tokens_and_paired_cost(sweep):
+    runs, issues = load_runs(sweep)
+    assert issues == [] and len(runs) == 12
+    table, warnings, _ = summarize(runs)
+    assert warnings == []
+    wg = row(table, "wgrad (mxfp4)")
+    assert wg.tokens_mean == 1400 and wg.n_reached == 2
+    # tokens: sd(1300, 1500) = 141.421; half = 12.7062 * 141.421 / sqrt(2) = 1270.62
+    assert wg.tokens_hi - 1400 == pytest.approx(12.706205 * 100, rel=1e-6)
+    # paired: 1300/1000 - 1 = 0.30, 1500/1200 - 1 = 0.25 -> 0.275; sd = 0.0353553, half = 12.7062 * 0.025
+    assert wg.cost_per_seed == {1: pytest.approx(0.30), 2: pytest.approx(0.25)}
+    assert wg.cost_mean == pytest.approx(0.275)
+    assert wg.cost_hi - 0.275 == pytest.approx(12.706205 * 0.025, rel=1e-5)
+    h16 = row(table, "wgrad+h16 (mxfp4)")
+    assert h16.cost_mean == pytest.approx(0.10)  # 1100/1000 and 1320/1200: both exactly +10%
+    assert h16.cost_hi - h16.cost_lo == pytest.approx(0.0, abs=1e-12)
+    assert row(table, "bf16").cost_mean == pytest.approx(-0.05)
+    assert list(table.label) == ["bf16", "fp8", "fprop (mxfp4)", "dgrad (mxfp4)", "wgrad (mxfp4)",
+                                 "wgrad+h16 (mxfp4)"]
+
+
+# ---------------------------------------------------------------- throughput model
+
+def test_modeled_gain_by_hand(tmp_path):
+    prof = load_profile(profile_yaml(tmp_path))
+    # T_fp8 = 1e-6 s/token; each FP4 GEMM saves 2e8 * (1/1e15 - 1/2e15) = 1e-7 s/token.
+    full = gemm_precisions("wgrad")
+    assert modeled_gain(1e6, FLOPS, full, prof) == pytest.approx(1e-6 / 7e-7)
+    # h16: + t_extra = 1/tps(h16) - 1/tps(none) = 8.5e-7 - 8e-7 = 5e-8 -> T = 7.5e-7, gain 4/3
+    assert modeled_gain(1e6, FLOPS, full, prof, t_extra=5e-8) == pytest.approx(4 / 3)
+    assert modeled_gain(1e6, FLOPS, gemm_precisions("fprop"), prof) == pytest.approx(1 / 0.9)
+    # bf16: each GEMM costs 2e8 * (1/5e14 - 1/1e15) = 2e-7 more -> T = 1.6e-6, gain 0.625
+    assert modeled_gain(1e6, FLOPS, gemm_precisions("bf16"), prof) == pytest.approx(0.625)
+
+
+def test_modeled_table_and_h100_refuses(sweep, tmp_path):
+    rep = make_report(sweep, out_dir=tmp_path / "rep", profiles=(str(profile_yaml(tmp_path)), "h100"))
+    t = rep.table
+    wg, h16 = row(t, "wgrad (mxfp4)"), row(t, "wgrad+h16 (mxfp4)")
+    assert wg.gain_source == "modeled:toy" and wg.gain == pytest.approx(1 / 0.7)
+    assert wg.net == pytest.approx((1 / 0.7) / 1.275)
+    assert h16.t_extra_s_per_token == pytest.approx(5e-8)
+    assert h16.gain == pytest.approx(4 / 3) and h16.net == pytest.approx((4 / 3) / 1.10)
+    assert row(t, "bf16").gain == pytest.approx(0.625)
+    assert math.isnan(wg.gain_h100) and "no FP4" in wg.note_h100
+    # FP8 -> BF16 on H100 is modelable: 2e8 * (1/989.5e12 - 1/1979e12) * 3 added to 1e-6
+    extra = 3 * 2e8 * (1 / 989.5e12 - 1 / 1979e12)
+    assert row(t, "bf16").gain_h100 == pytest.approx(1e-6 / (1e-6 + extra))
+    with pytest.raises(HardwareProfileError, match="no FP4"):
+        modeled_gain(1e6, FLOPS, gemm_precisions("wgrad"), load_profile("h100"))
+    assert "n/a: h100 has no FP4 peak" in rep
+
+
+def test_shipped_profiles_are_dense_datasheet_figures():
+    for name, fp8, fp4 in (("mi355x", 5000, 10100), ("b200", 4500, 9000), ("gb200", 5000, 10000)):
+        p = load_profile(name)
+        assert (p.peak_tflops["fp8"], p.peak_tflops["fp4"]) == (fp8, fp4) and "datasheet" in p.source
+    assert load_profile("h100").peak_tflops["fp4"] is None
+    with pytest.raises(HardwareProfileError, match="unknown hardware profile"):
+        load_profile("nope")
+
+
+def test_measured_gain_and_headline(tmp_path):
+    root = tmp_path / "runs"
+    for seed, base in ((1, 1000), (2, 2000)):
+        write_run(root, "fp8", "none", seed, tokens=base, tps=1000, native=True, device="MI355X")
+        write_run(root, "wgrad", "h16", seed, tokens=base * 1.085, tps=1200, native=True, device="MI355X")
+    rep = make_report(root, out_dir=tmp_path / "rep")
+    r = row(rep.table, "wgrad+h16 (mxfp4)")
+    assert r.gain_source == "measured" and r.gain == pytest.approx(1.2)
+    assert r.cost_mean == pytest.approx(0.085) and r.net == pytest.approx(1.2 / 1.085)
+    assert "+20.0% (measured)" in rep and "+10.6%" in rep
+    # A user-measured gain overrides, labelled `user`.
+    rep = make_report(root, out_dir=tmp_path / "rep2", step_speedup=1.25)
+    r = row(rep.table, "wgrad+h16 (mxfp4)")
+    assert r.gain_source == "user" and r.net == pytest.approx(1.25 / 1.085)
+
+
+# ---------------------------------------------------------------- table rows
+
+def test_nonconverged_and_diverged_rows(sweep, tmp_path):
+    rep = make_report(sweep, out_dir=tmp_path / "rep")
+    lines = {}
+    for l in rep.splitlines():  # the first table of a group is the main one
+        if l.startswith("| "):
+            lines.setdefault(l.split("|")[1].strip(), l)
+    assert "diverged at 500 tokens; did not converge (best ppl 31.5 at 1.80k tokens)" in lines["fprop (mxfp4)"]
+    assert "diverged at 500 / 700 tokens" in lines["dgrad (mxfp4)"]
+    assert "0/2" in lines["dgrad (mxfp4)"] and "n/a (did not converge)" in lines["dgrad (mxfp4)"]
+    assert "1.40k ± 1.27k" in lines["wgrad (mxfp4)"] and "+27.5% ± 31.8%" in lines["wgrad (mxfp4)"]
+    assert "0 (baseline)" in lines["fp8"]
+
+
+# ---------------------------------------------------------------- bad inputs
+
+def test_corrupt_and_incomplete_runs_excluded_by_name(sweep):
+    bad = write_run(sweep, "wgrad", "none", 3, tokens=99_999)
+    (bad / "metrics.jsonl").write_text((bad / "metrics.jsonl").read_text() + '{"kind": "eval", "tok')
+    garbage = write_run(sweep, "wgrad", "none", 4, tokens=99_999)
+    (garbage / "summary.json").write_text("{not json")
+    running = write_run(sweep, "wgrad", "none", 5, tokens=99_999, summary=False)
+    nokeys = write_run(sweep, "wgrad", "none", 6, tokens=99_999)
+    (nokeys / "summary.json").write_text(json.dumps({"status": "reached", "ladder": "wgrad"}))
+    nometrics = write_run(sweep, "wgrad", "none", 7, tokens=99_999)
+    (nometrics / "metrics.jsonl").unlink()
+    midline = write_run(sweep, "wgrad", "none", 8, tokens=99_999)
+    text = (midline / "metrics.jsonl").read_text().splitlines()
+    (midline / "metrics.jsonl").write_text("\n".join(text[:3] + ["<<garbage>>"] + text[3:]) + "\n")
+    failed = write_run(sweep, "wgrad", "none", 9, tokens=99_999)
+    s = json.loads((failed / "summary.json").read_text())
+    (failed / "summary.json").write_text(json.dumps(dict(s, status="failed", error="CUDA OOM")))
+    runs, issues = load_runs(sweep)
+    by = {i.name: i.problem for i in issues}
+    assert by[midline.name].startswith("metrics.jsonl line 4: invalid JSON")
+    assert "failed run: CUDA OOM" in by[failed.name]
+    assert [i.name for i in issues if i.incomplete] == [running.name]
+    assert "truncated last line" in by[bad.name]
+    assert "summary.json: invalid JSON" in by[garbage.name]
+    assert by[running.name].startswith("incomplete") and "last eval at 99,999" in by[running.name]
+    assert "missing required keys" in by[nokeys.name] and "seed" in by[nokeys.name]
+    assert by[nometrics.name] == "metrics.jsonl missing"
+    assert len(runs) == 12  # nothing of seeds 3..7 got in
+    table, _, _ = summarize(runs, issues)
+    assert row(table, "wgrad (mxfp4)").tokens_mean == 1400
+
+
+def test_mismatched_targets_are_separate_groups(sweep, tmp_path):
+    a = write_run(sweep, "fp8", "none", 1, tokens=2000, target=25.0, key="ffff0000")
+    b = write_run(sweep, "wgrad", "none", 1, tokens=2400, target=25.0, key="ffff0000")
+    with pytest.warns(TargetMismatchWarning) as w:
+        rep = make_report(sweep, out_dir=tmp_path / "rep")
+    msg = str(w[0].message)
+    assert "target_ppl=25" in msg and "target_ppl=30" in msg and a.name in msg and b.name in msg
+    assert row(rep.table, "wgrad (mxfp4)", 25.0).cost_mean == pytest.approx(0.2)  # 2400/2000, never mixed
+    assert row(rep.table, "wgrad (mxfp4)", 30.0).cost_mean == pytest.approx(0.275)
+    assert "target ppl=25" in rep and "target ppl=30" in rep and "## Warnings" in rep
+
+
+def test_missing_baseline_error_names_the_combination(sweep, tmp_path):
+    write_run(sweep, "wgrad", "none", 3, tokens=1500)
+    broken = write_run(sweep, "fp8", "none", 3, tokens=1000)
+    (broken / "summary.json").write_text("garbage")
+    with pytest.raises(MissingBaselineError) as e:
+        make_report(sweep, out_dir=tmp_path / "rep")
+    msg = str(e.value)
+    assert f"model={MODEL} data={DATA} target_ppl=30 seed=3" in msg and "wgrad-none-mxfp4" in msg
+    assert broken.name in msg  # the excluded fp8 run is pointed at
+    assert isinstance(e.value, ReportError) and e.value.missing == [(MODEL, DATA, 30.0, 3)]
+
+
+def test_duplicates_and_empty(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    with pytest.raises(NoRunsError):
+        make_report(root, out_dir=tmp_path / "rep")
+    write_run(root, "fp8", "none", 1, tokens=1000, key="aaaa0000")
+    newer = write_run(root, "fp8", "none", 1, tokens=1100, key="bbbb0000")
+    meta = json.loads((newer / "meta.json").read_text())
+    (newer / "meta.json").write_text(json.dumps(dict(meta, started_at="2025-02-01T00:00:00")))
+    runs, issues = load_runs(root)
+    assert list(runs.run) == [newer.name] and "duplicate of " + newer.name in issues[0].problem
+
+
+# ---------------------------------------------------------------- outputs
+
+def test_files_written(sweep, tmp_path):
+    out = tmp_path / "rep"
+    rep = make_report(sweep, out_dir=out)
+    for f in ("table.md", "table.csv", "table.tex", "report.md", "report.json"):
+        assert (out / f).is_file(), f
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == [f"cost_{MODEL}_{DATA}_ppl30.png", f"ppl_{MODEL}_{DATA}_ppl30.png"]
+    assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    with open(out / "table.csv") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    assert float(rows["wgrad (mxfp4)"]["cost_mean"]) == pytest.approx(0.275)
+    assert float(rows["wgrad (mxfp4)"]["tokens_mean"]) == 1400.0 and rows["dgrad (mxfp4)"]["tokens_mean"] == ""
+    tex = (out / "table.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"+27.5\% $\pm$ 31.8\%" in tex
+    assert latex_escape("a_b 5% & c") == r"a\_b 5\% \& c"
+    prov = json.loads((out / "report.json").read_text())
+    assert prov["git_commits"] == ["c0ffee"] and prov["devices"] == ["cpu"] and len(prov["runs"]) == 12
+    assert prov["command"] and all(r["baseline"].startswith("fp8-none") for r in prov["runs"])
+    assert (out / "table.md").read_text() in rep.markdown
+    # Default output dir: <results_dir>/../report
+    assert make_report(sweep).out_dir == sweep.parent / "report"
+
+
+def test_wandb_offline(sweep, tmp_path, monkeypatch):
+    wdir = tmp_path / "wb"
+    wdir.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wdir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    rep = make_report(sweep, out_dir=tmp_path / "rep", wandb=True)
+    runs = list((wdir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert rep.wandb_dir and Path(rep.wandb_dir).name == runs[0].name

@@ -1,0 +1,283 @@
+"""The Triton kernels (fp4.kernels) against the torch reference (fp4.quantize, backend="torch").
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (set below, before triton
+is first imported); with CUDA the same tests run the compiled kernels. Round-to-nearest must be
+bit-identical (float32 / bfloat16 bit patterns; NaN == NaN); stochastic rounding is checked for
+unbiasedness with a Hoeffding bound and for reproducibility. Sizes are small: the interpreter
+runs numpy per tile op.
+
+Hadamard inputs are integers times powers of two, so every float32 partial sum is exact: the
+reference multiplies by H in a float32 matmul whose summation order is its own, so only exact
+sums have a single right answer (the kernel's butterflies then agree bit for bit).
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="triton is not installed: the kernels cannot run")
+
+from fp4.kernels import (from_blocked, quantize_packed, to_blocked, triton_available,  # noqa: E402
+                         triton_quantize_operand, dequantize_packed, e2m1_codes, e2m1_decode,
+                         unpack_fp4)
+from fp4.kernels.fp8_quant import fp8_quantize  # noqa: E402
+from fp4.quantize import quantize_operand  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+MX = ("mxfp4", "e1m2", "int4")
+MODES = ("floor", "ceil", "rceil", "even")
+
+
+def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    a32, b32 = a.float(), b.float()
+    same = (a32.view(torch.int32) == b32.view(torch.int32)) | (a32.isnan() & b32.isnan())
+    return int((~same).sum())
+
+
+def check(x, fmt, axis, **kw):
+    ref, ref_s = quantize_operand(x, fmt, axis, backend="torch", **kw)
+    out, out_s = triton_quantize_operand(x, fmt, axis, **kw)
+    assert mismatches(out, ref) == 0, (fmt, axis, kw)
+    assert (out_s is None) == (ref_s is None)
+    if ref_s is not None:
+        assert mismatches(out_s.reshape(()), ref_s.reshape(())) == 0
+    return out
+
+
+def wide(shape, dtype, seed=0, spread=20):
+    """randn with a different power-of-two magnitude per row and column (wide dynamic range)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x = x * torch.exp2(torch.randint(-spread, spread, (shape[0], 1), generator=g).float())
+    x = x * torch.exp2(torch.randint(-4, 4, (1, shape[1]), generator=g).float())
+    return x.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,axis", [((37, 100), -1), ((100, 37), 0), ((64, 64), 0)])
+@pytest.mark.parametrize("fmt", MX)
+def test_mx_nearest_bit_identical(fmt, shape, axis, dtype):
+    x = wide(shape, dtype, seed=hash((fmt, shape, axis)) % 1000)
+    for mode in MODES:
+        check(x, fmt, axis, scale_mode=mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,axis", [((37, 100), -1), ((100, 37), 0)])
+@pytest.mark.parametrize("fmt", ["nvfp4", "e4m3", "e5m2"])
+def test_tensor_scaled_nearest_bit_identical(fmt, shape, axis, dtype):
+    spread = 2 if dtype == torch.float16 else 20
+    check(wide(shape, dtype, seed=7, spread=spread), fmt, axis)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_nvfp4_2d_tiles(axis):
+    for shape in [(48, 80), (37, 50)]:
+        check(wide(shape, torch.bfloat16, seed=3), "nvfp4", axis, block_2d=True)
+
+
+def test_other_ranks_and_axes():
+    x = wide((6, 40), torch.float32, seed=5).reshape(2, 3, 40)
+    for axis in (0, 1, 2, -1):
+        check(x, "mxfp4", axis)
+        check(x, "nvfp4", axis)
+    check(torch.randn(70, device=DEV), "mxfp4", 0)
+
+
+def exact_hadamard_input(shape, dtype, seed):
+    """Integers < 2^8 times 2^-4..2^0, times a power of two per row: all float32 sums exact."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(-255, 256, shape, generator=g).float()
+    x = k * torch.exp2(torch.randint(-4, 1, shape, generator=g).float())
+    x = x * torch.exp2(torch.randint(-30, 30, (shape[0], 1), generator=g).float())
+    return x.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "e4m3"])
+def test_hadamard_fused_bit_identical(fmt, axis, signed):
+    g = torch.Generator().manual_seed(11)
+    shape = (40, 72) if axis == -1 else (72, 40)
+    x = exact_hadamard_input(shape, torch.bfloat16, seed=1)
+    for hb in (16, 4, 64):
+        signs = (torch.randint(0, 2, (hb,), generator=g) * 2 - 1).float().to(DEV) if signed else None
+        check(x, fmt, axis, hadamard_block=hb, hadamard_signs=signs)
+    if fmt == "nvfp4":
+        check(x, fmt, axis, block_2d=True, hadamard_block=16)
+
+
+def special_blocks(dtype=torch.float32):
+    """[8, 96]: three MX blocks per row, each a hard case (rows) in three scales (columns)."""
+    tiny = 2.0 ** -127
+    rows = []
+    g = torch.Generator().manual_seed(2)
+    u = torch.rand(32, generator=g)
+    for scale in (tiny, 2.0 ** -135, 1.0):
+        rows.append(torch.zeros(32))                                   # all zero
+        rows.append(u * 2.0 ** -140)                                   # subnormal amax
+        rows.append(torch.cat([torch.tensor([tiny]), u[1:] * tiny]))  # amax exactly 2^-127
+        rows.append(torch.cat([torch.tensor([tiny * (1 + 2 ** -20)]), -u[1:] * tiny]))
+        rows.append(torch.cat([torch.tensor([2.0 ** -126]), u[1:] * 2.0 ** -126]))
+        # ties of every element grid (midpoints of e2m1, e1m2, int4 at scale 2^0 / 2^-2).
+        ties = torch.tensor([6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.75, -2.5, 0.125, 0.375,
+                             0.625, 0.875, 1.125, 1.375, 1.625, 6.5, 7.0, 0.5, 1.5, 4.5, 5.5, 6.25,
+                             -0.25, -5.0, 0.0, -0.0, 2.0, 3.0, 4.0, 1.0])
+        rows.append(ties * scale)
+        rows.append(torch.cat([torch.tensor([3.4e38]), u[1:] * 3.4e38]))  # scale past fp32 max
+        rows.append(-u * 2.0 ** -149 * 7)                                   # a few subnormal ulps
+    x = torch.stack(rows).reshape(3, 8, 32).permute(1, 0, 2).reshape(8, 96)
+    return x.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_special_blocks_exact_and_finite(axis):
+    x = special_blocks()
+    if axis == 0:
+        x = x.t().contiguous()
+    for fmt in MX:
+        for mode in MODES:
+            out = check(x, fmt, axis, scale_mode=mode)
+            big = (x.abs() > 1e38)
+            assert torch.isfinite(out[~big]).all()
+    for fmt in ("nvfp4", "e4m3", "e5m2"):
+        check(x, fmt, axis)
+    check(x.to(torch.bfloat16), "mxfp4", axis)
+
+
+def test_nan_inf_blocks():
+    x = wide((8, 96), torch.float32, seed=9)
+    x[1, 40] = float("nan")
+    x[5, 70] = float("inf")
+    x[6, 3] = float("-inf")
+    for fmt in MX:
+        out = check(x, fmt, -1)
+        assert out[1, 32:64].isnan().all() and out[5, 64:96].isnan().all()
+        assert out[6, :32].isnan().all() and torch.isfinite(out[0]).all()
+        check(x.t().contiguous(), fmt, 0)
+    for fmt in ("nvfp4", "e4m3", "e5m2"):
+        out, s = triton_quantize_operand(x, fmt, -1)
+        assert out.isnan().all() and s.isnan()
+        check(x, fmt, -1)
+
+
+def grid_spacing_mx(x):
+    """e2m1 spacing at |x| for blocks whose amax is exactly 6 (rceil scale 2^0)."""
+    a = x.abs()
+    return torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+
+
+@pytest.mark.parametrize("fmt,axis", [("mxfp4", -1), ("mxfp4", 0), ("nvfp4", -1), ("e4m3", 0)])
+def test_stochastic_unbiased(fmt, axis):
+    g = torch.Generator().manual_seed(4)
+    x = (torch.rand(64, 64, generator=g) * 12 - 6)
+    x[:, ::16] = 6.0  # every block's amax is 6: MX scale 2^0 (rceil), NVFP4 s = 448 * s_g = 1
+    x[::16, :] = 6.0
+    x = x.to(DEV)
+    n = 48
+    draws = []
+    for i in range(n):
+        gen = torch.Generator(device=DEV).manual_seed(1000 + i)
+        out, s = triton_quantize_operand(x, fmt, axis, rounding="stochastic", generator=gen)
+        draws.append(_scaled(out, s))
+    mean = torch.stack(draws).mean(0)
+    if fmt == "e4m3":  # v = x / s with s = 6 / 448: spacing 2^(floor(log2 |v|) - 3) * s
+        s = 6.0 / 448
+        v = (x.double().abs() / s).clamp(min=2.0 ** -6)
+        spacing = torch.exp2(torch.floor(torch.log2(v)) - 3) * s
+    else:
+        spacing = grid_spacing_mx(x).double()
+    # Hoeffding: P(|mean - x| > t) <= 2 exp(-2 n t^2 / spacing^2); t = 4 spacing / sqrt(n)
+    # gives 2.5e-14 per element.
+    assert ((mean - x.double()).abs() <= 4 * spacing / math.sqrt(n) + 1e-6 * x.abs()).all()
+    # The average error over all elements is far tighter.
+    assert abs(float((mean - x.double()).mean())) < 4 * float(spacing.max()) / math.sqrt(n * x.numel())
+    # Same statistics as the reference: its mean over as many draws meets the same bound, and
+    # the two means agree within the bound for a difference (range doubled).
+    ref = torch.stack([_scaled(*quantize_operand(x, fmt, axis, rounding="stochastic",
+                                                 backend="torch",
+                                                 generator=torch.Generator(device=DEV).manual_seed(i)))
+                       for i in range(n)]).mean(0)
+    assert ((ref - mean).abs() <= 8 * spacing / math.sqrt(n) + 1e-6 * x.abs()).all()
+
+
+def _scaled(out, s):
+    return out.double() * (1.0 if s is None else s.double())
+
+
+def test_stochastic_reproducible_and_on_grid():
+    x = wide((40, 96), torch.bfloat16, seed=8)
+    for fmt in ("mxfp4", "nvfp4", "e5m2"):
+        a, _ = triton_quantize_operand(x, fmt, -1, rounding="stochastic",
+                                       generator=torch.Generator(device=DEV).manual_seed(5))
+        b, _ = triton_quantize_operand(x, fmt, -1, rounding="stochastic",
+                                       generator=torch.Generator(device=DEV).manual_seed(5))
+        c, _ = triton_quantize_operand(x, fmt, -1, rounding="stochastic",
+                                       generator=torch.Generator(device=DEV).manual_seed(6))
+        assert mismatches(a, b) == 0 and mismatches(a, c) > 0
+        # Every draw is one of the two grid neighbours: re-quantizing it is the identity.
+        lo_hi = quantize_operand(a, fmt, -1, backend="torch")[0]
+        if fmt == "mxfp4":
+            assert mismatches(lo_hi, a) == 0
+    # Values already on the grid never move.
+    on_grid, _ = quantize_operand(x, "mxfp4", -1, scale_mode="rceil", backend="torch")
+    again, _ = triton_quantize_operand(on_grid, "mxfp4", -1, rounding="stochastic",
+                                       generator=torch.Generator(device=DEV).manual_seed(1))
+    assert mismatches(again, on_grid) == 0
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("fmt,block_2d", [("mxfp4", False), ("nvfp4", False), ("nvfp4", True)])
+def test_packing_round_trip(fmt, block_2d, axis):
+    x = wide((48, 80), torch.bfloat16, seed=12)
+    packed, blocked, ts, x_dq = quantize_packed(x, fmt, axis, block_2d=block_2d)
+    operand = x_dq if axis == -1 else x_dq.t()
+    m, k = operand.shape
+    blk = 32 if fmt == "mxfp4" else 16
+    assert packed.shape == (m, (k + 1) // 2) and packed.dtype == torch.uint8
+    codes = from_blocked(blocked, m, -(-k // blk))
+    back = dequantize_packed(packed, codes, fmt, k, dtype=x.dtype)
+    assert mismatches(back, operand.contiguous()) == 0
+    assert (ts is None) == (fmt == "mxfp4")
+
+
+def test_packing_primitives():
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    vals = torch.cat([grid, -grid])
+    codes = e2m1_codes(vals)
+    assert codes.tolist() == list(range(16))
+    assert mismatches(e2m1_decode(codes), vals) == 0
+    packed = (codes[0::2] | (codes[1::2] << 4)).reshape(1, -1)
+    assert unpack_fp4(packed, 16).reshape(-1).tolist() == list(range(16))  # low nibble first
+    s = torch.randint(0, 255, (200, 9), dtype=torch.uint8)
+    flat = to_blocked(s)
+    assert flat.numel() == 256 * 12 and torch.equal(from_blocked(flat, 200, 9), s)
+    # Tile (0, 0): flat index of (row r, col c) is (r % 32) * 16 + (r // 32) * 4 + c.
+    assert flat[(37 % 32) * 16 + (37 // 32) * 4 + 2] == s[37, 2]
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_real_tensor_output(fmt):
+    x = wide((33, 70), torch.bfloat16, seed=13, spread=6)
+    q, s, f8 = fp8_quantize(x, fmt, return_fp8=True)
+    ref, ref_s = quantize_operand(x, fmt, -1, backend="torch")
+    assert mismatches(q, ref) == 0 and mismatches(s, ref_s) == 0
+    assert mismatches(f8.float(), ref.float()) == 0
+
+
+def test_triton_available_and_import_without_triton():
+    assert triton_available(torch.zeros(1, device=DEV))
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, fp4.kernels as k\n"
+            "assert not k.triton_available(torch.zeros(1))\n"
+            "q, s = __import__('fp4.quantize', fromlist=['x']).quantize_operand("
+            "torch.randn(4, 32), 'mxfp4', -1)\nprint('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
