@@ -8,7 +8,7 @@ from importlib import import_module
 _EXPORTS = {
     "fake_quantize": "fp4.quantize",
     "quantize_operand": "fp4.quantize",
-    "hadamard": "fp4.hadamard",
+    "hadamard": "fp4.transforms",
     "Recipe": "fp4.recipe",
     "QuantLinear": "fp4.linear",
 }

@@ -25,9 +25,9 @@ Rounding is computed, not searched: for a magnitude a the local grid spacing is
 
 and round-to-nearest-even is torch.round(a / quantum) * quantum (torch.round is half-to-even, and
 an even multiple of the quantum is exactly a grid point whose last mantissa bit is 0; a tie that
-carries into the next binade lands on its even leading point). floor(log2 a) comes from frexp, so
-it is exact. All of this runs in float64, where float32 (and bfloat16) subnormals are normal
-numbers and a / quantum is an exact power-of-two rescale.
+carries into the next binade lands on its even leading point). 2^floor(log2 a) is read off the
+float64 exponent bits, so it is exact. All of this runs in float64, where float32 (and bfloat16)
+subnormals are normal numbers and a / quantum is an exact power-of-two rescale.
 
 Rules shared by every rounding mode:
 - Magnitudes are clamped to max first (saturation, "satfinite"); +-Inf therefore becomes +-max.
@@ -122,20 +122,17 @@ def floor_log2(a: torch.Tensor) -> torch.Tensor:
     return torch.frexp(a).exponent.to(torch.int64) - 1
 
 
-def _exponent_field(a: torch.Tensor) -> torch.Tensor:
-    # Biased float64 exponent of a >= 0: floor(log2 a) + 1023 for normal a (every float32 and
-    # bfloat16 value is normal in float64); 0 for a = 0, 2047 for NaN.
-    return a.view(torch.int64) >> 52
-
-
-def _quantum_fields(a: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
-    # Biased exponent of quantum(a); NaN gives a huge but finite quantum, keeping NaN / q = NaN.
-    return torch.clamp(_exponent_field(a), min=fmt.emin + 1023) - fmt.mbits
+_EXPONENT_MASK = 0x7FF0000000000000  # float64 exponent bits
 
 
 def quantum(a: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
-    """Grid spacing at magnitude a (float64, a >= 0): 2^(max(floor(log2 a), emin) - mbits)."""
-    return (_quantum_fields(a, fmt) << 52).view(torch.float64)
+    """Grid spacing at magnitude a (float64, a >= 0): 2^(max(floor(log2 a), emin) - mbits).
+
+    Keeping only the exponent bits of max(a, 2^emin) gives 2^floor(log2 .) exactly (every
+    float32 / bfloat16 value is a normal float64). NaN maps to Inf, and NaN / Inf stays NaN.
+    """
+    floor_pow2 = a.clamp(min=2.0 ** fmt.emin).view(torch.int64).bitwise_and_(_EXPONENT_MASK)
+    return floor_pow2.view(torch.float64).mul_(2.0 ** -fmt.mbits)
 
 
 def round_to_grid(v: torch.Tensor, fmt: ElementFormat, rounding: str = "nearest",
@@ -150,9 +147,8 @@ def round_to_grid(v: torch.Tensor, fmt: ElementFormat, rounding: str = "nearest"
         raise ValueError(f"unknown rounding {rounding!r}; valid: {list(GRID_ROUNDINGS)}")
     v = v.to(torch.float64)
     a = v.abs().clamp_(max=fmt.max)  # NaN propagates through clamp
-    fields = _quantum_fields(a, fmt)
-    # Multiplying by the exact reciprocal 2^-k is the same as dividing, and cheaper.
-    scaled = a.mul_(((2046 - fields) << 52).view(torch.float64))
+    q = quantum(a, fmt)
+    scaled = a.div_(q)  # exact: q is a power of two
     if rounding == "nearest":
         r = scaled.round_()
     elif rounding == "up":
@@ -163,4 +159,4 @@ def round_to_grid(v: torch.Tensor, fmt: ElementFormat, rounding: str = "nearest"
         lo = torch.floor(scaled)
         r = lo.add_(torch.lt(uniforms, scaled.sub_(lo)))
     # Ceil never passes max: max is a grid point, and |v| was clamped to it.
-    return r.mul_((fields << 52).view(torch.float64)).copysign_(v)
+    return r.mul_(q).copysign_(v)

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp4 import fp8_gemm
-from fp4.hadamard import hadamard as hadamard_transform, random_signs
+from fp4.transforms import hadamard as hadamard_transform, random_signs
 from fp4.quantize import quantize_operand
 from fp4.recipe import GEMM_OPERANDS, GEMM_TITLES, GEMMS, GemmSpec, HadamardSpec, OperandSpec, Recipe
 

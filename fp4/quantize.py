@@ -57,7 +57,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .formats import E1M2, E2M1, E4M3, E5M2, INT4, ElementFormat, round_to_grid
-from .hadamard import check_block, hadamard_compute, split_blocks
+from .transforms import check_block, hadamard_compute, split_blocks
 from .scaling import MX_SCALE_MODES, fp8_tensor_scale, mx_scales, nvfp4_scales
 
 __all__ = ["FORMATS", "ROUNDINGS", "SCALE_MODES", "BACKENDS", "MX_FORMATS", "fake_quantize",
@@ -169,10 +169,20 @@ def _nvfp4(work, axis, rounding, generator, block_2d, out_dtype):
     return x_dq.to(out_dtype), _all_nan_unless(finite, s_g)
 
 
+# torch's own float8 casts round to nearest even and keep subnormals, exactly the E4M3/E5M2
+# rule (the tests check them bit for bit against the float64 reference); they are ~20x faster
+# on the CPU than the generic grid rounding, which matters because FP8 is the baseline's path.
+_TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
 def _fp8(work, elem: ElementFormat, rounding, generator, out_dtype):
     x32 = work.to(torch.float32)
     s = fp8_tensor_scale(x32, elem)
-    q = round_to_grid(x32 / s, elem, rounding, generator).to(torch.float32)
+    if rounding == "nearest":
+        # The clamp saturates (a bare cast would overflow to NaN/Inf); NaN passes through it.
+        q = (x32 / s).clamp(-elem.max, elem.max).to(_TORCH_FP8[elem.name]).to(torch.float32)
+    else:
+        q = round_to_grid(x32 / s, elem, rounding, generator).to(torch.float32)
     finite = torch.isfinite(x32.abs().amax())
     return _all_nan_unless(finite, q).to(out_dtype), _all_nan_unless(finite, s)
 

@@ -211,6 +211,14 @@ def wide_binade_values(n, generator, low=-20.0, high=20.0):
     return (sign * torch.exp2(torch.floor(e)) * m).to(torch.float32)
 
 
+def random_float32_bits(n, generator):
+    """n float32 values uniform over the bit patterns of finite numbers, both signs: every binade
+    from the subnormals to float32 max equally often."""
+    bits = torch.randint(0, 0x7F800000, (n,), generator=generator, dtype=torch.int64)
+    sign = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64) << 31
+    return (bits | sign).to(torch.int32).view(torch.float32)
+
+
 def mx_blocks(n_blocks, generator, spread=8.0):
     """[n_blocks, 32] float32: a per-block binade in 2^[-20, 20) and elements spread `spread` binades."""
     base = torch.exp2(torch.empty(n_blocks, 1, dtype=F64).uniform_(-20, 20, generator=generator).floor())

@@ -11,7 +11,7 @@ from torch import nn
 
 import fp4.linear as linear
 from fp4 import fp8_gemm
-from fp4.hadamard import random_signs
+from fp4.transforms import random_signs
 from fp4.linear import (NonFiniteError, QuantLinear, QuantState, gemm_paths, record_gemms,
                         swap_linears)
 from fp4.quantize import fake_quantize, quantize_operand

@@ -47,7 +47,9 @@ def _edge_blocks(fmt):
 @pytest.mark.parametrize("fmt", MX)
 def test_mx_bit_exact_on_a_million_values(fmt, mode):
     gen = torch.Generator().manual_seed(100 + MX.index(fmt) * 4 + SCALE_MODES.index(mode))
-    x = torch.cat([ref.mx_blocks(1 << 15, gen), _edge_blocks(fmt)])  # >= 2^20 values, 40+ binades
+    # >= 2^20 values over 40+ binades, plus blocks drawn from every float32 bit pattern.
+    x = torch.cat([ref.mx_blocks(1 << 15, gen), _edge_blocks(fmt),
+                   ref.random_float32_bits(1 << 15, gen).reshape(-1, 32)])
     got = fp4.fake_quantize(x, fmt, scale_mode=mode)
     assert got.dtype == F32
     ref.assert_same_bits(got, ref.mx_quantize(x, fmt, mode))
@@ -86,6 +88,8 @@ def _nvfp4_edge_tensors():
     x = torch.randn(8, 64, generator=gen)
     for scale in (2.0 ** -126, 2.0 ** -135, 2.0 ** -145, 2.0 ** 100, 0.0):  # s_g subnormal, 0 ...
         yield (x.double() * scale).to(F32)
+    yield ref.random_float32_bits(1 << 12, gen).reshape(64, 64)
+    yield ref.random_float32_bits(1 << 12, gen).reshape(64, 64) * 2.0 ** -100
     for special in (math.inf, math.nan):
         y = x.clone()
         y[3, 7] = special
@@ -126,6 +130,7 @@ def _fp8_tensors(fmt, gen):
     mids = ((g[1:] + g[:-1]) / 2).to(F32)
     ties = torch.cat([torch.tensor([top]), mids, -mids])  # amax == max: s == 1, exact ties
     yield from (ties, torch.nextafter(ties, INF), torch.nextafter(ties, -INF))
+    yield ref.random_float32_bits(1 << 12, gen)
     yield from (torch.zeros(7), torch.full((5,), 2.0 ** -149), torch.tensor([1.0, math.inf]),
                 torch.tensor([math.nan, 2.0]), torch.tensor([3e38, -1.0, 2.0 ** -140]))
 
@@ -179,8 +184,8 @@ def test_nvfp4_2d_tiles_pad_both_dims():
 def test_hadamard_is_applied_first_in_float32():
     gen = torch.Generator().manual_seed(81)
     x = torch.randn(16, 64, generator=gen).to(torch.bfloat16)
-    signs = fp4.hadamard.random_signs(16, torch.Generator().manual_seed(1))
-    rotated = fp4.hadamard.hadamard_compute(x, 16, 0, signs)
+    signs = fp4.transforms.random_signs(16, torch.Generator().manual_seed(1))
+    rotated = fp4.transforms.hadamard_compute(x, 16, 0, signs)
     assert rotated.dtype == F32
     for fmt in ("mxfp4", "nvfp4", "e4m3"):
         got = quantize_operand(x, fmt, 0, hadamard_block=16, hadamard_signs=signs)

@@ -22,18 +22,14 @@ Non-multiple lengths: an axis whose length is not a multiple of b is zero-padded
 multiple, transformed, and the pad is cut off, the same rule as quantization blocks (and what a
 kernel with masked loads and stores computes). The last, partial block is then *not* an
 orthogonal transform (energy that lands on the pad positions is dropped), so the
-product-preservation property above holds only for lengths that are multiples of b.
-
-`fp4.hadamard` names both this module and the function (the package exports the function
-lazily, but importing the submodule rebinds the package attribute to the module). The module is
-therefore made callable and forwards to `hadamard()`, so `fp4.hadamard(x, ...)` works either way.
+product-preservation property above holds only for lengths that are multiples of b; the
+quantized linear therefore pads both GEMM operands to the block itself and runs the GEMM over
+the padded length.
 """
 from __future__ import annotations
 
 import functools
 import math
-import sys
-import types
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -119,13 +115,3 @@ def hadamard(x: torch.Tensor, block: int = 16, axis: int = -1,
              signs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Block Hadamard transform of x along `axis`; same shape and dtype as x (see module doc)."""
     return hadamard_compute(x, block, axis, signs).to(x.dtype)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets `fp4.hadamard(x)` work when the package attribute resolves to this module."""
-
-    def __call__(self, x, block=16, axis=-1, signs=None):
-        return hadamard(x, block, axis, signs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
