@@ -132,6 +132,10 @@ def git_commit(repo_dir: Optional[Path] = None) -> tuple[Optional[str], Optional
         head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd,
                               capture_output=True, text=True, timeout=10)
         commit = head.stdout.strip() if head.returncode == 0 else None
+        if commit is None and os.environ.get("FP4_ABLATE_GIT_COMMIT"):
+            # A copy of the tree without .git (e.g. sent to a GPU machine): the sender says
+            # which commit it is.
+            return os.environ["FP4_ABLATE_GIT_COMMIT"], None
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                     cwd=cwd, capture_output=True, text=True,
                                     timeout=10).stdout.strip())
