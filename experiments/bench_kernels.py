@@ -62,8 +62,8 @@ def _mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((~same).sum().item())
 
 
-def bench_kernels(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfloat16
-                  ) -> List[Dict]:
+def bench_kernels(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfloat16,
+                  compile_reference: bool = True) -> List[Dict]:
     import triton.testing
 
     from fp4.kernels import triton_quantize_operand
@@ -115,6 +115,8 @@ def bench_kernels(device: str = "cuda", size: int = 8192, dtype: torch.dtype = t
             del a, b
             impls = {"triton": run_triton, "torch": run_torch}
             try:
+                if not compile_reference:
+                    raise RuntimeError("skipped (--no-compile)")
                 torch._dynamo.reset()  # one fresh compile per configuration (no cache limit hit)
                 compiled = torch.compile(run_torch)
                 compiled()
@@ -152,9 +154,153 @@ def _table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _plant_signed(x: torch.Tensor) -> torch.Tensor:
+    """Planted blocks plus negative tiny values and -0 (signed-zero paths of every format)."""
+    x = _plant_special_blocks(x)
+    x[128:160, :32] = -x[64:96, :32]
+    x[160:192, :32] = -0.0
+    x[192:224, 32:64] = -x[192:224, 32:64] * 2.0 ** -120
+    return x
+
+
+def diagnose(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfloat16
+             ) -> List[Dict]:
+    """Who deviates on the GPU: the kernel, the GPU reference, or both? For each tensor-scaled
+    format (and mxfp4 as a control) compare bit for bit the kernel on the GPU, the torch
+    reference on the GPU and the torch reference on the CPU (IEEE float32 division everywhere,
+    i.e. the contract) on the same input; also the per-tensor scales, and torch's own GPU float8
+    cast against its CPU cast on a sweep of float32 values."""
+    from fp4.kernels import triton_quantize_operand
+    from fp4.quantize import quantize_operand
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    x = _plant_signed(torch.randn(size, size, device=dev, dtype=dtype))
+    xc = x.cpu()
+    rows: List[Dict] = []
+    for fmt in ("nvfp4", "e4m3", "e5m2", "mxfp4"):
+        for axis in (-1, 0):
+            k, ks = triton_quantize_operand(x, fmt, axis)
+            g, gs = quantize_operand(x, fmt, axis, backend="torch")
+            c, cs = quantize_operand(xc, fmt, axis, backend="torch")
+            k, g = k.cpu(), g.cpu()
+            row = dict(fmt=fmt, axis=axis, kernel_vs_gpu_ref=_mismatches(k, g),
+                       kernel_vs_cpu_ref=_mismatches(k, c), gpu_ref_vs_cpu_ref=_mismatches(g, c))
+            if cs is not None:
+                row.update(scale_kernel=float(ks), scale_gpu_ref=float(gs), scale_cpu_ref=float(cs))
+            rows.append(row)
+            print(row, flush=True)
+    amax = x.float().abs().amax()
+    for d in (448.0, 57344.0, 2688.0, 6.0):
+        q_gpu = float(amax / d)
+        q_cpu = float(amax.cpu() / d)
+        q_dev_tensor = float(amax / torch.tensor(d, device=dev))
+        r = dict(check=f"amax/{d}", gpu_python_scalar=q_gpu.hex(), cpu=q_cpu.hex(),
+                 gpu_device_tensor=q_dev_tensor.hex())
+        rows.append(r)
+        print(r, flush=True)
+    # torch's float8 casts, GPU vs CPU, on float32 values around every e4m3/e5m2 rounding point.
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(1 << 22, generator=g) * torch.exp2(torch.randint(-30, 20, (1 << 22,), generator=g).float())
+    v = torch.cat([v, -v, v.view(torch.int32).add(1).view(torch.float32),
+                   torch.tensor([0.0, -0.0, 2.0 ** -140, -2.0 ** -140, 2.0 ** -10, 3 * 2.0 ** -11])])
+    for name, dt, mx in (("e4m3", torch.float8_e4m3fn, 448.0), ("e5m2", torch.float8_e5m2, 57344.0)):
+        vc = v.clamp(-mx, mx)
+        a = vc.to(dt).float()
+        b = vc.to(dev).to(dt).float().cpu()
+        r = dict(check=f"torch float8 cast {name} GPU vs CPU", mismatches=_mismatches(a, b))
+        rows.append(r)
+        print(r, flush=True)
+    return rows
+
+
+def sweep(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfloat16
+          ) -> List[Dict]:
+    """Time launch configurations of the kernels (fp4.kernels.mx_quant.block_quantize `config`,
+    fp8_quant.FP8_CONFIG / AMAX_CONFIG) on an [size, size] operand; % of copy bandwidth."""
+    import triton.testing
+
+    from fp4.kernels import fp8_quant, triton_quantize_operand
+    from fp4.kernels import mx_quant
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    x = torch.randn(size, size, device=dev, dtype=dtype)
+    nbytes = 2 * x.numel() * x.element_size()
+    y = torch.empty_like(x)
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x))
+    del y
+    rows: List[Dict] = []
+    ax1 = [(32, 128, 4, 0), (16, 256, 4, 0), (32, 256, 8, 0), (64, 128, 8, 0), (8, 512, 4, 0),
+           (64, 256, 8, 0), (16, 512, 8, 0)]
+    ax0 = [(32, 128, 4, 0), (32, 64, 4, 0), (32, 256, 4, 0), (32, 256, 8, 0), (32, 512, 8, 0),
+           (64, 128, 8, 0), (32, 32, 2, 0)]
+    ops = {"mxfp4": dict(fmt="mxfp4"), "nvfp4": dict(fmt="nvfp4"),
+           "h16+mxfp4": dict(fmt="mxfp4", hadamard_block=16),
+           "sr+mxfp4": dict(fmt="mxfp4", rounding="stochastic")}
+    for op, kw in ops.items():
+        for axis, cands in ((-1, ax1), (0, ax0)):
+            if op == "h16+mxfp4":
+                cands = cands + [c[:3] + (1,) for c in cands if axis == 0]
+            key_kw = dict(kw)
+            for cfg in cands:
+                if axis == 0 and op == "nvfp4" and cfg[0] < 16:
+                    continue
+                key = (kw["fmt"] == "mxfp4", 1 if axis == -1 else 0,
+                       "hadamard_block" in kw, kw.get("rounding") == "stochastic", False)
+                mx_quant.TILE_CONFIG[key] = cfg
+                gen = torch.Generator(device=dev).manual_seed(1)
+                try:
+                    ms = triton.testing.do_bench(
+                        lambda: triton_quantize_operand(x, axis=axis, generator=gen, **key_kw))
+                    r = dict(op=op, axis=axis, config=cfg, ms=ms, pct_copy=100 * copy_ms / ms)
+                except Exception as err:
+                    r = dict(op=op, axis=axis, config=cfg, error=f"{type(err).__name__}: {err}"[:300])
+                mx_quant.TILE_CONFIG.pop(key, None)
+                rows.append(r)
+                print(r, flush=True)
+    for fcfg in (dict(block=4096, num_warps=8), dict(block=2048, num_warps=4),
+                 dict(block=8192, num_warps=8), dict(block=4096, num_warps=4),
+                 dict(block=16384, num_warps=16)):
+        for acfg in (dict(block=4096, iters=8, num_warps=8), dict(block=4096, iters=1, num_warps=8),
+                     dict(block=8192, iters=16, num_warps=8)):
+            fp8_quant.FP8_CONFIG, fp8_quant.AMAX_CONFIG = fcfg, acfg
+            for rounding in ("nearest", "stochastic"):
+                gen = torch.Generator(device=dev).manual_seed(1)
+                ms = triton.testing.do_bench(lambda: triton_quantize_operand(
+                    x, "e4m3", -1, rounding=rounding, generator=gen))
+                r = dict(op="e4m3", rounding=rounding, fp8=fcfg, amax=acfg, ms=ms,
+                         pct_copy=100 * copy_ms / ms)
+                rows.append(r)
+                print(r, flush=True)
+    amax = torch.zeros(1, dtype=torch.int32, device=dev)
+    for acfg in (dict(block=4096, iters=8, num_warps=8), dict(block=4096, iters=1, num_warps=8),
+                 dict(block=8192, iters=16, num_warps=8), dict(block=2048, iters=16, num_warps=4)):
+        fp8_quant.AMAX_CONFIG = acfg
+        ms = triton.testing.do_bench(lambda: fp8_quant.global_amax_bits(x.view(torch.int16), 1, amax))
+        r = dict(op="amax pass", amax=acfg, ms=ms, pct_copy_of_read=100 * copy_ms / 2 / ms)
+        rows.append(r)
+        print(r, flush=True)
+    return rows
+
+
 if __name__ == "__main__":
-    result = bench_kernels()
-    print(_table(result))
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
-            json.dump(result, f, indent=1)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", nargs="?", help="JSON output path")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile reference (quicker)")
+    parser.add_argument("--diagnose", action="store_true", help="kernel / GPU ref / CPU ref bits")
+    parser.add_argument("--sweep", action="store_true", help="time launch configurations")
+    parser.add_argument("--size", type=int, default=8192)
+    args = parser.parse_args()
+    if args.diagnose or args.sweep:
+        result = (diagnose(size=args.size) if args.diagnose else []) + (
+            sweep(size=args.size) if args.sweep else [])
+    else:
+        result = bench_kernels(size=args.size, compile_reference=not args.no_compile)
+        print(_table(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)

@@ -34,14 +34,31 @@ FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 # NaN bytes: E4M3FN has only S.1111.111; E5M2 uses exponent 31 with a non-zero mantissa.
 FP8_NAN_CODE = {"e4m3": 0x7F, "e5m2": 0x7E}
-BLOCK = 4096
+# Launch configuration (bench_kernels --sweep measures alternatives): elements per program and
+# warps of the quantize pass; elements per loop step, steps per program and warps of the amax pass
+# (several steps per program keep the single-address atomics few).
+FP8_CONFIG = dict(block=4096, num_warps=8)
+AMAX_CONFIG = dict(block=4096, iters=8, num_warps=8)
 
 
 @triton.jit
-def _amax_kernel(x_ptr, amax_ptr, N, IN_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    bits = load_bits(x_ptr, offs, offs < N, IN_KIND)
-    tl.atomic_max(amax_ptr, tl.max(bits & 0x7FFFFFFF, axis=0))
+def _amax_kernel(x_ptr, amax_ptr, N, IN_KIND: tl.constexpr, BLOCK: tl.constexpr,
+                 ITERS: tl.constexpr):
+    base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in tl.static_range(ITERS):
+        offs = base + i * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.maximum(acc, load_bits(x_ptr, offs, offs < N, IN_KIND) & 0x7FFFFFFF)
+    tl.atomic_max(amax_ptr, tl.max(acc, axis=0))
+
+
+def global_amax_bits(xv: torch.Tensor, in_kind: int, amax: torch.Tensor) -> None:
+    """amax[0] = max |x| bit pattern over a contiguous x (viewed as int32 / int16 / float16)."""
+    n = xv.numel()
+    cfg = AMAX_CONFIG
+    grid = (triton.cdiv(n, cfg["block"] * cfg["iters"]),)
+    _amax_kernel[grid](xv, amax, n, IN_KIND=in_kind, BLOCK=cfg["block"], ITERS=cfg["iters"],
+                       num_warps=cfg["num_warps"])
 
 
 @triton.jit
@@ -62,7 +79,11 @@ def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
         tl.store(scale_ptr, tl.where(finite, s, float("nan")))
     v = div_f32(bits.to(tl.float32, bitcast=True), s)
     if ROUND == 1:
-        rnd = tl.randint(tl.load(seed_ptr), offs.to(tl.int32)).to(tl.int32, bitcast=True)
+        # One Philox call (4 x 32 bits) per 4 consecutive elements.
+        ctr = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+        r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
+        rnd = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
+        rnd = rnd.to(tl.int32, bitcast=True)
     else:
         rnd = bits
     q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, QBITS, MAXB, rnd,
@@ -95,13 +116,15 @@ def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator
     seed = draw_seed(generator, dev) if rounding == "stochastic" else amax
     mbits, emin = FORMATS[fmt][:2]
     _, qbits, maxb = fixed_scale_consts(fmt)
-    grid = (triton.cdiv(n, BLOCK),)
+    block = FP8_CONFIG["block"]
+    grid = (triton.cdiv(n, block),)
     if n:
-        _amax_kernel[grid](xc.view(view), amax, n, IN_KIND=in_kind, BLOCK=BLOCK, num_warps=8)
+        global_amax_bits(xc.view(view), in_kind, amax)
         _fp8_kernel[grid](xc.view(view), out.view(view), f8, amax, scale, seed, n,
                           FMT_MAX=FP8_MAX[fmt], MBITS=mbits, EMIN=emin, QBITS=qbits, MAXB=maxb,
                           NAN_CODE=FP8_NAN_CODE[fmt], ROUND=1 if rounding == "stochastic" else 0,
-                          WRITE_F8=return_fp8, IN_KIND=in_kind, BLOCK=BLOCK, num_warps=8)
+                          WRITE_F8=return_fp8, IN_KIND=in_kind, BLOCK=block,
+                          num_warps=FP8_CONFIG["num_warps"])
     else:
         scale.fill_(1.0)
     return out, scale, (f8.view(FP8_DTYPES[fmt]) if return_fp8 else None)

@@ -33,7 +33,8 @@ are plain float32 add/mul (IEEE in Triton's default lowering, no libdevice); the
 bit-identity with the reference where the float32 sums are exact (the reference's float32
 matmul has its own summation order, so inexact sums may differ in the last bit there).
 
-Stochastic rounding: one 32-bit Philox draw per element, tl.randint(seed, linear index), with
+Stochastic rounding: 32 random bits per element from one Philox call per 4 consecutive
+elements of a row (tl.randint4x, counter = (global row, 4-column group)), with
 the int32 seed read from a device tensor drawn once from the caller's torch.Generator (no host
 sync); same generator state -> same bits.
 """
@@ -77,9 +78,27 @@ def _butterfly(f, H: tl.constexpr, AXIS: tl.constexpr, TR: tl.constexpr, TC: tl.
 
 
 @triton.jit
+def _hadamard_rows_dot(f, LOG2HB: tl.constexpr, TR: tl.constexpr):
+    """Block Hadamard along the rows of an fp32 [TR, TC] tile as one IEEE fp32 dot with the
+    block-diagonal +-1 matrix (HB x HB blocks): Y = Hbd @ f. Entries are exactly +-1 or 0, so
+    every FMA is an exact add of +-x (or of a zero product); the result equals the butterflies
+    wherever the float32 sums are exact. Zero entries meet only rows of the same 32-row MX
+    block (or of a tensor-scaled operand, where any Inf/NaN poisons everything anyway)."""
+    i = tl.arange(0, TR)[:, None]
+    j = tl.arange(0, TR)[None, :]
+    p = i & j & ((1 << LOG2HB) - 1)
+    p = p ^ (p >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    h = tl.where((p & 1) == 0, 1.0, -1.0)
+    h = tl.where((i >> LOG2HB) == (j >> LOG2HB), h, 0.0)
+    return tl.dot(h, f, input_precision="ieee")
+
+
+@triton.jit
 def _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND: tl.constexpr, AXIS: tl.constexpr,
                       LOG2HB: tl.constexpr, HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr,
-                      TR: tl.constexpr, TC: tl.constexpr):
+                      TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr = 0):
     """float32 bits of the (optionally Hadamard-transformed) [TR, TC] tile; pad positions 0."""
     bits = load_bits(x_ptr, offs, inb, IN_KIND)
     if LOG2HB > 0:
@@ -92,10 +111,24 @@ def _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND: tl.constexpr, AXIS: 
             else:
                 f = f * tl.load(signs_ptr + tl.arange(0, TR) % (1 << LOG2HB))[:, None]
         f = f * HSCALE
-        for st in tl.static_range(LOG2HB):
-            f = _butterfly(f, 1 << st, AXIS, TR, TC)
+        if HMODE == 1 and AXIS == 0:
+            f = _hadamard_rows_dot(f, LOG2HB, TR)
+        else:
+            for st in tl.static_range(LOG2HB):
+                f = _butterfly(f, 1 << st, AXIS, TR, TC)
         bits = tl.where(inb, f, 0.0).to(tl.int32, bitcast=True)
     return bits
+
+
+@triton.jit
+def _rand_bits(seed, grow, g0, GROUPS_PER_ROW, TR: tl.constexpr, TC: tl.constexpr):
+    """int32 random bits for a [TR, TC] tile: one Philox call (tl.randint4x, 4 x 32 bits) per
+    group of 4 consecutive columns, counter = global row * groups-per-row + group index (unique
+    per group, so no two elements share a draw); element 4g + k takes output k."""
+    ctr = grow[:, None] * GROUPS_PER_ROW + (g0 + tl.arange(0, TC // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    return tl.reshape(r, [TR, TC]).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -107,17 +140,16 @@ def block_quant_kernel(
         EMAX: tl.constexpr, MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr,
         NBITS: tl.constexpr, MCAP: tl.constexpr, FMT_MAX: tl.constexpr, FIX_QBITS: tl.constexpr,
         FIX_MAXB: tl.constexpr, SB_ROUND: tl.constexpr, IN_KIND: tl.constexpr,
-        WRITE_SCALES: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr):
+        WRITE_SCALES: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2)
     rows = pid_r * TR + tl.arange(0, TR)
     cols = pid_c * TC + tl.arange(0, TC)
-    lin = rows[:, None] * C + cols[None, :]
     offs = pid_b.to(tl.int64) * R * C + rows[:, None].to(tl.int64) * C + cols[None, :]
     inb = (rows[:, None] < R) & (cols[None, :] < C)
     bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
-                             HAS_SIGNS, TR, TC)
+                             HAS_SIGNS, TR, TC, HMODE)
     if PASS == 0:
         tl.atomic_max(amax_ptr, tl.max(tl.max(bits & 0x7FFFFFFF, axis=1), axis=0))
     else:
@@ -126,9 +158,9 @@ def block_quant_kernel(
         sign = b4 & (-2147483648)
         am = tl.max(tl.max(a4, axis=3, keep_dims=True), axis=1, keep_dims=True)
         if ROUND == 1:
-            seed = tl.load(seed_ptr)
-            rnd = tl.randint(seed, tl.reshape(lin + pid_b * R * C, [TR // RB, RB, TC // CB, CB]))
-            rnd = rnd.to(tl.int32, bitcast=True)
+            rnd = tl.reshape(_rand_bits(tl.load(seed_ptr), pid_b * R + rows,
+                                        pid_c * (TC // 4), (C + 3) // 4, TR, TC),
+                             [TR // RB, RB, TC // CB, CB])
         else:
             rnd = a4
         if KIND == 0:
@@ -200,13 +232,30 @@ def draw_seed(generator, device) -> torch.Tensor:
     return seed.to(device=device, dtype=torch.int32)
 
 
+# Launch configuration per (kind is MX, axis, Hadamard, SR): (TR, TC, num_warps, HMODE). None keys
+# fall back to the defaults below; experiments/bench_kernels.py --sweep measures alternatives.
+TILE_CONFIG = {}
+
+
+def _default_config(kind, axis, hb, rb, cb, rounding):
+    if axis == 1:
+        tc = max(128, hb, cb)
+        tr = max(4096 // tc, rb)
+        return tr, tc, 4, 0
+    tr = max(32, hb, rb)
+    tc = max(4096 // tr, cb, 16)
+    return tr, tc, 4, (1 if hb > 1 else 0)
+
+
 def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str = "even",
                    rounding: str = "nearest", generator=None, block_2d: bool = False,
-                   hadamard_block=None, hadamard_signs=None, write_scales: bool = False):
+                   hadamard_block=None, hadamard_signs=None, write_scales: bool = False,
+                   config=None):
     """Launch on a contiguous [B, R, C] tensor; blocks along C (axis=1) or R (axis=0).
 
     Returns (x_dq [B, R, C] in x's dtype, tensor scale (0-dim fp32) or None, scale codes (uint8
-    [B, ceil(R/RB), ceil(C/CB)]) or None).
+    [B, ceil(R/RB), ceil(C/CB)]) or None). `config` = (TR, TC, num_warps, HMODE) overrides the
+    tile (TR a multiple of the row block and of HB for axis 0, TC of CB / HB for axis 1).
     """
     assert x3.dim() == 3 and x3.is_contiguous() and axis in (0, 1)
     B, R, C = x3.shape
@@ -219,13 +268,16 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
         rb, cb = (1, qb) if axis == 1 else (qb, 1)
     hb = hadamard_block or 1
     log2hb = int(math.log2(hb))
-    # Tile: ~4096 elements, rows contiguous; the axis extent covers whole blocks and Hadamard blocks.
-    if axis == 1:
-        tc = max(128, hb, cb)
-        tr = max(4096 // tc, rb)
-    else:
-        tr = max(32, hb, rb)
-        tc = max(4096 // tr, cb, 16)
+    key = (kind == KIND_MX, axis, hb > 1, rounding == "stochastic", block_2d)
+    if config is None:
+        config = TILE_CONFIG.get(key) or _default_config(kind, axis, hb, rb, cb, rounding)
+    tr, tc, num_warps, hmode = config
+    # The dot Hadamard needs a dot-sized tile (>= 16 each way) and no 2-D tiles.
+    # Zero entries of its block-diagonal matrix may meet an Inf (0 * Inf = NaN) only inside one
+    # MX block, so for MX the tile spans one MX block or one Hadamard block.
+    if hmode == 1 and (axis != 0 or hb == 1 or tr < 16 or tc < 16 or block_2d
+                       or (kind == KIND_MX and tr > max(qb, hb))):
+        hmode = 0
     out = torch.empty_like(x3)
     dev = x3.device
     amax = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -240,11 +292,16 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
                 HSCALE=_f32_value(1.0 / math.sqrt(hb)), HAS_SIGNS=hadamard_signs is not None,
                 MODE=MODES[mode] if mode else 0, ROUND=1 if rounding == "stochastic" else 0,
                 SB_ROUND=2 if rounding == "stochastic" else 0,
-                IN_KIND=in_kind, WRITE_SCALES=write_scales, TR=tr, TC=tc, num_warps=4,
-                **_fmt_constexprs(elem))
+                IN_KIND=in_kind, WRITE_SCALES=write_scales, TR=tr, TC=tc, HMODE=hmode,
+                num_warps=num_warps, **_fmt_constexprs(elem))
     args = (x3.view(view), out.view(view), signs, amax, tscale, scales, seed, R, C)
     if kind != KIND_MX and x3.numel():
-        block_quant_kernel[grid](*args, PASS=0, **meta)
+        if hb > 1:
+            block_quant_kernel[grid](*args, PASS=0, **meta)
+        else:
+            # The global amax does not depend on the layout: one flat, vectorised pass.
+            from .fp8_quant import global_amax_bits
+            global_amax_bits(x3.view(view), in_kind, amax)
     if x3.numel():
         block_quant_kernel[grid](*args, PASS=1, **meta)
     return out, (tscale if kind != KIND_MX else None), (scales if write_scales else None)
