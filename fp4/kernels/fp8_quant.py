@@ -13,8 +13,9 @@ optionally, the FP8 byte (sign-magnitude code from integer fields), i.e. the flo
 torch._scaled_mm multiplies with s as its per-tensor scale. The tensor scale s is written by
 program 0, so no host round trip sits between the passes.
 
-Numerics: s = fp32(amax / max) and v = fp32(x / s) are float64 divisions rounded once to float32
-(equal to correctly rounded float32 division; Triton's float32 `/` is approximate on NVIDIA),
+Numerics: s = fp32(amax / max) is a float64 division rounded once to float32 (equal to the
+correctly rounded float32 division; Triton's float32 `/` is the approximate div.full.f32 on
+NVIDIA), v = fp32(x / s) the float32 IEEE division (div_rn; float64 for a tiny s < 2^-89),
 and v is rounded onto the FP8 grid by integer arithmetic on its bits (fp4.kernels._bits), so a
 subnormal x, v or s is handled exactly and never flushed. The pass reads x twice (amax, then
 quantize) and writes once: the per-tensor scale depends on all of x, so that is the floor for
@@ -26,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, encode_minifloat,
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
+                    encode_minifloat,
                     fixed_scale_consts, load_bits, round_bits, store_bits)
 from .mx_quant import IN_KINDS, draw_seed
 
@@ -37,7 +39,7 @@ FP8_NAN_CODE = {"e4m3": 0x7F, "e5m2": 0x7E}
 # Launch configuration (bench_kernels --sweep measures alternatives): elements per program and
 # warps of the quantize pass; elements per loop step, steps per program and warps of the amax pass
 # (several steps per program keep the single-address atomics few).
-FP8_CONFIG = dict(block=4096, num_warps=8)
+FP8_CONFIG = dict(block=4096, num_warps=4)
 AMAX_CONFIG = dict(block=4096, iters=8, num_warps=8)
 
 
@@ -77,7 +79,11 @@ def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
     s = tl.where(s == 0, 1.0, s)
     if pid == 0:
         tl.store(scale_ptr, tl.where(finite, s, float("nan")))
-    v = div_f32(bits.to(tl.float32, bitcast=True), s)
+    # s >= FAST_DIV_MIN: the fp32 IEEE division is exact here (see _bits.div_f32_rn).
+    if s >= FAST_DIV_MIN:
+        v = div_f32_rn(bits.to(tl.float32, bitcast=True), s)
+    else:
+        v = div_f32(bits.to(tl.float32, bitcast=True), s)
     if ROUND == 1:
         # One Philox call (4 x 32 bits) per 4 consecutive elements.
         ctr = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)

@@ -20,7 +20,9 @@ What one program computes (PASS=1):
   3. MX: E8M0 exponent by integer bit arithmetic (fp4.kernels._bits.mx_exponent), elements
      rounded in x's own units by `round_bits` -- the result bits are q * 2^e directly.
      NVFP4: s_g, s_b, s = s_b * s_g and v = x / s as correctly rounded float32 operations
-     (float64 op then one rounding), E4M3 / E2M1 rounding by `round_bits`, output q * s_b.
+     (per-block ops: float64 op then one rounding; per-element x / s: the float32 IEEE
+     division div_rn, or float64 for tensors so tiny that s_g < 2^-89), E4M3 / E2M1 rounding by
+     `round_bits`, output q * s_b. Never Triton's float32 `/` (approximate div.full.f32).
      FP8 (KIND=2): s = fp32(amax / max), v = x / s, output q.
   4. optional per-block scale codes (E8M0 byte e + 127, 0xFF for NaN; E4M3 byte of s_b).
 PASS=0 is the cheap global-amax pre-pass for NVFP4 / FP8: it recomputes the (transformed) tile
@@ -47,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, encode_minifloat,
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
+                    encode_minifloat,
                     fixed_scale_consts, f32_bits, load_bits, mul_f32, mx_exponent, pow2_bits,
                     round_bits, scaled_int_bits, store_bits)
 
@@ -185,7 +188,13 @@ def block_quant_kernel(
                 sb = tl.where(s_g > 0, sb, 0)
                 s_b = sb.to(tl.float32, bitcast=True)
                 s = mul_f32(s_b, s_g)
-                v = div_f32(x, tl.where(s > 0, s, 1.0))
+                den = tl.where(s > 0, s, 1.0)
+                # s_g >= FAST_DIV_MIN -> every s >= 2^-9 * s_g (or 1): the fp32 IEEE division
+                # is exact and cheap; tiny tensors take the float64 route.
+                if s_g >= FAST_DIV_MIN:
+                    v = div_f32_rn(x, den)
+                else:
+                    v = div_f32(x, den)
                 q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, FIX_QBITS,
                                FIX_MAXB, rnd, MBITS, ROUND)
                 q = tl.where(s > 0, q, 0)
@@ -198,7 +207,10 @@ def block_quant_kernel(
                 s = tl.where(s == 0, 1.0, s)
                 if pid_r + pid_c + pid_b == 0:
                     tl.store(tscale_ptr, tl.where(finite, s, float("nan")))
-                v = div_f32(x, s)
+                if s >= FAST_DIV_MIN:
+                    v = div_f32_rn(x, s)
+                else:
+                    v = div_f32(x, s)
                 q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, FIX_QBITS,
                                FIX_MAXB, rnd, MBITS, ROUND)
                 out = tl.where(finite, q | sign, F32_NAN_BITS)
@@ -232,9 +244,24 @@ def draw_seed(generator, device) -> torch.Tensor:
     return seed.to(device=device, dtype=torch.int32)
 
 
-# Launch configuration per (kind is MX, axis, Hadamard, SR): (TR, TC, num_warps, HMODE). None keys
-# fall back to the defaults below; experiments/bench_kernels.py --sweep measures alternatives.
-TILE_CONFIG = {}
+# Launch configuration per (kind is MX, kernel axis, Hadamard block, SR, block_2d):
+# (TR, TC, num_warps, HMODE). Missing keys (or an entry whose tile does not fit the blocks) use
+# _default_config. Chosen from `python -m fp4_experiments.bench_kernels --sweep` on an H100
+# (8192^2 bf16, docs/kernels-notes.md); HMODE 1 = Hadamard along rows as a dot (axis 0 only).
+TILE_CONFIG = {
+    (False, 1, 1, False, False): (16, 256, 4, 0),   # nvfp4 axis=-1: 20% -> 30% (before div_rn)
+    (False, 0, 1, False, False): (32, 256, 4, 0),   # nvfp4 axis=0: 16% -> 19% (before div_rn)
+    (True, 1, 1, True, False): (16, 256, 4, 0),     # sr+mxfp4 axis=-1: 42% -> 52%
+    (True, 1, 16, False, False): (8, 512, 4, 0),    # h16+mxfp4 axis=-1: 57% -> 62%
+    (True, 1, 16, True, False): (8, 512, 4, 0),
+}
+
+
+def _fits(config, axis, hb, rb, cb):
+    tr, tc = config[:2]
+    if axis == 1:
+        return tc % max(hb, cb) == 0 and tr % rb == 0
+    return tr % max(hb, rb) == 0 and tc % cb == 0 and tc % 4 == 0
 
 
 def _default_config(kind, axis, hb, rb, cb, rounding):
@@ -268,9 +295,11 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
         rb, cb = (1, qb) if axis == 1 else (qb, 1)
     hb = hadamard_block or 1
     log2hb = int(math.log2(hb))
-    key = (kind == KIND_MX, axis, hb > 1, rounding == "stochastic", block_2d)
+    key = (kind == KIND_MX, axis, hb, rounding == "stochastic", block_2d)
     if config is None:
-        config = TILE_CONFIG.get(key) or _default_config(kind, axis, hb, rb, cb, rounding)
+        config = TILE_CONFIG.get(key)
+        if config is None or not _fits(config, axis, hb, rb, cb):
+            config = _default_config(kind, axis, hb, rb, cb, rounding)
     tr, tc, num_warps, hmode = config
     # The dot Hadamard needs a dot-sized tile (>= 16 each way) and no 2-D tiles.
     # Zero entries of its block-diagonal matrix may meet an Inf (0 * Inf = NaN) only inside one

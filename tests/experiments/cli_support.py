@@ -17,6 +17,7 @@ TINY = [
     "train.batch_size=4", "train.max_tokens=2560", "train.warmup_tokens=512",
     "train.eval_every_tokens=1024", "train.log_every_steps=1",
     "train.checkpoint_every_steps=3", "train.progress_bar=false", "hardware=cpu",
+    "train.target_ppl=null",
 ]
 
 

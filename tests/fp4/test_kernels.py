@@ -281,3 +281,71 @@ def test_triton_available_and_import_without_triton():
             "torch.randn(4, 32), 'mxfp4', -1)\nprint('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+# --- GPU code-generation hazards, pinned on the CPU -------------------------------------------
+
+def _signed_zero_input(dtype):
+    """Negative zeros, negative values far below one grid step (-> -0), and a normal block."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(48, 64, generator=g)
+    x[:16, :32] = -0.0
+    x[16:32, :32] = -torch.rand(16, 32, generator=g) * 2.0 ** -60
+    x[32:48, :16] = 0.0
+    x[32:48, 16:32] = -torch.rand(16, 16, generator=g) * 2.0 ** -20
+    return x.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("fmt", ["nvfp4", "e4m3", "e5m2", "mxfp4"])
+def test_signed_zeros(fmt, axis, dtype):
+    x = _signed_zero_input(dtype)
+    out = check(x, fmt, axis)
+    neg_zero = (out == 0) & torch.signbit(out)
+    assert bool(neg_zero[:16, :32].all())
+    if fmt != "mxfp4":  # MX scales the tiny block to its own range; the others flush it to -0
+        assert bool(neg_zero[16:32, :32].all())
+    assert not bool(torch.signbit(out[32:48, :16]).any())
+
+
+def _reciprocal_trap(divisor: float) -> float:
+    """A bfloat16-exact amax where fp32(a / d) != fp32(a * fp32(1 / d)): CUDA torch computes
+    `t / python_scalar` as the latter, the contract (and the kernels) the former."""
+    inv = torch.tensor(1.0 / divisor, dtype=torch.float32)
+    a = torch.arange(1, 4096, dtype=torch.float32).to(torch.bfloat16).float().unique()
+    bad = (a / divisor) != (a * inv)
+    assert bool(bad.any())
+    return float(a[bad][0])
+
+
+@pytest.mark.parametrize("fmt,divisor", [("e4m3", 448.0), ("e5m2", 57344.0), ("nvfp4", 2688.0)])
+def test_scale_is_correctly_rounded_division(fmt, divisor):
+    amax = _reciprocal_trap(divisor)
+    x = torch.rand(32, 64, generator=torch.Generator().manual_seed(3)) * amax
+    x[5, 7] = -amax
+    x = x.to(torch.bfloat16).to(DEV)
+    _, s = check(x, fmt, -1), triton_quantize_operand(x, fmt, -1)[1]
+    want = torch.tensor(amax, dtype=torch.float32) / divisor  # CPU float32 division: IEEE
+    assert float(s) == float(want)
+    assert float(s) != float(torch.tensor(amax) * torch.tensor(1.0 / divisor, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "e4m3", "e5m2"])
+@pytest.mark.parametrize("scale_exp", [-110, -60, 0])
+def test_tiny_tensors_take_the_exact_division_route(fmt, scale_exp):
+    """s below FAST_DIV_MIN (2^-89) takes the float64 division, above it the float32 div_rn:
+    both bit-identical to the reference, including float32 subnormal inputs and scales."""
+    x = wide((32, 64), torch.float32, seed=5, spread=6).cpu() * 2.0 ** scale_exp
+    check(x.to(DEV), fmt, -1)
+    check(x.to(DEV), fmt, 0)
+
+
+def test_stochastic_counters_unique_odd_width():
+    """One Philox call per 4 columns of a row: a width that is not a multiple of 4 must not let
+    two rows share a draw (their SR decisions would be correlated)."""
+    x = torch.full((64, 37), 0.3125).to(DEV)  # 5 * 2^-4: halfway between grid points 4 and 6
+    q, _ = triton_quantize_operand(x, "mxfp4", -1, rounding="stochastic",
+                                   generator=torch.Generator(device=DEV).manual_seed(0))
+    rows = {tuple(r.tolist()) for r in q.cpu()}
+    assert len(rows) > 60
