@@ -39,7 +39,8 @@ def load_model_config(name: str):
 
 
 def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq_len: int,
-               vocab: int, steps: int, warmup: int, compile: bool, device) -> Dict:
+               vocab: int, steps: int, warmup: int, compile: bool, device,
+               profile: bool = False) -> Dict:
     from fp4.linear import QuantState, configure
     from fp4.recipe import Recipe
     from .model import build_llama, causal_lm_loss
@@ -70,32 +71,51 @@ def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq
         if i >= warmup:
             times.append(start.elapsed_time(end) / 1e3)
     peak = torch.cuda.max_memory_allocated(device)
+    profile_table = None
+    if profile:
+        # Where the time goes: CUDA time per kernel over 3 more steps, top entries.
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = causal_lm_loss(fwd, x[:, :-1], x[:, 1:])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                state.advance_step()
+            torch.cuda.synchronize(device)
+        profile_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
+                                                  max_name_column_width=60)
     del model, opt, fwd
     torch.cuda.empty_cache()
     return {"model": model_name, "ladder": ladder, "stabilizer": stabilizer,
             "compiled": compile, "params": info.param_count, "batch": batch, "seq_len": seq_len,
             "median_step_s": statistics.median(times), "peak_mem_bytes": peak,
-            "tokens_per_s": batch * seq_len / statistics.median(times)}
+            "tokens_per_s": batch * seq_len / statistics.median(times),
+            **({"profile": profile_table} if profile_table else {})}
 
 
 def bench_steps(models: List[str], batches: Dict[str, int], seq_len: int, steps: int,
-                warmup: int, device, compile: bool) -> List[Dict]:
+                warmup: int, device, compile_models: List[str],
+                profile_model: Optional[str] = None) -> List[Dict]:
     rows = []
     for model_name in models:
         plan = [(l, s, False) for l, s in STEP_CONFIGS]
-        if compile:
+        if model_name in compile_models:
             plan += [(l, s, True) for l, s in COMPILED_CONFIGS]
         for ladder, stab, comp in plan:
             t0 = time.time()
             try:
+                profile = (model_name == profile_model and not comp
+                           and (ladder, stab) in (("fp8", "none"), ("wgrad", "h16")))
                 row = bench_step(model_name, ladder, stab, batch=batches[model_name],
                                  seq_len=seq_len, vocab=8192, steps=steps, warmup=warmup,
-                                 compile=comp, device=device)
+                                 compile=comp, device=device, profile=profile)
             except Exception as err:  # recorded in the table: a failure is a result here
                 row = {"model": model_name, "ladder": ladder, "stabilizer": stab,
                        "compiled": comp, "error": f"{type(err).__name__}: {err}"[:300]}
             row["wall_s"] = time.time() - t0
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
             rows.append(row)
     for row in rows:  # ratios to bf16 of the same model and compile mode, inside this run
         ref = next((r for r in rows if r["model"] == row["model"] and r["ladder"] == "bf16"
@@ -132,6 +152,10 @@ def render(meta: Dict, kernel_rows: List[Dict], step_rows: List[Dict]) -> str:
                          f"{r['median_step_s'] * 1e3:.1f} | {_f(r.get('step_ratio_vs_bf16'), 3)} | "
                          f"{r['peak_mem_bytes'] / 2**30:.2f} | {_f(r.get('mem_ratio_vs_bf16'), 3)} | "
                          f"{r['tokens_per_s']:,.0f} |")
+        for r in step_rows:
+            if r.get("profile"):
+                lines += ["", f"### Profile: {r['model']} {r['ladder']}+{r['stabilizer']} "
+                          "(eager, 3 steps, sorted by CUDA time)", "", "```", r["profile"], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -148,7 +172,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled step runs")
+    ap.add_argument("--compile-models", default="llama-150m",
+                    help="models whose bf16, fp8 and wgrad+h16 steps are also timed compiled "
+                         "('' for none)")
+    ap.add_argument("--profile-model", default="llama-150m",
+                    help="profile the fp8 and wgrad+h16 steps of this model ('' for none)")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
     args = ap.parse_args(argv)
@@ -164,7 +192,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .bench_kernels import bench_kernels
         kernel_rows = bench_kernels(device="cuda", size=args.size)
     step_rows = [] if args.skip_steps else bench_steps(
-        models, batches, args.seq_len, args.steps, args.warmup, device, not args.no_compile)
+        models, batches, args.seq_len, args.steps, args.warmup, device,
+        [m for m in args.compile_models.split(",") if m], args.profile_model or None)
     name = torch.cuda.get_device_name(device)
     meta = {"device_name": name, "versions": versions(), "git_commit": git_commit()[0],
             "command": "fp4-ablate bench " + " ".join(argv if argv is not None else sys.argv[2:]),

@@ -66,6 +66,16 @@ E8M0_NAN = 128  # exponent whose biased code is 0xFF
 NVFP4_GLOBAL_DIVISOR = 448.0 * 6.0
 
 
+def _div_fp32(num: torch.Tensor, den: float) -> torch.Tensor:
+    """fp32(num / den), correctly rounded on every device.
+
+    On CUDA, torch evaluates `tensor / python_float` as `tensor * fp32(1 / den)`, which is not
+    the correctly rounded quotient (e.g. amax / 448 came out one ulp off on an H100). Dividing by
+    a 0-dim tensor on the same device runs a true IEEE division on both the CPU and the GPU.
+    """
+    return num / torch.tensor(den, dtype=torch.float32, device=num.device)
+
+
 def block_amax(blocks: torch.Tensor) -> torch.Tensor:
     """max |x| over the last dim; NaN if the block holds a NaN, +Inf if it holds an Inf."""
     return blocks.abs().amax(dim=-1)
@@ -120,8 +130,8 @@ def nvfp4_scales(blocks: torch.Tensor, global_amax: torch.Tensor, rounding: str 
     global_amax is passed in (not taken from `blocks`) so padded or tiled views share it.
     """
     global_amax = global_amax.to(torch.float32)
-    s_g = global_amax / NVFP4_GLOBAL_DIVISOR
-    ratio = (block_amax(blocks.to(torch.float32)) / 6.0) / s_g
+    s_g = _div_fp32(global_amax, NVFP4_GLOBAL_DIVISOR)
+    ratio = _div_fp32(block_amax(blocks.to(torch.float32)), 6.0) / s_g
     # Rounded in float64: the float32 ratio is exact there, and E4M3 points are float32-exact.
     e4m3_rounding = "up" if rounding == "stochastic" else "nearest"
     s_b = round_to_grid(ratio, E4M3, e4m3_rounding).to(torch.float32)
@@ -131,5 +141,5 @@ def nvfp4_scales(blocks: torch.Tensor, global_amax: torch.Tensor, rounding: str 
 
 def fp8_tensor_scale(x32: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
     """Per-tensor float32 scale fp32(amax / fmt.max), 1 where that is 0; NaN if x is not finite."""
-    s = x32.abs().amax().to(torch.float32) / fmt.max
+    s = _div_fp32(x32.abs().amax().to(torch.float32), fmt.max)
     return torch.where(s == 0, torch.ones_like(s), s)

@@ -137,3 +137,23 @@ def test_gpu_slots_are_exclusive(tmp_path):
             assert {a, b} == {0, 1}
     with gpu_slot(2, tmp_path) as c:
         assert c == 0
+
+
+def test_bench_needs_a_gpu_and_renders_its_table():
+    import torch
+    from fp4_experiments.bench import render
+    if not torch.cuda.is_available():
+        r = run_cli("bench")
+        assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
+    meta = {"device_name": "GPU X", "command": "fp4-ablate bench", "git_commit": "abc",
+            "versions": {}, "date": "today"}
+    steps = [{"model": "m", "ladder": "bf16", "stabilizer": "none", "compiled": False,
+              "median_step_s": 0.1, "step_ratio_vs_bf16": 1.0, "peak_mem_bytes": 2**30,
+              "mem_ratio_vs_bf16": 1.0, "tokens_per_s": 1000.0},
+             {"model": "m", "ladder": "wgrad", "stabilizer": "h16", "compiled": True,
+              "error": "RuntimeError: boom"}]
+    text = render(meta, [{"op": "mxfp4", "orientation": "axis=0", "impl": "triton",
+                          "median_ms": 0.15, "gbps": 1785.0, "pct_copy": 62.2, "correct": 0}], steps)
+    assert "| mxfp4 | axis=0 | triton | 0.150 | 1785 | 62.2 | 0 |" in text
+    assert "| m | bf16 | none | False | 100.0 | 1.000 | 1.00 | 1.000 | 1,000 |" in text
+    assert "error: RuntimeError: boom" in text

@@ -41,14 +41,26 @@ def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((~same).sum())
 
 
+def reference(x, fmt, axis, **kw):
+    """The torch reference run on the CPU. On CUDA, torch computes `tensor / python_scalar` as
+    tensor * fp32(1 / scalar) (BinaryDivTrueKernel.cu), so the reference's own s_g, amax / 6 and
+    FP8 scale deviate from the contract's correctly rounded division there (measured on an
+    H100: 0.3% of NVFP4 elements, 23 of 67M E4M3 ones; docs/kernels-notes.md). The CPU run is
+    the contract; the kernel output is compared with it on whatever device the kernel ran."""
+    kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref, ref_s = quantize_operand(x.cpu(), fmt, axis, backend="torch", **kw)
+    return ref, ref_s
+
+
 def check(x, fmt, axis, **kw):
-    ref, ref_s = quantize_operand(x, fmt, axis, backend="torch", **kw)
-    out, out_s = triton_quantize_operand(x, fmt, axis, **kw)
+    ref, ref_s = reference(x, fmt, axis, **kw)
+    out_dev, out_s = triton_quantize_operand(x, fmt, axis, **kw)
+    out, out_s = out_dev.cpu(), (None if out_s is None else out_s.cpu())
     assert mismatches(out, ref) == 0, (fmt, axis, kw)
     assert (out_s is None) == (ref_s is None)
     if ref_s is not None:
         assert mismatches(out_s.reshape(()), ref_s.reshape(())) == 0
-    return out
+    return out_dev
 
 
 def wide(shape, dtype, seed=0, spread=20):
@@ -267,9 +279,9 @@ def test_packing_primitives():
 def test_fp8_real_tensor_output(fmt):
     x = wide((33, 70), torch.bfloat16, seed=13, spread=6)
     q, s, f8 = fp8_quantize(x, fmt, return_fp8=True)
-    ref, ref_s = quantize_operand(x, fmt, -1, backend="torch")
-    assert mismatches(q, ref) == 0 and mismatches(s, ref_s) == 0
-    assert mismatches(f8.float(), ref.float()) == 0
+    ref, ref_s = reference(x, fmt, -1)
+    assert mismatches(q.cpu(), ref) == 0 and mismatches(s.cpu(), ref_s) == 0
+    assert mismatches(f8.float().cpu(), ref.float()) == 0
 
 
 def test_triton_available_and_import_without_triton():
