@@ -14,7 +14,9 @@ run, so numbers from different machines are never mixed:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import statistics
 import sys
 import time
@@ -30,7 +32,7 @@ from .rundir import atomic_write_json, atomic_write_text, git_commit, versions
 
 STEP_CONFIGS = [("bf16", "none"), ("fp8", "none"), ("fprop", "none"), ("dgrad", "none"),
                 ("wgrad", "none"), ("wgrad", "sr"), ("wgrad", "rht"), ("wgrad", "h16")]
-COMPILED_CONFIGS = [("bf16", "none"), ("fp8", "none"), ("wgrad", "h16")]
+COMPILED_CONFIGS = [("bf16", "none"), ("wgrad", "h16"), ("fp8", "none")]
 
 
 def load_model_config(name: str):
@@ -95,9 +97,33 @@ def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq
             **({"profile": profile_table} if profile_table else {})}
 
 
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: Optional[int]):
+    """Bound a compiled configuration: a compile that runs away becomes a recorded row."""
+    if not seconds:
+        yield
+        return
+
+    def fire(signum, frame):
+        raise _Timeout(f"gave up after {seconds} s (compilation did not finish)")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def bench_steps(models: List[str], batches: Dict[str, int], seq_len: int, steps: int,
                 warmup: int, device, compile_models: List[str],
-                profile_model: Optional[str] = None) -> List[Dict]:
+                profile_model: Optional[str] = None, compile_timeout: Optional[int] = None,
+                on_row=None) -> List[Dict]:
     rows = []
     for model_name in models:
         plan = [(l, s, False) for l, s in STEP_CONFIGS]
@@ -108,22 +134,32 @@ def bench_steps(models: List[str], batches: Dict[str, int], seq_len: int, steps:
             try:
                 profile = (model_name == profile_model and not comp
                            and (ladder, stab) in (("fp8", "none"), ("wgrad", "h16")))
-                row = bench_step(model_name, ladder, stab, batch=batches[model_name],
-                                 seq_len=seq_len, vocab=8192, steps=steps, warmup=warmup,
-                                 compile=comp, device=device, profile=profile)
-            except Exception as err:  # recorded in the table: a failure is a result here
+                with _time_limit(compile_timeout if comp else None):
+                    row = bench_step(model_name, ladder, stab, batch=batches[model_name],
+                                     seq_len=seq_len, vocab=8192, steps=steps, warmup=warmup,
+                                     compile=comp, device=device, profile=profile)
+            except (Exception, _Timeout) as err:  # recorded in the table: a failure is a result here
+                torch._dynamo.reset()
                 row = {"model": model_name, "ladder": ladder, "stabilizer": stab,
                        "compiled": comp, "error": f"{type(err).__name__}: {err}"[:300]}
             row["wall_s"] = time.time() - t0
             print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+            if row.get("profile"):
+                print(row["profile"], flush=True)
             rows.append(row)
-    for row in rows:  # ratios to bf16 of the same model and compile mode, inside this run
+            if on_row is not None:
+                on_row(rows)
+    return rows
+
+
+def add_ratios(rows: List[Dict]) -> None:
+    """Ratios to bf16 of the same model and compile mode, inside this run."""
+    for row in rows:
         ref = next((r for r in rows if r["model"] == row["model"] and r["ladder"] == "bf16"
                     and r["compiled"] == row["compiled"] and "error" not in r), None)
         if ref and "error" not in row:
             row["step_ratio_vs_bf16"] = row["median_step_s"] / ref["median_step_s"]
             row["mem_ratio_vs_bf16"] = row["peak_mem_bytes"] / ref["peak_mem_bytes"]
-    return rows
 
 
 def render(meta: Dict, kernel_rows: List[Dict], step_rows: List[Dict]) -> str:
@@ -177,6 +213,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "('' for none)")
     ap.add_argument("--profile-model", default="llama-150m",
                     help="profile the fp8 and wgrad+h16 steps of this model ('' for none)")
+    ap.add_argument("--compile-timeout", type=int, default=150,
+                    help="seconds a compiled configuration may take before it is recorded as "
+                         "timed out (0: no limit)")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
     args = ap.parse_args(argv)
@@ -187,20 +226,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device("cuda")
     models = args.models.split(",")
     batches = dict(zip(models, (int(b) for b in args.batches.split(","))))
-    kernel_rows = []
-    if not args.skip_kernels:
-        from .bench_kernels import bench_kernels
-        kernel_rows = bench_kernels(device="cuda", size=args.size)
-    step_rows = [] if args.skip_steps else bench_steps(
-        models, batches, args.seq_len, args.steps, args.warmup, device,
-        [m for m in args.compile_models.split(",") if m], args.profile_model or None)
     name = torch.cuda.get_device_name(device)
     meta = {"device_name": name, "versions": versions(), "git_commit": git_commit()[0],
             "command": "fp4-ablate bench " + " ".join(argv if argv is not None else sys.argv[2:]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     out = Path(args.out)
     slug = name.lower().replace(" ", "-")
-    atomic_write_json(out / f"{slug}.json", {"meta": meta, "kernels": kernel_rows, "steps": step_rows})
-    atomic_write_text(out / f"{slug}.md", render(meta, kernel_rows, step_rows))
+    kernel_rows: List[Dict] = []
+
+    def write(step_rows: List[Dict]) -> None:
+        # Written after every section and step row, so a run cut short keeps what it measured.
+        add_ratios(step_rows)
+        atomic_write_json(out / f"{slug}.json", {"meta": meta, "kernels": kernel_rows,
+                                                 "steps": step_rows})
+        atomic_write_text(out / f"{slug}.md", render(meta, kernel_rows, step_rows))
+
+    if not args.skip_kernels:
+        from .bench_kernels import bench_kernels
+        kernel_rows = bench_kernels(device="cuda", size=args.size)
+        write([])
+    step_rows = [] if args.skip_steps else bench_steps(
+        models, batches, args.seq_len, args.steps, args.warmup, device,
+        [m for m in args.compile_models.split(",") if m], args.profile_model or None,
+        args.compile_timeout or None, on_row=write)
+    write(step_rows)
     print(render(meta, kernel_rows, step_rows))
     return 0
