@@ -8,7 +8,9 @@ run, so numbers from different machines are never mixed:
    reference eager and under torch.compile, with a bit-exactness pass on planted hard blocks;
 2. training steps: median step time and peak memory of the ~20M and ~150M models at sequence
    length 512 for bf16, fp8, each ladder rung and wgrad with each stabilizer, as ratios to bf16
-   (eager for every configuration; compiled for the ones the targets name);
+   (eager for every configuration; compiled for the ones the targets name; and replayed as one
+   CUDA graph per step, which removes the host's share of the step: the emulation launches many
+   small kernels per GEMM, so an eager step can be bound by Python dispatch, not by the GPU);
 3. `results/bench/<device>.md` and `<device>.json` with the device, the versions and the command.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import time
 from importlib.resources import files
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -33,20 +35,59 @@ from .rundir import atomic_write_json, atomic_write_text, git_commit, versions
 STEP_CONFIGS = [("bf16", "none"), ("fp8", "none"), ("fprop", "none"), ("dgrad", "none"),
                 ("wgrad", "none"), ("wgrad", "sr"), ("wgrad", "rht"), ("wgrad", "h16")]
 COMPILED_CONFIGS = [("bf16", "none"), ("wgrad", "h16"), ("fp8", "none")]
+# A captured graph replays the same kernels with the same arguments every step, so only
+# configurations that draw nothing on the host per step can be graphed faithfully: stochastic
+# rounding and random Hadamard signs take fresh seeds from host-side generators each step.
+GRAPHED_CONFIGS = [("bf16", "none"), ("fp8", "none"), ("fprop", "none"), ("dgrad", "none"),
+                   ("wgrad", "none"), ("wgrad", "h16")]
+MODES = ("eager", "compile", "cuda_graph")
 
 
 def load_model_config(name: str):
-    path = files("fp4_configs") / "model" / f"{name}.yaml"
+    folder = files("fp4_configs") / "model"
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        valid = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(valid)}")
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(str(path)))
 
 
+def _train_step(model, x, opt, autocast_cache: bool = True) -> torch.Tensor:
+    from .model import causal_lm_loss
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=autocast_cache):
+        loss = causal_lm_loss(model, x[:, :-1], x[:, 1:])
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _capture_step(model, x, opt, warmup: int) -> "torch.cuda.CUDAGraph":
+    """Forward, backward and AdamW of one step as a CUDA graph (PyTorch's whole-network recipe):
+    warm up on a side stream, then capture with grads unset so backward allocates them in the
+    graph's pool and every replay overwrites them in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            opt.zero_grad(set_to_none=True)
+            _train_step(model, x, opt, autocast_cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        _train_step(model, x, opt, autocast_cache=False)
+    return graph
+
+
 def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq_len: int,
-               vocab: int, steps: int, warmup: int, compile: bool, device,
+               vocab: int, steps: int, warmup: int, mode: str, device,
                profile: bool = False) -> Dict:
     from fp4.linear import QuantState, configure
     from fp4.recipe import Recipe
-    from .model import build_llama, causal_lm_loss
+    from .model import build_llama
 
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
     configure(quant_backend="auto", real_fp8=True)
     torch.manual_seed(0)
     mcfg = load_model_config(model_name)
@@ -54,20 +95,24 @@ def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq
     state = QuantState(seed=0)
     model, info = build_llama(mcfg, vocab, Recipe(ladder=ladder, stabilizer=stabilizer), state)
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model) if compile else model
+    graphed = mode == "cuda_graph"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
+    fwd = torch.compile(model) if mode == "compile" else model
     x = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
-    times: List[float] = []
     torch.cuda.reset_peak_memory_stats(device)
+    if graphed:
+        graph = _capture_step(model, x, opt, warmup)
+        step, warmup = graph.replay, 1
+    else:
+        def step():
+            _train_step(fwd, x, opt)
+            opt.zero_grad(set_to_none=True)
+            state.advance_step()
+    times: List[float] = []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for i in range(warmup + steps):
         start.record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = causal_lm_loss(fwd, x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        state.advance_step()
+        step()
         end.record()
         torch.cuda.synchronize(device)
         if i >= warmup:
@@ -79,19 +124,13 @@ def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq
         from torch.profiler import ProfilerActivity, profile as torch_profile
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = causal_lm_loss(fwd, x[:, :-1], x[:, 1:])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                state.advance_step()
+                step()
             torch.cuda.synchronize(device)
         profile_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
                                                   max_name_column_width=60)
-    del model, opt, fwd
+    del model, opt, fwd, step
     torch.cuda.empty_cache()
-    return {"model": model_name, "ladder": ladder, "stabilizer": stabilizer,
-            "compiled": compile, "params": info.param_count, "batch": batch, "seq_len": seq_len,
+    return {"model": model_name, "ladder": ladder, "stabilizer": stabilizer, "mode": mode, "params": info.param_count, "batch": batch, "seq_len": seq_len,
             "median_step_s": statistics.median(times), "peak_mem_bytes": peak,
             "tokens_per_s": batch * seq_len / statistics.median(times),
             **({"profile": profile_table} if profile_table else {})}
@@ -120,28 +159,48 @@ def _time_limit(seconds: Optional[int]):
         signal.signal(signal.SIGALRM, previous)
 
 
+def config_name(ladder: str, stabilizer: str) -> str:
+    return ladder if stabilizer == "none" else f"{ladder}+{stabilizer}"
+
+
+def step_plan(model_name: str, compile_models: List[str], graph_models: List[str],
+              configs: Optional[List[str]] = None) -> List[Tuple[str, str, str]]:
+    """(ladder, stabilizer, mode) of every step row of one model, optionally only `configs`."""
+    plan = [(l, s, "eager") for l, s in STEP_CONFIGS]
+    if model_name in compile_models:
+        plan += [(l, s, "compile") for l, s in COMPILED_CONFIGS]
+    if model_name in graph_models:
+        plan += [(l, s, "cuda_graph") for l, s in GRAPHED_CONFIGS]
+    if configs:
+        known = [config_name(l, s) for l, s in STEP_CONFIGS]
+        bad = [c for c in configs if c not in known]
+        if bad:
+            raise ValueError(f"unknown step configuration(s) {', '.join(bad)}; valid: {', '.join(known)}")
+        plan = [p for p in plan if config_name(p[0], p[1]) in configs]
+    return plan
+
+
 def bench_steps(models: List[str], batches: Dict[str, int], seq_len: int, steps: int,
                 warmup: int, device, compile_models: List[str],
                 profile_model: Optional[str] = None, compile_timeout: Optional[int] = None,
-                on_row=None) -> List[Dict]:
+                on_row=None, graph_models: Sequence[str] = (),
+                configs: Optional[List[str]] = None) -> List[Dict]:
     rows = []
     for model_name in models:
-        plan = [(l, s, False) for l, s in STEP_CONFIGS]
-        if model_name in compile_models:
-            plan += [(l, s, True) for l, s in COMPILED_CONFIGS]
-        for ladder, stab, comp in plan:
+        for ladder, stab, mode in step_plan(model_name, compile_models, list(graph_models), configs):
             t0 = time.time()
             try:
-                profile = (model_name == profile_model and not comp
+                profile = (model_name == profile_model and mode == "eager"
                            and (ladder, stab) in (("fp8", "none"), ("wgrad", "h16")))
-                with _time_limit(compile_timeout if comp else None):
+                with _time_limit(compile_timeout if mode == "compile" else None):
                     row = bench_step(model_name, ladder, stab, batch=batches[model_name],
                                      seq_len=seq_len, vocab=8192, steps=steps, warmup=warmup,
-                                     compile=comp, device=device, profile=profile)
+                                     mode=mode, device=device, profile=profile)
             except (Exception, _Timeout) as err:  # recorded in the table: a failure is a result here
                 torch._dynamo.reset()
-                row = {"model": model_name, "ladder": ladder, "stabilizer": stab,
-                       "compiled": comp, "error": f"{type(err).__name__}: {err}"[:300]}
+                torch.cuda.empty_cache()
+                row = {"model": model_name, "ladder": ladder, "stabilizer": stab, "mode": mode,
+                       "error": f"{type(err).__name__}: {err}"[:300]}
             row["wall_s"] = time.time() - t0
             print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
             if row.get("profile"):
@@ -152,11 +211,16 @@ def bench_steps(models: List[str], batches: Dict[str, int], seq_len: int, steps:
     return rows
 
 
+def _mode(row: Dict) -> str:
+    # Rows written before the cuda_graph mode existed carry compiled: bool instead of mode.
+    return row.get("mode") or ("compile" if row.get("compiled") else "eager")
+
+
 def add_ratios(rows: List[Dict]) -> None:
-    """Ratios to bf16 of the same model and compile mode, inside this run."""
+    """Ratios to bf16 of the same model and mode, inside this run."""
     for row in rows:
         ref = next((r for r in rows if r["model"] == row["model"] and r["ladder"] == "bf16"
-                    and r["compiled"] == row["compiled"] and "error" not in r), None)
+                    and _mode(r) == _mode(row) and "error" not in r), None)
         if ref and "error" not in row:
             row["step_ratio_vs_bf16"] = row["median_step_s"] / ref["median_step_s"]
             row["mem_ratio_vs_bf16"] = row["peak_mem_bytes"] / ref["peak_mem_bytes"]
@@ -177,14 +241,14 @@ def render(meta: Dict, kernel_rows: List[Dict], step_rows: List[Dict]) -> str:
         lines.append("")
     if step_rows:
         lines += ["## Training steps (AdamW, bf16 autocast, random tokens, vocab 8192)", "",
-                  "| model | ladder | stabilizer | compiled | median step ms | x bf16 | peak GiB | x bf16 mem | tok/s |",
+                  "| model | ladder | stabilizer | mode | median step ms | x bf16 | peak GiB | x bf16 mem | tok/s |",
                   "|---|---|---|---|---:|---:|---:|---:|---:|"]
         for r in step_rows:
             if "error" in r:
                 lines.append(f"| {r['model']} | {r['ladder']} | {r['stabilizer']} | "
-                             f"{r['compiled']} | error: {r['error']} | | | | |")
+                             f"{_mode(r)} | error: {r['error']} | | | | |")
                 continue
-            lines.append(f"| {r['model']} | {r['ladder']} | {r['stabilizer']} | {r['compiled']} | "
+            lines.append(f"| {r['model']} | {r['ladder']} | {r['stabilizer']} | {_mode(r)} | "
                          f"{r['median_step_s'] * 1e3:.1f} | {_f(r.get('step_ratio_vs_bf16'), 3)} | "
                          f"{r['peak_mem_bytes'] / 2**30:.2f} | {_f(r.get('mem_ratio_vs_bf16'), 3)} | "
                          f"{r['tokens_per_s']:,.0f} |")
@@ -211,6 +275,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--compile-models", default="llama-150m",
                     help="models whose bf16, fp8 and wgrad+h16 steps are also timed compiled "
                          "('' for none)")
+    ap.add_argument("--graph-models", default="llama-150m",
+                    help="models whose deterministic configurations are also timed as one CUDA "
+                         "graph per step ('' for none)")
+    ap.add_argument("--configs", default="",
+                    help="only these step configurations, e.g. bf16,fp8,wgrad+h16 ('' for all)")
+    ap.add_argument("--name", default="",
+                    help="suffix of the output files: <device>[-NAME].md / .json")
     ap.add_argument("--profile-model", default="llama-150m",
                     help="profile the fp8 and wgrad+h16 steps of this model ('' for none)")
     ap.add_argument("--compile-timeout", type=int, default=150,
@@ -219,19 +290,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--skip-steps", action="store_true")
     args = ap.parse_args(argv)
+    models = args.models.split(",")
+    configs = [c for c in args.configs.split(",") if c] or None
+    try:  # bad names fail here, before any GPU work
+        for model_name in models:
+            load_model_config(model_name)
+            step_plan(model_name, [], [], configs)
+    except ValueError as err:
+        ap.error(str(err))
     if not torch.cuda.is_available():
         print("fp4-ablate bench: needs a CUDA GPU (the timings it reports are GPU timings); "
               "on the CPU run the tests instead", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    models = args.models.split(",")
     batches = dict(zip(models, (int(b) for b in args.batches.split(","))))
     name = torch.cuda.get_device_name(device)
     meta = {"device_name": name, "versions": versions(), "git_commit": git_commit()[0],
             "command": "fp4-ablate bench " + " ".join(argv if argv is not None else sys.argv[2:]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     out = Path(args.out)
-    slug = name.lower().replace(" ", "-")
+    slug = name.lower().replace(" ", "-") + (f"-{args.name}" if args.name else "")
     kernel_rows: List[Dict] = []
 
     def write(step_rows: List[Dict]) -> None:
@@ -248,7 +326,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     step_rows = [] if args.skip_steps else bench_steps(
         models, batches, args.seq_len, args.steps, args.warmup, device,
         [m for m in args.compile_models.split(",") if m], args.profile_model or None,
-        args.compile_timeout or None, on_row=write)
+        args.compile_timeout or None, on_row=write,
+        graph_models=[m for m in args.graph_models.split(",") if m],
+        configs=configs)
     write(step_rows)
     print(render(meta, kernel_rows, step_rows))
     return 0

@@ -68,7 +68,10 @@ def quantize_fp8(x: torch.Tensor, fmt: str) -> Tuple[torch.Tensor, torch.Tensor]
     xf = x.float()
     amax = xf.abs().amax()
     # fp32 division, rounded to nearest even: s = fp32(amax / fmt_max).
-    scale = amax / torch.tensor(fmt_max, dtype=torch.float32, device=x.device)
+    # The divisor is a device tensor made by a fill kernel: a true IEEE division (CUDA turns
+    # `tensor / python_float` into a multiply by the reciprocal), with no host-to-device copy,
+    # so the step stays free of host syncs and can be captured in a CUDA graph.
+    scale = amax / torch.full((), fmt_max, dtype=torch.float32, device=x.device)
     # s == 0 (amax zero, or so small that amax / fmt_max underflows) -> 1, as the reference does.
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     # NaN or Inf anywhere poisons the whole tensor (amax is not finite), as in the reference.

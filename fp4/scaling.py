@@ -72,8 +72,10 @@ def _div_fp32(num: torch.Tensor, den: float) -> torch.Tensor:
     On CUDA, torch evaluates `tensor / python_float` as `tensor * fp32(1 / den)`, which is not
     the correctly rounded quotient (e.g. amax / 448 came out one ulp off on an H100). Dividing by
     a 0-dim tensor on the same device runs a true IEEE division on both the CPU and the GPU.
+    torch.full writes it with a fill kernel (torch.tensor would copy from the host: a stall, and
+    an error inside CUDA-graph capture).
     """
-    return num / torch.tensor(den, dtype=torch.float32, device=num.device)
+    return num / torch.full((), den, dtype=torch.float32, device=num.device)
 
 
 def block_amax(blocks: torch.Tensor) -> torch.Tensor:

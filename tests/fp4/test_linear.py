@@ -349,6 +349,7 @@ def test_real_fp8_path_matches_emulation(monkeypatch):
     emulated = run(layer, x, dy)
     layer.weight.grad = layer.bias.grad = None
     monkeypatch.setattr(fp8_gemm, "fp8_path_available", lambda device: True)
+    linear.configure(real_fp8=True)
     with record_gemms() as records:
         real = run(layer, x, dy)
     assert {r.path for r in records} == {"fp8:e4m3xe4m3 (torch._scaled_mm)", "fp8:e5m2xe4m3 (torch._scaled_mm)"}
