@@ -56,14 +56,26 @@ def dims_fit(m: int, k: int, n: int) -> bool:
 
 
 @torch.no_grad()
-def quantize_fp8(x: torch.Tensor, fmt: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(x: torch.Tensor, fmt: str, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor current scaling: returns (q as a float8 tensor, s as a 0-dim fp32 tensor), x ~ q * s.
 
     q.float() equals the x_dq that fp4.quantize.quantize_operand(x, fmt, ...) returns, and s its
     tensor_scale, so the emulated and the real GEMM see the same operands.
+
+    backend: "torch" (five elementwise passes and a reduction, fp32 intermediates), "triton" (the
+    fused amax + scale/round/cast kernels of fp4.kernels.fp8_quant, writing only the float8 bytes;
+    bit-identical, tested under TRITON_INTERPRET=1 and on the GPU by the benchmark), or "auto"
+    (triton for CUDA tensors when it imports).
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown backend {backend!r}; valid: auto, torch, triton")
     if fmt not in FP8_DTYPES:
         raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_DTYPES)}")
+    if backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype != torch.float64
+                               and _triton_ok(x)):
+        from .kernels.fp8_quant import fp8_quantize
+        _, scale, q = fp8_quantize(x, fmt, return_fp8=True, return_dq=False)
+        return q, scale
     fmt_max = FP8_MAX[fmt]
     xf = x.float()
     amax = xf.abs().amax()
@@ -80,6 +92,14 @@ def quantize_fp8(x: torch.Tensor, fmt: str) -> Tuple[torch.Tensor, torch.Tensor]
     # torch's cast to float8 rounds to nearest even and keeps subnormals. NaN passes the clamp.
     q = (xf / scale).clamp(-fmt_max, fmt_max).to(FP8_DTYPES[fmt])
     return q, scale
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    try:
+        from . import kernels
+        return bool(kernels.triton_available(x))
+    except ImportError:
+        return False
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:

@@ -270,7 +270,7 @@ def _run_gemm(call: _GemmCall, gemm: str, a: torch.Tensor, b: torch.Tensor,
         for tensor, name, fmt in ((a, name_a, spec.a.fmt), (b, name_b, spec.b.fmt)):
             key = ("float8", name, fmt)  # per-tensor: dY's FP8 copy serves Dgrad and Wgrad
             if key not in cache:
-                cache[key] = fp8_gemm.quantize_fp8(tensor, fmt)
+                cache[key] = fp8_gemm.quantize_fp8(tensor, fmt, backend=call.quant_backend)
             operands.append(cache[key])
         (qa, sa), (qb, sb) = operands
         out = fp8_gemm.fp8_mm(qa if a_axis == -1 else qa.t(), sa, qb if b_axis == 0 else qb.t(), sb,

@@ -67,8 +67,8 @@ def global_amax_bits(xv: torch.Tensor, in_kind: int, amax: torch.Tensor) -> None
 def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
                 FMT_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                 QBITS: tl.constexpr, MAXB: tl.constexpr, NAN_CODE: tl.constexpr,
-                ROUND: tl.constexpr, WRITE_F8: tl.constexpr, IN_KIND: tl.constexpr,
-                BLOCK: tl.constexpr):
+                ROUND: tl.constexpr, WRITE_F8: tl.constexpr, WRITE_DQ: tl.constexpr,
+                IN_KIND: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -95,27 +95,32 @@ def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
     q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, QBITS, MAXB, rnd,
                    MBITS, ROUND)
     q = q | (bits & (-2147483648))
-    store_bits(out_ptr, offs, tl.where(finite, q, F32_NAN_BITS), mask, IN_KIND)
+    if WRITE_DQ:
+        store_bits(out_ptr, offs, tl.where(finite, q, F32_NAN_BITS), mask, IN_KIND)
     if WRITE_F8:
         code = tl.where(finite, encode_minifloat(q, MBITS, EMIN, 7), NAN_CODE)
         tl.store(f8_ptr + offs, code.to(tl.uint8), mask=mask)
 
 
 def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator=None,
-                 return_fp8: bool = False):
-    """(x_dq in x's dtype, s (0-dim fp32), float8 tensor or None) for a float32/bf16/fp16 x.
+                 return_fp8: bool = False, return_dq: bool = True):
+    """(x_dq in x's dtype or None, s (0-dim fp32), float8 tensor or None) for a float32/bf16/fp16 x.
 
     x_dq == q (the per-tensor scale excluded, as quantize_operand returns it); with return_fp8
     the third item is q as torch.float8_e4m3fn / float8_e5m2 (same shape), for torch._scaled_mm.
+    return_dq=False skips x_dq (the real FP8 GEMM needs only the float8 tensor and s): one write
+    of a byte per element instead of two bytes more.
     """
+    if not (return_dq or return_fp8):
+        raise ValueError("fp8_quantize: nothing to return (return_dq and return_fp8 both False)")
     if fmt not in FP8_MAX:
         raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_MAX)}")
     xc = x.contiguous()
     in_kind = IN_KINDS[xc.dtype]
     view = {0: torch.int32, 1: torch.int16, 2: torch.float16}[in_kind]
     n = xc.numel()
-    out = torch.empty_like(xc)
     dev = xc.device
+    out = torch.empty_like(xc) if return_dq else torch.empty(1, dtype=xc.dtype, device=dev)
     amax = torch.zeros(1, dtype=torch.int32, device=dev)
     scale = torch.empty((), dtype=torch.float32, device=dev)
     f8 = torch.empty(xc.shape if return_fp8 else (1,), dtype=torch.uint8, device=dev)
@@ -129,8 +134,8 @@ def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator
         _fp8_kernel[grid](xc.view(view), out.view(view), f8, amax, scale, seed, n,
                           FMT_MAX=FP8_MAX[fmt], MBITS=mbits, EMIN=emin, QBITS=qbits, MAXB=maxb,
                           NAN_CODE=FP8_NAN_CODE[fmt], ROUND=1 if rounding == "stochastic" else 0,
-                          WRITE_F8=return_fp8, IN_KIND=in_kind, BLOCK=block,
+                          WRITE_F8=return_fp8, WRITE_DQ=return_dq, IN_KIND=in_kind, BLOCK=block,
                           num_warps=FP8_CONFIG["num_warps"])
     else:
         scale.fill_(1.0)
-    return out, scale, (f8.view(FP8_DTYPES[fmt]) if return_fp8 else None)
+    return (out if return_dq else None), scale, (f8.view(FP8_DTYPES[fmt]) if return_fp8 else None)

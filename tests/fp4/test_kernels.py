@@ -284,6 +284,28 @@ def test_fp8_real_tensor_output(fmt):
     assert mismatches(f8.float().cpu(), ref.float()) == 0
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_quantize_fp8_triton_route_writes_only_codes_and_matches_torch(fmt):
+    # The real FP8 GEMM path (fp4.fp8_gemm.quantize_fp8) on the fused kernel: codes and scale equal
+    # the plain-torch route, hard tensors included (all zero, subnormal amax, NaN).
+    from fp4 import fp8_gemm
+    cases = [wide((40, 48), dtype, seed=21, spread=8) for dtype in (torch.float32, torch.bfloat16)]
+    cases += [torch.zeros(16, 32, device=DEV), torch.full((16, 32), 1e-41, device=DEV)]
+    for x in cases:
+        q_k, s_k = fp8_gemm.quantize_fp8(x, fmt, backend="triton")
+        q_t, s_t = fp8_gemm.quantize_fp8(x, fmt, backend="torch")
+        assert q_k.dtype == q_t.dtype and torch.equal(s_k, s_t)
+        assert torch.equal(q_k.view(torch.uint8), q_t.view(torch.uint8))
+    x = cases[0].clone()
+    x[3, 5] = float("nan")
+    q_k, s_k = fp8_gemm.quantize_fp8(x, fmt, backend="triton")
+    assert torch.isnan(s_k) and torch.isnan(q_k.float()).all()
+    dq, s, f8 = fp8_quantize(cases[0], fmt, return_fp8=True, return_dq=False)
+    assert dq is None and f8 is not None
+    with pytest.raises(ValueError, match="nothing to return"):
+        fp8_quantize(cases[0], fmt, return_dq=False)
+
+
 def test_triton_available_and_import_without_triton():
     assert triton_available(torch.zeros(1, device=DEV))
     code = ("import sys; sys.modules['triton'] = None\n"
