@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import signal
 import statistics
 import sys
@@ -306,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     batches = dict(zip(models, (int(b) for b in args.batches.split(","))))
     name = torch.cuda.get_device_name(device)
     meta = {"device_name": name, "versions": versions(), "git_commit": git_commit()[0],
-            "command": "fp4-ablate bench " + " ".join(argv if argv is not None else sys.argv[2:]),
+            "command": "fp4-ablate bench " + shlex.join(argv if argv is not None else sys.argv[2:]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     out = Path(args.out)
     slug = name.lower().replace(" ", "-") + (f"-{args.name}" if args.name else "")
