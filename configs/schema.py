@@ -138,11 +138,6 @@ class HardwareConfig:
     quant_backend: str = "auto"
     # Real FP8 GEMMs through torch._scaled_mm on sm_89+ (emulated elsewhere).
     real_fp8: bool = True
-    # Replay each micro-batch's forward and backward as captured CUDA graphs: the emulation launches
-    # many small kernels per GEMM, so eager steps of small models are bound by Python dispatch
-    # (results/bench: 3-4x faster llama-150m steps). Only for recipes that draw no random numbers
-    # during a step (not sr, rht, ufp4), without compile or train.check_finite.
-    cuda_graph: bool = False
 
 
 @dataclass

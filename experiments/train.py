@@ -19,10 +19,6 @@ gradient, or the smoothed loss rising past `diverge_loss_ratio` times its best);
 (no target was set: a calibration run). All are results, not errors. Resume: a checkpoint holds model, optimizer, step, data position, every
 RNG state and the quantization state; on the CPU a resumed run's metrics equal an
 uninterrupted run's exactly.
-
-`hardware.cuda_graph=true` replays each micro-batch's forward and backward as CUDA graphs captured
-once (torch.cuda.make_graphed_callables); optimizer, clipping, evaluation and checkpoints stay eager.
-Only recipes that draw no random numbers during a step qualify (validate.py checks).
 """
 from __future__ import annotations
 
@@ -155,30 +151,6 @@ def make_optimizer(model, train_cfg, device) -> torch.optim.Optimizer:
                              eps=train_cfg.eps, fused=fused)
 
 
-class _MicroBatchLoss(torch.nn.Module):
-    """The callable that gets graphed: (input_ids, labels) -> mean next-token loss, a plain tensor
-    (make_graphed_callables takes tensors in and out, not a ModelOutput)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self.model, input_ids, labels)
-
-
-def graph_micro_batch(model, micro: int, seq_len: int, vocab_size: int, device, dtype) -> Callable:
-    """Forward + backward of one micro-batch as captured CUDA graphs. Grads still accumulate into
-    .grad through autograd outside the graph, so micro-batching, clipping and the optimizer are
-    unchanged. Capture runs a few warm-up passes on random tokens; no parameter or .grad changes."""
-    sample = (torch.randint(0, vocab_size, (micro, seq_len), device=device),
-              torch.randint(0, vocab_size, (micro, seq_len), device=device))
-    # Autocast's weight-cast cache cannot live across graph replays.
-    with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
-        graphed = torch.cuda.make_graphed_callables(_MicroBatchLoss(model), sample)
-    return graphed
-
-
 def train(*, cfg, model, loader, val: torch.Tensor, vocab_size: int, quant_state: QuantState,
           device, run_dir: Path, resume: bool, on_metrics: Callable[[dict], None],
           progress=None) -> tuple[Outcome, LoopState]:
@@ -208,13 +180,6 @@ def train(*, cfg, model, loader, val: torch.Tensor, vocab_size: int, quant_state
     outcome: Optional[Outcome] = None
     if progress is not None:
         progress.update(loop.tokens)
-    micro_loss = lambda ids, labels: causal_lm_loss(step_model, ids, labels)  # noqa: E731
-    if cfg.hardware.cuda_graph:
-        t_capture = time.perf_counter()
-        graphed = graph_micro_batch(model, micro, cfg.model.seq_len, vocab_size, device,
-                                    getattr(torch, cfg.hardware.autocast_dtype))
-        micro_loss = lambda ids, labels: graphed(ids, labels)  # noqa: E731
-        log.info("forward and backward captured as CUDA graphs (%.1f s)", time.perf_counter() - t_capture)
 
     def emit(record: dict) -> None:
         metrics.write(record)
@@ -255,7 +220,7 @@ def train(*, cfg, model, loader, val: torch.Tensor, vocab_size: int, quant_state
                 input_ids = input_ids.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 with autocast():
-                    loss = micro_loss(input_ids, labels) / n_micro
+                    loss = causal_lm_loss(step_model, input_ids, labels) / n_micro
                 loss.backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)

@@ -103,38 +103,7 @@ def validate_config(cfg) -> None:
         p.append(f"hardware.device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N")
     _choice(p, "hardware.quant_backend", cfg.hardware.quant_backend, QUANT_BACKENDS)
     _choice(p, "hardware.autocast_dtype", cfg.hardware.autocast_dtype, AUTOCAST_DTYPES)
-    if cfg.hardware.cuda_graph:
-        _cuda_graph_problems(p, cfg)
     if cfg.sweep.seeds < 1:
         p.append(f"sweep.seeds={cfg.sweep.seeds} must be >= 1")
     if p:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(p))
-
-
-def _cuda_graph_problems(p: List[str], cfg) -> None:
-    """hardware.cuda_graph replays a captured step: everything the step does must be on the GPU
-    and the same every step."""
-    import torch
-    from fp4.recipe import Recipe
-
-    hw = cfg.hardware
-    if hw.device == "cpu" or (hw.device == "auto" and not torch.cuda.is_available()):
-        p.append("hardware.cuda_graph=true needs a CUDA device (hardware.device="
-                 f"{hw.device}{', and no GPU is visible' if hw.device == 'auto' else ''})")
-    if hw.compile:
-        p.append("hardware.cuda_graph=true and hardware.compile=true: choose one")
-    if cfg.train.check_finite:
-        p.append("hardware.cuda_graph=true and train.check_finite=true: the check reads values on "
-                 "the host inside the step; choose one")
-    try:
-        recipe = Recipe(ladder=cfg.ladder.name, stabilizer=cfg.stabilizer.name, format=cfg.format.name,
-                        sr_operands=cfg.stabilizer.sr_operands, stabilizer_gemms=list(cfg.stabilizer.gemms),
-                        hadamard_block=cfg.stabilizer.hadamard_size,
-                        hadamard_signs=cfg.stabilizer.hadamard_signs if cfg.stabilizer.hadamard else None,
-                        ufp4_element=cfg.format.ufp4_element)
-    except ValueError:
-        return  # the bad name is reported by its own check
-    if recipe.random_draws:
-        p.append(f"hardware.cuda_graph=true cannot replay {recipe.name}: it draws random numbers "
-                 f"every step ({', '.join(recipe.random_draws)}); a graph would replay the same "
-                 "draws. Use a deterministic recipe (e.g. h16, none) or hardware.cuda_graph=false")

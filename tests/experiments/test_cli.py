@@ -36,9 +36,6 @@ def test_run_help_and_cfg_job_behave_like_hydra():
     (["+ladder=wgrd"], ["ladder/wgrd", "wgrad", "fprop"]),
     (["format.scale_mode=flor"], ["format.scale_mode='flor'", "floor", "rceil", "even"]),
     (["+stabilizer=h16", "stabilizer.hadamard_signs=sometimes"], ["hadamard_signs", "step", "fixed"]),
-    # CUDA graphs replay the same draws every step: refused for SR, and (here) for want of a GPU.
-    (["hardware=cpu", "hardware.cuda_graph=true", "+ladder=wgrad", "+stabilizer=sr"],
-     ["hardware.cuda_graph=true needs a CUDA device", "wgrad-sr-mxfp4", "sr:wgrad.dy"]),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, args, expected):
     runs = tmp_path / "runs"
