@@ -36,11 +36,16 @@ from .rundir import atomic_write_json, atomic_write_text, git_commit, versions
 STEP_CONFIGS = [("bf16", "none"), ("fp8", "none"), ("fprop", "none"), ("dgrad", "none"),
                 ("wgrad", "none"), ("wgrad", "sr"), ("wgrad", "rht"), ("wgrad", "h16")]
 COMPILED_CONFIGS = [("bf16", "none"), ("wgrad", "h16"), ("fp8", "none")]
-# A captured graph replays the same kernels with the same arguments every step, so only
-# configurations that draw nothing on the host per step can be graphed faithfully: stochastic
-# rounding and random Hadamard signs take fresh seeds from host-side generators each step.
-GRAPHED_CONFIGS = [("bf16", "none"), ("fp8", "none"), ("fprop", "none"), ("dgrad", "none"),
-                   ("wgrad", "none"), ("wgrad", "h16")]
+
+
+def graphable(ladder: str, stabilizer: str) -> bool:
+    """A captured graph replays the same kernels with the same arguments every step, so only
+    configurations that draw nothing on the host per step can be graphed faithfully: stochastic
+    rounding and random Hadamard signs take fresh seeds from host-side generators each step."""
+    from fp4.recipe import Recipe
+    return not Recipe(ladder=ladder, stabilizer=stabilizer).random_draws
+
+
 MODES = ("eager", "compile", "cuda_graph")
 
 
@@ -171,7 +176,7 @@ def step_plan(model_name: str, compile_models: List[str], graph_models: List[str
     if model_name in compile_models:
         plan += [(l, s, "compile") for l, s in COMPILED_CONFIGS]
     if model_name in graph_models:
-        plan += [(l, s, "cuda_graph") for l, s in GRAPHED_CONFIGS]
+        plan += [(l, s, "cuda_graph") for l, s in STEP_CONFIGS if graphable(l, s)]
     if configs:
         known = [config_name(l, s) for l, s in STEP_CONFIGS]
         bad = [c for c in configs if c not in known]

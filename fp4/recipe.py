@@ -265,6 +265,18 @@ class Recipe:
         exactly nn.Linear."""
         return any(spec.precision != "bf16" or spec.hadamard is not None for spec in self.specs.values())
 
+    @property
+    def random_draws(self) -> Tuple[str, ...]:
+        """What this recipe draws from random generators during a step (stochastic rounding, random
+        Hadamard signs), e.g. ("sr:wgrad.dy", "signs:wgrad:step"); () when the step is deterministic.
+        A step that draws nothing can be replayed as a captured CUDA graph."""
+        draws = []
+        for gemm, spec in self.specs.items():
+            draws += [f"sr:{gemm}.{name}" for name, op in spec.operands.items() if op.rounding == "stochastic"]
+            if spec.hadamard is not None and spec.hadamard.signs != "none":
+                draws.append(f"signs:{gemm}:{spec.hadamard.signs}")
+        return tuple(draws)
+
     def describe(self) -> dict:
         """JSON-able account of the numerics; every run records it in summary.json."""
         gemms = {}

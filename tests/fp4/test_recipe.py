@@ -151,3 +151,15 @@ def test_recipe_equality_and_repr():
     assert Recipe("wgrad", "h16", seed=1) != Recipe("wgrad", "h16", seed=2)
     assert "ladder='wgrad'" in repr(Recipe("wgrad")) and Recipe("dgrad", "sr").name == "dgrad-sr-mxfp4"
     assert GemmSpec("dgrad", OperandSpec("e5m2"), OperandSpec("e4m3")).precision == "fp8"
+
+
+def test_random_draws_names_what_a_step_draws():
+    # What decides whether a step can be replayed as a CUDA graph.
+    assert Recipe("wgrad", "h16").random_draws == ()
+    assert Recipe("fp8").random_draws == () and Recipe("wgrad").random_draws == ()
+    assert Recipe("wgrad", "sr").random_draws == ("sr:wgrad.dy",)
+    assert Recipe("wgrad", "sr", sr_operands="all").random_draws == ("sr:wgrad.dy", "sr:wgrad.x")
+    assert Recipe("wgrad", "rht").random_draws == ("signs:wgrad:step",)
+    assert Recipe("wgrad", "h16", hadamard_signs="fixed").random_draws == ("signs:wgrad:fixed",)
+    ufp4 = Recipe("wgrad", format="ufp4").random_draws
+    assert "sr:wgrad.dy" in ufp4 and "signs:fprop:fixed" in ufp4
