@@ -116,7 +116,9 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
              "Extra tokens: paired by seed against the FP8 run of the same model, data, target and seed "
              "(mean ± 95% t-interval over seeds). Net speedup = step gain / (1 + extra tokens), "
              "interval from the cost interval. Step gain source: `measured` (native kernels, own tokens/s), "
-             "`modeled:<profile>` (datasheet peaks substituted into the measured FP8 step, an upper bound), "
+             "`modeled:<profile>` (datasheet peaks substituted into the measured FP8 step: an upper bound on the "
+             "GEMM saving; stabilized rows also pay their stabilizer's *emulated* extra work, which overstates "
+             "it off FP4 hardware), "
              "`user` (--step-speedup" + (f" {step_speedup}" if step_speedup is not None else "") + ").", ""]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]

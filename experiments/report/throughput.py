@@ -27,12 +27,16 @@ Three sources, each labelled in the table:
     ``max(0, 1/tps(cfg) - 1/tps(same ladder and format, stabilizer none))``, 0 for the
     unstabilized rungs.
 
-    Assumptions, all of which push the modeled gain *up* (treat it as an upper bound):
+    Assumptions that push the GEMM saving *up* (treat it as an upper bound on that saving):
     the FP8 time per token measured on the device the runs used stands in for the target
     hardware's (so the non-GEMM share of the step -- attention, norms, optimizer,
     communication -- is the measured one); the moved GEMMs run at the datasheet peak in
-    both precisions (equal efficiency) and the FP4 quantize/scale work hides behind them;
-    the stabilizer overhead measured in emulation transfers unchanged.  A run on a slow
+    both precisions (equal efficiency) and the FP4 quantize/scale work hides behind them.
+    The stabilizer term pulls the other way: the overhead measured in emulation transfers
+    unchanged, and emulation (above all on a CPU, where a Hadamard or SR pass is plain torch)
+    costs far more than the same work fused on FP4 hardware.  So for stabilized rows the
+    modeled gain is neither bound; compare stabilizers by their extra tokens, and give a
+    hardware measurement with ``--step-speedup`` for a headline number.  A run on a slow
     device (a CPU demo) has a long T_fp8, so the GEMM saving is a tiny fraction of it and
     the modeled gain is close to 1: that is the model saying the GEMMs are not where the
     time goes, not a bug.  A profile without an FP4 peak (H100) refuses to model any
