@@ -97,8 +97,12 @@ def _default_out_dir(results_dir: Path) -> Path:
 
 def _issue_lines(issues: Sequence[Issue]) -> List[str]:
     lines = []
-    bad = [i for i in issues if not i.incomplete]
+    bad = [i for i in issues if not i.incomplete and not i.calibration]
     running = [i for i in issues if i.incomplete]
+    calibration = [i for i in issues if i.calibration]
+    if calibration:
+        lines += ["## Calibration runs (no target; read by `fp4-ablate calibrate`, not tabulated)", "",
+                  ", ".join(f"`{i.name}`" for i in calibration), ""]
     if bad:
         lines += ["## Excluded run directories", ""] + [f"- `{i.name}`: {i.problem}" for i in bad] + [""]
     if running:
@@ -111,7 +115,10 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
     n_seeds = runs["seed"].nunique()
     lines = ["# fp4-ablate report", "",
              f"Results: `{results_dir}` -- {len(runs)} finished runs over {n_seeds} seed(s), "
-             f"{sum(not i.incomplete for i in issues)} excluded, {sum(i.incomplete for i in issues)} incomplete.",
+             f"{sum(not i.incomplete and not i.calibration for i in issues)} excluded, "
+             f"{sum(i.incomplete for i in issues)} incomplete"
+             + (f", {sum(i.calibration for i in issues)} calibration runs (no target)"
+                if any(i.calibration for i in issues) else "") + ".",
              "",
              "Extra tokens: paired by seed against the FP8 run of the same model, data, target and seed "
              "(mean ± 95% t-interval over seeds). Net speedup = step gain / (1 + extra tokens), "
@@ -203,7 +210,9 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
         "devices": sorted({d for d in runs["device_name"] if isinstance(d, str) and d}),
         "runs": [dict({k: r.get(k) for k in run_fields}, baseline=Path(baselines[r["run_dir"]]).name)
                  for r in runs.to_dict("records")],
-        "excluded": [{"run_dir": i.run_dir, "problem": i.problem} for i in issues if not i.incomplete],
+        "excluded": [{"run_dir": i.run_dir, "problem": i.problem} for i in issues
+                     if not i.incomplete and not i.calibration],
+        "calibration": [i.run_dir for i in issues if i.calibration],
         "incomplete": [{"run_dir": i.run_dir, "problem": i.problem} for i in issues if i.incomplete],
         "warnings": warnings,
         "files": sorted(list(files) + ["report.json"]),

@@ -31,7 +31,7 @@ import pandas as pd
 import yaml
 
 DEFAULT_RESULTS_DIR = Path("results") / "runs"
-STATUSES = ("reached", "not_reached", "diverged", "failed")
+STATUSES = ("reached", "not_reached", "diverged", "completed", "failed")
 # Keys the statistics cannot do without; the rest of the summary is optional with defaults.
 REQUIRED_SUMMARY_KEYS = (
     "status", "ladder", "stabilizer", "format", "model", "data", "seed",
@@ -39,6 +39,7 @@ REQUIRED_SUMMARY_KEYS = (
 )
 RUN_FILES = ("summary.json", "metrics.jsonl", "meta.json", "config.yaml")
 INCOMPLETE = "incomplete"
+CALIBRATION = "calibration run"
 
 
 class ReportError(Exception):
@@ -58,6 +59,11 @@ class Issue(NamedTuple):
     @property
     def incomplete(self) -> bool:
         return self.problem.startswith(INCOMPLETE)
+
+    @property
+    def calibration(self) -> bool:
+        """A run without a target (status completed): input to `fp4-ablate calibrate`, not a fault."""
+        return self.problem.startswith(CALIBRATION)
 
     @property
     def name(self) -> str:
@@ -118,12 +124,13 @@ def _check_summary(s: Any) -> None:
         raise RunFormatError(f"summary.json: missing required keys {', '.join(missing)}")
     if s["status"] not in STATUSES:
         raise RunFormatError(f"summary.json: unknown status {s['status']!r} (expected one of {', '.join(STATUSES)})")
+    if s["status"] == "completed" or s["target_ppl"] is None:
+        raise RunFormatError(f"{CALIBRATION} (no target_ppl, status {s['status']}): no tokens-to-target "
+                             "to report; `fp4-ablate calibrate` reads it")
     if s["status"] == "failed":
         raise RunFormatError(f"failed run: {s.get('error') or 'no error recorded'} (see traceback.txt)")
     if not isinstance(s["seed"], int) or isinstance(s["seed"], bool):
         raise RunFormatError(f"summary.json: seed {s['seed']!r} is not an integer")
-    if s["target_ppl"] is None:
-        raise RunFormatError("no target_ppl (a calibration run): has no tokens-to-target to report")
     if not _is_number(s["target_ppl"]) or s["target_ppl"] <= 0:
         raise RunFormatError(f"summary.json: target_ppl {s['target_ppl']!r} is not a positive number")
     ttt = s["tokens_to_target"]

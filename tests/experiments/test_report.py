@@ -253,6 +253,23 @@ def test_corrupt_and_incomplete_runs_excluded_by_name(sweep):
     assert row(table, "wgrad (mxfp4)").tokens_mean == 1400
 
 
+def test_calibration_runs_are_named_apart_not_as_faults(sweep, tmp_path):
+    # FP8 runs without a target (status completed) feed `fp4-ablate calibrate`; in the same results
+    # directory as the grid they are listed as calibration runs, not as corrupt or excluded ones.
+    calib = write_run(sweep, "fp8", "none", 0, tokens=5_000, key="ca1b0000")
+    s = json.loads((calib / "summary.json").read_text())
+    (calib / "summary.json").write_text(json.dumps(dict(s, status="completed", target_ppl=None,
+                                                        tokens_to_target=None)))
+    runs, issues = load_runs(sweep)
+    (issue,) = issues
+    assert issue.calibration and not issue.incomplete and issue.name == calib.name
+    report = make_report(sweep, out_dir=tmp_path / "out", profiles=())
+    assert "0 excluded, 0 incomplete, 1 calibration runs (no target)" in report.markdown
+    assert "## Calibration runs" in report.markdown and "## Excluded" not in report.markdown
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["excluded"] == [] and [Path(p).name for p in data["calibration"]] == [calib.name]
+
+
 def test_mismatched_targets_are_separate_groups(sweep, tmp_path):
     a = write_run(sweep, "fp8", "none", 1, tokens=2000, target=25.0, key="ffff0000")
     b = write_run(sweep, "wgrad", "none", 1, tokens=2400, target=25.0, key="ffff0000")
