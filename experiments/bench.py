@@ -136,7 +136,8 @@ def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq
                                                   max_name_column_width=60)
     del model, opt, fwd, step
     torch.cuda.empty_cache()
-    return {"model": model_name, "ladder": ladder, "stabilizer": stabilizer, "mode": mode, "params": info.param_count, "batch": batch, "seq_len": seq_len,
+    return {"model": model_name, "ladder": ladder, "stabilizer": stabilizer, "mode": mode,
+            "params": info.param_count, "batch": batch, "seq_len": seq_len,
             "median_step_s": statistics.median(times), "peak_mem_bytes": peak,
             "tokens_per_s": batch * seq_len / statistics.median(times),
             **({"profile": profile_table} if profile_table else {})}

@@ -31,8 +31,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from .formats import E4M3, E5M2
+from .quantize import _use_triton
+from .scaling import fp8_tensor_scale
+
 FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+_ELEMENT_FORMATS = {"e4m3": E4M3, "e5m2": E5M2}
+FP8_MAX = {name: fmt.max for name, fmt in _ELEMENT_FORMATS.items()}
 # cuBLASLt FP8 kernels need K and N to be multiples of 16 (M is free).
 FP8_DIM_MULTIPLE = 16
 
@@ -71,35 +76,21 @@ def quantize_fp8(x: torch.Tensor, fmt: str, backend: str = "auto") -> Tuple[torc
         raise ValueError(f"unknown backend {backend!r}; valid: auto, torch, triton")
     if fmt not in FP8_DTYPES:
         raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_DTYPES)}")
-    if backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype != torch.float64
-                               and _triton_ok(x)):
+    # The kernel takes float32/bf16/fp16; a float64 x goes to the torch route unless forced.
+    if _use_triton(x, backend, fmt) and (backend == "triton" or x.dtype != torch.float64):
         from .kernels.fp8_quant import fp8_quantize
         _, scale, q = fp8_quantize(x, fmt, return_fp8=True, return_dq=False)
         return q, scale
     fmt_max = FP8_MAX[fmt]
     xf = x.float()
-    amax = xf.abs().amax()
-    # fp32 division, rounded to nearest even: s = fp32(amax / fmt_max).
-    # The divisor is a device tensor made by a fill kernel: a true IEEE division (CUDA turns
-    # `tensor / python_float` into a multiply by the reciprocal), with no host-to-device copy,
-    # so the step stays free of host syncs and can be captured in a CUDA graph.
-    scale = amax / torch.full((), fmt_max, dtype=torch.float32, device=x.device)
-    # s == 0 (amax zero, or so small that amax / fmt_max underflows) -> 1, as the reference does.
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    # NaN or Inf anywhere poisons the whole tensor (amax is not finite), as in the reference.
-    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+    # The reference's scale: fp32(amax / max) by true division on any device, 0 -> 1.
+    scale = fp8_tensor_scale(xf, _ELEMENT_FORMATS[fmt])
+    # NaN or Inf anywhere poisons the whole tensor (a non-finite amax gives a non-finite scale).
+    scale = torch.where(torch.isfinite(scale), scale, torch.full_like(scale, float("nan")))
     # The clamp saturates (a plain cast would turn overflow into NaN for E4M3FN / Inf for E5M2);
     # torch's cast to float8 rounds to nearest even and keeps subnormals. NaN passes the clamp.
     q = (xf / scale).clamp(-fmt_max, fmt_max).to(FP8_DTYPES[fmt])
     return q, scale
-
-
-def _triton_ok(x: torch.Tensor) -> bool:
-    try:
-        from . import kernels
-        return bool(kernels.triton_available(x))
-    except ImportError:
-        return False
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
