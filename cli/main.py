@@ -73,7 +73,7 @@ def sweep_command(argv: List[str]) -> int:
     if hydra_app.find_override(overrides, "seed") is None:
         overrides.append(f"seed=range(0,{cfg.sweep.seeds})")
     if hydra_app.find_override(overrides, "hydra/launcher") is None:
-        overrides += _parallel_launcher()
+        overrides += _parallel_launcher(cfg.sweep.jobs_per_gpu)
     if not flags:
         _precheck_or_exit(hydra_app.first_value_variants(overrides)[1:])
     total = hydra_app.sweep_size(overrides)
@@ -100,22 +100,23 @@ def sweep_command(argv: List[str]) -> int:
     return 1 if failed else 0
 
 
-def _parallel_launcher() -> List[str]:
-    """One run per local GPU when several are visible (Hydra's joblib launcher + GPU slots)."""
+def _parallel_launcher(jobs_per_gpu: int) -> List[str]:
+    """`jobs_per_gpu` runs on each local GPU at once (Hydra's joblib launcher + GPU slots)."""
     try:
         import torch
         n = torch.cuda.device_count()
     except Exception:
         n = 0
-    if n <= 1:
+    if n * jobs_per_gpu <= 1:
         return []
     try:
         import hydra_plugins.hydra_joblib_launcher  # noqa: F401
     except ImportError:
-        print(f"fp4-ablate sweep: {n} GPUs visible but hydra-joblib-launcher is not installed; "
-              "running sequentially (pip install hydra-joblib-launcher)", file=sys.stderr)
+        print(f"fp4-ablate sweep: {n} GPU(s) x sweep.jobs_per_gpu={jobs_per_gpu} asked for parallel "
+              "jobs but hydra-joblib-launcher is not installed; running sequentially "
+              "(pip install hydra-joblib-launcher)", file=sys.stderr)
         return []
-    return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n}"]
+    return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n * jobs_per_gpu}"]
 
 
 def report_command(argv: List[str]) -> int:

@@ -144,6 +144,11 @@ class HardwareConfig:
 class SweepConfig:
     seeds: int = 1
     force: bool = False
+    # Runs sharing one GPU at a time. A ~20M-parameter model under FP4 emulation keeps the GPU
+    # idle most of each step (the eager step is bound by the host launching small kernels), so
+    # several runs side by side finish a grid several times sooner. Throughput per run then
+    # depends on its neighbours: compare speed with `fp4-ablate bench`, not with a shared sweep.
+    jobs_per_gpu: int = 1
     # Filled in by `fp4-ablate sweep`: the number of jobs, for the progress line.
     total: Optional[int] = None
     id: Optional[str] = None

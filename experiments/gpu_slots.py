@@ -1,9 +1,10 @@
-"""One run per local GPU: each parallel sweep job holds an exclusive lock on one GPU slot.
+"""Parallel sweep jobs on local GPUs: each job holds an exclusive lock on one GPU slot.
 
 Hydra's joblib launcher runs `n_jobs` sweep jobs at once in worker processes and hands them
 out as workers free up, so a job cannot know its GPU from its job number. Instead each job
 takes the first free slot among `n` lock files (`fcntl.flock`, released by the OS even if the
-worker dies) and trains on `cuda:<slot>`. With one GPU, or sequentially, slot 0 is always free.
+worker dies); the sweep maps the slot to a GPU (`sweep.jobs_per_gpu` slots per GPU).
+Sequentially, slot 0 is always free.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ with whatever else the user sweeps. Giving `+ladder=...` or `+stabilizer=...` re
 default grid with their product, as Hydra users expect.
 
 Execution is Hydra's launcher: sequential in-process by default; Hydra's `joblib` launcher with
-one worker per GPU when several are visible (each job locks a free GPU, see gpu_slots.py);
-`submitit_slurm` on a cluster. Each job runs
+`sweep.jobs_per_gpu` workers per GPU when that makes more than one (each job locks a free slot
+of a GPU, see gpu_slots.py); `submitit_slurm` on a cluster. Each job runs
 `run_experiment`, which skips finished runs and resumes interrupted ones (the run directory is
 keyed by the experiment config and seed), so re-running a sweep completes only what is missing.
 A crashed job is recorded and the sweep goes on; each job writes one ledger file, and the sweep
@@ -60,11 +60,13 @@ def _run_on_free_gpu(cfg, overrides: List[str]) -> Dict[str, Any]:
     from omegaconf import open_dict
 
     n = torch.cuda.device_count() if cfg.hardware.device in ("auto", "cuda") else 0
-    if n <= 1:
+    per_gpu = cfg.sweep.jobs_per_gpu
+    if n * per_gpu <= 1:
         return run_experiment(cfg, overrides)
-    with gpu_slot(n, Path(cfg.cache_dir) / "gpu-slots") as slot:
+    with gpu_slot(n * per_gpu, Path(cfg.cache_dir) / "gpu-slots") as slot:
         with open_dict(cfg):
-            cfg.hardware.device = f"cuda:{slot}"  # hardware is not part of the run key
+            # Slot k on GPU k mod n: the first n jobs spread over all GPUs before any doubles up.
+            cfg.hardware.device = f"cuda:{slot % n}"  # hardware is not part of the run key
         return run_experiment(cfg, overrides)
 
 

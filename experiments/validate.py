@@ -105,5 +105,7 @@ def validate_config(cfg) -> None:
     _choice(p, "hardware.autocast_dtype", cfg.hardware.autocast_dtype, AUTOCAST_DTYPES)
     if cfg.sweep.seeds < 1:
         p.append(f"sweep.seeds={cfg.sweep.seeds} must be >= 1")
+    if cfg.sweep.jobs_per_gpu < 1:
+        p.append(f"sweep.jobs_per_gpu={cfg.sweep.jobs_per_gpu} must be >= 1")
     if p:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(p))

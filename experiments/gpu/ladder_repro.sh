@@ -8,8 +8,13 @@
 # then on the GPU machine, repo root, .carry carried:
 #   bash experiments/gpu/ladder_repro.sh <git commit>
 # Every knob is an environment variable (defaults = the issue's plan: llama-20m, 5 seeds,
-# 20.97M tokens per run, calibration at 70% of the budget). Sweeps are resumable: running the
-# same command again (same RESULTS) completes only what is missing, so it can be split over calls.
+# 20.97M tokens per run, calibration at 70% of the budget, 8 runs sharing the GPU at a time).
+#
+# Resumable and splittable: all state lives in $STATE (runs, target, wall-time log); running the
+# same command again completes only what is missing (an interrupted run resumes from its last
+# checkpoint). DEADLINE=<epoch seconds> stops the sweep in time to pack what is done, and
+# RESTORE=<runs.tgz of an earlier call> unpacks finished runs into a fresh $STATE, so the ladder
+# can be spread over machine leases of a few minutes each.
 set -u
 MIX_DIR=${MIX_DIR:-.carry/mix}
 VAL_DIR=${VAL_DIR:-.carry/c4val}
@@ -31,27 +36,64 @@ if [ -z "${FP4_ABLATE_CLI:-}" ]; then
   FP4_ABLATE_CLI="python3 -m fp4_ablate"
 fi
 export FP4_ABLATE_GIT_COMMIT=${1:-${FP4_ABLATE_GIT_COMMIT:-unknown}}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # several runs share the host's cores
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-RESULTS=${RESULTS:-$OUT/runs}
+STATE=${STATE:-$OUT/ladder}; RESULTS=$STATE/runs; mkdir -p "$RESULTS"
 SEEDS=${SEEDS:-5}
 MODEL=${MODEL:-llama-20m}
 MAX_TOKENS=${MAX_TOKENS:-20971520}
+JOBS_PER_GPU=${JOBS_PER_GPU:-8}
+DEADLINE=${DEADLINE:-}
 EXTRA=${EXTRA:-}
+GRID=fp8,fprop,dgrad,wgrad,wgrad_sr,wgrad_rht,wgrad_h16,bf16
 COMMON="model=$MODEL train=gpu data=jsonl data.path=$MIX_DIR/*.json*.gz data.val_path=$VAL_DIR
   tokenizer.vocab_size=${VOCAB:-8192} train.max_tokens=$MAX_TOKENS
   train.warmup_tokens=$((MAX_TOKENS / 20)) train.eval_every_tokens=${EVAL_EVERY:-524288}
-  cache_dir=${CACHE:-/tmp/cache} results_dir=$RESULTS train.progress_bar=false $EXTRA"
+  cache_dir=${CACHE:-/tmp/cache} results_dir=$RESULTS train.progress_bar=false
+  sweep.jobs_per_gpu=$JOBS_PER_GPU $EXTRA"
+if [ -n "${RESTORE:-}" ] && [ -f "$RESTORE" ]; then
+  tar xzf "$RESTORE" -C "$STATE" --skip-old-files && echo "restored $(ls "$RESULTS" | wc -l) run dirs from $RESTORE"
+fi
 t0=$(date +%s)
-sweep() { $FP4_ABLATE_CLI sweep $COMMON sweep.seeds=$SEEDS "$@" 2>&1 | grep -E "^\[sweep|sweep finished|FAILED|Error"; }
-echo "== 1. FP8 runs without a target (calibration), $SEEDS seeds"
-sweep +ladder=fp8 train.target_ppl=null
-$FP4_ABLATE_CLI calibrate "$RESULTS" --fraction 0.7 | tee "$OUT/calibrate.txt"
-T=$(grep -o 'train.target_ppl=[0-9.]*' "$OUT/calibrate.txt" | cut -d= -f2)
-[ -n "$T" ] || { echo "calibration gave no target"; exit 1; }
-echo "== 2. the default grid at train.target_ppl=$T"
-sweep train.target_ppl=$T
-echo "== 3. bf16 reference row"
-sweep +ladder=bf16 train.target_ppl=$T
-echo "sweep wall time (calibration + grid + bf16): $(( $(date +%s) - t0 )) s" | tee "$OUT/wall_time.txt"
-$FP4_ABLATE_CLI report "$RESULTS" --out "$OUT/report" > "$OUT/report.log" 2>&1; head -30 "$OUT/report.log"
-tar czf "$OUT/runs.tgz" --exclude=checkpoints -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+stage=start
+# GPU utilization and memory every 20 s: how full the shared GPU is (to choose JOBS_PER_GPU).
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 20 \
+  >> "$STATE/gpu_util.log" 2>/dev/null & SMI=$!
+finish() {  # log this call's wall time and pack what is done, whatever happened
+  kill $SMI 2>/dev/null
+  echo "$t0 $(date +%s) $(( $(date +%s) - t0 )) $stage $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" >> "$STATE/wall_time.log"
+  awk '{s += $3} END {print "sweep wall time so far (all calls):", s, "s over", NR, "call(s)"}' "$STATE/wall_time.log" | tee "$OUT/wall_time.txt"
+  tar czf "$OUT/runs.tgz" --exclude=checkpoints -C "$STATE" runs wall_time.log gpu_util.log \
+    $(cd "$STATE" && ls -d calibrate.txt report 2>/dev/null)
+}
+trap finish EXIT
+sweep() {  # one resumable sweep, stopped (runs keep their checkpoints) before DEADLINE
+  local limit=""
+  if [ -n "$DEADLINE" ]; then
+    local left=$(( DEADLINE - $(date +%s) ))
+    [ "$left" -gt 30 ] || { echo "deadline reached before: sweep $*"; return 124; }
+    limit="timeout -k 15 $left"
+  fi
+  $limit $FP4_ABLATE_CLI sweep $COMMON "$@" 2>&1 | grep --line-buffered -E "^\[sweep|sweep finished|FAILED|Error|fp4-ablate sweep"
+  local rc=${PIPESTATUS[0]}
+  pkill -f "python3 -m fp4_ablate" 2>/dev/null; pkill -f loky 2>/dev/null; sleep 2  # orphans of a timeout
+  return "$rc"
+}
+echo "== 0. token caches (tokenizer + packed streams) built once, before runs share them"
+stage=cache
+$FP4_ABLATE_CLI run $COMMON train.max_tokens=32768 train.warmup_tokens=0 train.target_ppl=null \
+  results_dir=/tmp/cache-warmup 2>&1 | grep -E "data ready|Error" || exit 1
+T=$(grep -so 'train.target_ppl=[0-9.]*' "$STATE/calibrate.txt" | cut -d= -f2)
+if [ -z "$T" ]; then
+  echo "== 1. FP8 runs without a target (calibration), $SEEDS seeds"
+  stage=calibration
+  sweep +ladder=fp8 train.target_ppl=null "seed=range(0,$SEEDS)" || exit 1
+  $FP4_ABLATE_CLI calibrate "$RESULTS" --fraction 0.7 | tee "$STATE/calibrate.txt"
+  T=$(grep -o 'train.target_ppl=[0-9.]*' "$STATE/calibrate.txt" | cut -d= -f2)
+  [ -n "$T" ] || { echo "calibration gave no target"; exit 1; }
+fi
+echo "== 2. the default grid + the bf16 reference row at train.target_ppl=$T, seed-major"
+stage=grid
+sweep "seed=range(0,$SEEDS)" "+ablation=$GRID" train.target_ppl=$T || exit 1
+stage=done
+$FP4_ABLATE_CLI report "$RESULTS" --out "$STATE/report" > "$STATE/report.log" 2>&1; head -40 "$STATE/report.log"

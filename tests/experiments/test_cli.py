@@ -139,6 +139,38 @@ def test_gpu_slots_are_exclusive(tmp_path):
         assert c == 0
 
 
+def test_jobs_per_gpu_spreads_slots_over_gpus(tmp_path, monkeypatch):
+    """sweep.jobs_per_gpu=2 on 2 GPUs: 4 slots, the first two on different GPUs, then doubled up."""
+    import torch
+    from omegaconf import OmegaConf
+    import fp4_experiments.sweep as sweep
+    from fp4_experiments.gpu_slots import gpu_slot
+    from fp4_ablate.main import _parallel_launcher
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(sweep, "run_experiment", lambda cfg, ov: {"device": cfg.hardware.device})
+    def cfg():  # each sweep job composes its own config
+        return OmegaConf.create({"hardware": {"device": "cuda"}, "cache_dir": str(tmp_path),
+                                 "sweep": {"jobs_per_gpu": 2}})
+    devices = []
+    with gpu_slot(4, tmp_path / "gpu-slots") as held:
+        assert held == 0
+        devices.append(sweep._run_on_free_gpu(cfg(), [])["device"])       # slot 1
+        with gpu_slot(4, tmp_path / "gpu-slots") as held2:
+            assert held2 == 1
+            devices.append(sweep._run_on_free_gpu(cfg(), [])["device"])   # slot 2
+    assert devices == ["cuda:1", "cuda:0"]
+    assert _parallel_launcher(2) == ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _parallel_launcher(1) == []
+    assert _parallel_launcher(6) == ["hydra/launcher=joblib", "hydra.launcher.n_jobs=6"]
+
+
+def test_jobs_per_gpu_is_validated(tmp_path):
+    r = run_cli("sweep", "sweep.jobs_per_gpu=0", f"results_dir={tmp_path}")
+    assert r.returncode != 0 and "sweep.jobs_per_gpu=0 must be >= 1" in r.stderr
+
+
 def test_bench_needs_a_gpu_and_renders_its_table():
     import torch
     from fp4_experiments.bench import add_ratios, render
