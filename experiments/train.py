@@ -110,11 +110,13 @@ def _rng_state(device) -> Dict[str, Any]:
 
 
 def _set_rng_state(state: Dict[str, Any], device) -> None:
-    torch.set_rng_state(state["torch"])
+    # The checkpoint is loaded with map_location=device, which moves these ByteTensors to the
+    # GPU too; the generators take their state as CPU tensors only.
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def save_checkpoint(path: Path, model, optimizer, loop: LoopState, loader,

@@ -82,7 +82,7 @@ sweep() {  # one resumable sweep, stopped (runs keep their checkpoints) before D
 echo "== 0. token caches (tokenizer + packed streams) built once, before runs share them"
 stage=cache
 $FP4_ABLATE_CLI run $COMMON train.max_tokens=32768 train.warmup_tokens=0 train.target_ppl=null \
-  results_dir=/tmp/cache-warmup 2>&1 | grep -E "data ready|Error" || exit 1
+  results_dir=/tmp/cache-warmup sweep.force=true 2>&1 | grep -E "data ready|Error" || exit 1
 T=$(grep -so 'train.target_ppl=[0-9.]*' "$STATE/calibrate.txt" | cut -d= -f2)
 if [ -z "$T" ]; then
   echo "== 1. FP8 runs without a target (calibration), $SEEDS seeds"
