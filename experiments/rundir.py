@@ -126,20 +126,25 @@ def read_metrics(path: Path) -> Iterable[dict]:
 
 
 def git_commit(repo_dir: Optional[Path] = None) -> tuple[Optional[str], Optional[bool]]:
-    """The commit of the code that ran, and whether the working tree differed from it."""
+    """The commit of the code that ran, and whether the working tree differed from it.
+
+    FP4_ABLATE_GIT_COMMIT, when set, wins: whoever ships a copy of the tree to another machine
+    knows its commit, while a .git travelling with the copy can be stale (it then reports an
+    older HEAD with a "dirty" tree, which names the wrong code).
+    """
+    if os.environ.get("FP4_ABLATE_GIT_COMMIT"):
+        return os.environ["FP4_ABLATE_GIT_COMMIT"], None
     cwd = repo_dir or Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=cwd,
                               capture_output=True, text=True, timeout=10)
         commit = head.stdout.strip() if head.returncode == 0 else None
-        if commit is None and os.environ.get("FP4_ABLATE_GIT_COMMIT"):
-            # A copy of the tree without .git (e.g. sent to a GPU machine): the sender says
-            # which commit it is.
-            return os.environ["FP4_ABLATE_GIT_COMMIT"], None
+        if commit is None:
+            return None, None
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                     cwd=cwd, capture_output=True, text=True,
                                     timeout=10).stdout.strip())
-        return commit, dirty if commit else None
+        return commit, dirty
     except (OSError, subprocess.SubprocessError):
         return None, None
 

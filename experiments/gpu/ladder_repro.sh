@@ -8,13 +8,17 @@
 # then on the GPU machine, repo root, .carry carried:
 #   bash experiments/gpu/ladder_repro.sh <git commit>
 # Every knob is an environment variable (defaults = the issue's plan: llama-20m, 5 seeds,
-# 20.97M tokens per run, calibration at 70% of the budget, 8 runs sharing the GPU at a time).
+# 20.97M tokens per run, calibration at 70% of the budget, 12 runs sharing the GPU at a time:
+# on an H200 that is ~0.6M tokens/s together, against ~0.1M for one run alone).
 #
 # Resumable and splittable: all state lives in $STATE (runs, target, wall-time log); running the
 # same command again completes only what is missing (an interrupted run resumes from its last
 # checkpoint). DEADLINE=<epoch seconds> stops the sweep in time to pack what is done, and
-# RESTORE=<runs.tgz of an earlier call> unpacks finished runs into a fresh $STATE, so the ladder
-# can be spread over machine leases of a few minutes each.
+# RESTORE=<runs.tgz of an earlier call, or a results directory such as
+# results/mxfp4-ladder-llama20m> brings finished runs into a fresh $STATE, so the ladder can be
+# spread over machine leases of a few minutes each.
+# Last, `fp4-ablate bench` times each configuration alone on the GPU (the grid's runs share it,
+# so their own tokens/s are not comparable) and the report models the step gain from that.
 set -u
 MIX_DIR=${MIX_DIR:-.carry/mix}
 VAL_DIR=${VAL_DIR:-.carry/c4val}
@@ -42,7 +46,7 @@ STATE=${STATE:-$OUT/ladder}; RESULTS=$STATE/runs; mkdir -p "$RESULTS"
 SEEDS=${SEEDS:-5}
 MODEL=${MODEL:-llama-20m}
 MAX_TOKENS=${MAX_TOKENS:-20971520}
-JOBS_PER_GPU=${JOBS_PER_GPU:-8}
+JOBS_PER_GPU=${JOBS_PER_GPU:-12}
 DEADLINE=${DEADLINE:-}
 EXTRA=${EXTRA:-}
 GRID=fp8,fprop,dgrad,wgrad,wgrad_sr,wgrad_rht,wgrad_h16,bf16
@@ -52,8 +56,13 @@ COMMON="model=$MODEL train=gpu data=jsonl data.path=$MIX_DIR/*.json*.gz data.val
   cache_dir=${CACHE:-/tmp/cache} results_dir=$RESULTS train.progress_bar=false
   sweep.jobs_per_gpu=$JOBS_PER_GPU $EXTRA"
 if [ -n "${RESTORE:-}" ] && [ -f "$RESTORE" ]; then
-  tar xzf "$RESTORE" -C "$STATE" --skip-old-files && echo "restored $(ls "$RESULTS" | wc -l) run dirs from $RESTORE"
+  tar xzf "$RESTORE" -C "$STATE" --skip-old-files
+elif [ -n "${RESTORE:-}" ] && [ -d "$RESTORE" ]; then
+  for f in runs calibrate.txt wall_time.log gpu_util.log bench; do
+    [ -e "$RESTORE/$f" ] && cp -rn "$RESTORE/$f" "$STATE/"
+  done
 fi
+[ -n "${RESTORE:-}" ] && echo "restored $(ls "$RESULTS" | wc -l) run dirs from $RESTORE"
 t0=$(date +%s)
 stage=start
 # GPU utilization and memory every 20 s: how full the shared GPU is (to choose JOBS_PER_GPU).
@@ -64,7 +73,7 @@ finish() {  # log this call's wall time and pack what is done, whatever happened
   echo "$t0 $(date +%s) $(( $(date +%s) - t0 )) $stage $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" >> "$STATE/wall_time.log"
   awk '{s += $3} END {print "sweep wall time so far (all calls):", s, "s over", NR, "call(s)"}' "$STATE/wall_time.log" | tee "$OUT/wall_time.txt"
   tar czf "$OUT/runs.tgz" --exclude=checkpoints -C "$STATE" runs wall_time.log gpu_util.log \
-    $(cd "$STATE" && ls -d calibrate.txt report 2>/dev/null)
+    $(cd "$STATE" && ls -d calibrate.txt bench report report.log 2>/dev/null)
 }
 trap finish EXIT
 sweep() {  # one resumable sweep, stopped (runs keep their checkpoints) before DEADLINE
@@ -95,5 +104,14 @@ fi
 echo "== 2. the default grid + the bf16 reference row at train.target_ppl=$T, seed-major"
 stage=grid
 sweep "seed=range(0,$SEEDS)" "+ablation=$GRID" train.target_ppl=$T || exit 1
+echo "== 3. each configuration alone on the GPU: the isolated tokens/s the step gain is modeled from"
+stage=bench
+if ! ls "$STATE"/bench/*.json >/dev/null 2>&1; then
+  $FP4_ABLATE_CLI bench --models "$MODEL" --batches 64 --seq-len 512 --skip-kernels \
+    --compile-models '' --graph-models '' --profile-model '' --name ladder --out "$STATE/bench" \
+    2>&1 | tail -12
+fi
 stage=done
-$FP4_ABLATE_CLI report "$RESULTS" --out "$STATE/report" > "$STATE/report.log" 2>&1; head -40 "$STATE/report.log"
+BENCH_JSON=$(ls "$STATE"/bench/*.json 2>/dev/null | head -1)
+$FP4_ABLATE_CLI report "$RESULTS" --out "$STATE/report" ${BENCH_JSON:+--throughput "$BENCH_JSON"} \
+  > "$STATE/report.log" 2>&1; head -40 "$STATE/report.log"

@@ -36,7 +36,7 @@ import pandas as pd
 
 from .runs import DEFAULT_RESULTS_DIR, Issue, ReportError, load_runs
 from .stats import MissingBaselineError, summarize
-from .throughput import HardwareProfileError, add_throughput
+from .throughput import HardwareProfileError, add_throughput, load_isolated_throughput
 from .tables import atomic_write, to_csv, to_markdown, write_tables
 from .plots import write_plots
 
@@ -111,7 +111,8 @@ def _issue_lines(issues: Sequence[Issue]) -> List[str]:
     return lines
 
 
-def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup) -> str:
+def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
+              isolated=None) -> str:
     n_seeds = runs["seed"].nunique()
     lines = ["# fp4-ablate report", "",
              f"Results: `{results_dir}` -- {len(runs)} finished runs over {n_seeds} seed(s), "
@@ -127,6 +128,16 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
              "GEMM saving; stabilized rows also pay their stabilizer's *emulated* extra work, which overstates "
              "it off FP4 hardware), "
              "`user` (--step-speedup" + (f" {step_speedup}" if step_speedup is not None else "") + ").", ""]
+    shared = int(runs["gpu_shared_by"].max()) if "gpu_shared_by" in runs else 1
+    if shared > 1:
+        lines += [f"Throughput: runs shared a GPU (up to {shared} at a time, `sweep.jobs_per_gpu`), "
+                  "so their tokens/s (column `tokens/s`) depend on their neighbours and are not "
+                  "compared; the step gain is modeled from isolated tokens/s (column `tokens/s "
+                  "alone`)" + (f": {isolated.describe()}." if isolated else
+                              ", none given (--throughput BENCH.json)."), ""]
+    elif isolated is not None:
+        lines += [f"Isolated tokens/s (column `tokens/s alone`, used for the modeled gain): "
+                  f"{isolated.describe()}.", ""]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     lines.append(to_markdown(table, list(profs), heading_level=2))
@@ -170,28 +181,32 @@ def _log_wandb(out_dir: Path, csv_text: str, files: Dict[str, Path], markdown: s
 
 
 def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x", "b200"),
-                step_speedup: Union[None, float, Mapping[str, float]] = None, wandb: bool = False) -> Report:
+                step_speedup: Union[None, float, Mapping[str, float]] = None, wandb: bool = False,
+                throughput=None) -> Report:
     """Build the report for the runs under ``results_dir``; returns its Markdown as a :class:`Report`.
 
     ``out_dir`` defaults to ``<results_dir>/../report`` (``results/report``).  ``profiles``:
     hardware profile names (configs/hardware/profile/) or YAML paths for the modeled gain.
     ``step_speedup``: a user-measured step-throughput gain (a ratio, 1.20 = +20%) for every
-    configuration with an FP4 GEMM, or {label or ladder: ratio}.  Raises ReportError
+    configuration with an FP4 GEMM, or {label or ladder: ratio}.  ``throughput``: a bench JSON
+    of isolated tokens/s (needed to model the gain of runs that shared a GPU).  Raises ReportError
     subclasses (NoRunsError, MissingBaselineError, HardwareProfileError) with a message.
     """
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(results_dir)
+    isolated = load_isolated_throughput(throughput) if throughput is not None else None
     runs, issues = load_runs(results_dir)
     if runs.empty:
         found = "\n".join(f"  {i.name}: {i.problem}" for i in issues) or "  (no run directories)"
         raise NoRunsError(f"no finished valid runs under {results_dir}:\n{found}")
     stats, warnings, baselines = summarize(runs, issues)
-    table, profs = add_throughput(stats, runs, profiles, step_speedup)
+    table, profs = add_throughput(stats, runs, profiles, step_speedup, isolated)
 
     files = write_tables(table, out_dir, list(profs))
     plot_files = write_plots(table, runs, out_dir)
     files.update(plot_files)
-    markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup)
+    markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
+                         isolated)
     files["report.md"] = atomic_write(out_dir / "report.md", markdown)
 
     run_fields = ("run", "run_dir", "status", "ladder", "stabilizer", "format", "model", "data", "seed",
@@ -206,6 +221,10 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
         "profiles_used": {n: {"vendor": p.vendor, "peak_tflops": dict(p.peak_tflops), "source": p.source}
                           for n, p in profs.items()},
         "step_speedup": step_speedup if not isinstance(step_speedup, Mapping) else dict(step_speedup),
+        "throughput": None if isolated is None else {
+            "source": isolated.source, "device_name": isolated.device_name,
+            "command": isolated.command,
+            "tokens_per_s": {"/".join(k): v for k, v in isolated.tokens_per_s.items()}},
         "git_commits": sorted({c for c in runs["git_commit"] if isinstance(c, str) and c}),
         "devices": sorted({d for d in runs["device_name"] if isinstance(d, str) and d}),
         "runs": [dict({k: r.get(k) for k in run_fields}, baseline=Path(baselines[r["run_dir"]]).name)

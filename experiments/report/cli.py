@@ -24,6 +24,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "NAME.yaml or a YAML path); repeat for several (default: mi355x, b200)")
     ap.add_argument("--step-speedup", type=float, metavar="X",
                     help="a measured step-throughput gain to use instead (ratio: 1.20 = +20%%)")
+    ap.add_argument("--throughput", metavar="BENCH.json",
+                    help="isolated tokens/s per configuration (an `fp4-ablate bench` JSON) for the "
+                         "modeled gain; needed when the runs shared a GPU (sweep.jobs_per_gpu > 1)")
     ap.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
     args = ap.parse_args(argv)
     if args.step_speedup is not None and args.step_speedup <= 0:
@@ -31,7 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         report = make_report(args.results_dir, out_dir=args.out,
                              profiles=tuple(args.profiles or ("mi355x", "b200")),
-                             step_speedup=args.step_speedup, wandb=args.wandb)
+                             step_speedup=args.step_speedup, wandb=args.wandb,
+                             throughput=args.throughput)
     except ReportError as err:
         print(f"fp4-ablate report: {err}", file=sys.stderr)
         return 2

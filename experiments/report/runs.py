@@ -198,6 +198,7 @@ def load_run(run_dir: Path) -> Dict[str, Any]:
         "diverged_at_tokens": diverged_at,
         "diverged_reason": s.get("diverged_reason"),
         "mean_tokens_per_s": float(tps) if tps is not None and tps > 0 else math.nan,
+        "gpu_shared_by": _gpu_shared_by(s, meta, run_dir),
         "gemm_paths": dict(s.get("gemm_paths") or {}),
         "gemm_flops_per_token": dict(s.get("gemm_flops_per_token") or {}),
         "device_name": s.get("device_name") or meta.get("device_name"),
@@ -209,6 +210,18 @@ def load_run(run_dir: Path) -> Dict[str, Any]:
         "curve": [(float(e["tokens"]), float(e["val_ppl"])) for e in evals],
         "n_train_records": len(train),
     }
+
+
+def _gpu_shared_by(summary: dict, meta: dict, run_dir: Path) -> int:
+    """How many runs shared the run's GPU (1: alone). Runs from before the summary recorded it
+    are read from their config: a sweep job on CUDA with sweep.jobs_per_gpu > 1 shared."""
+    if summary.get("gpu_shared_by") is not None:
+        return int(summary["gpu_shared_by"])
+    sweep = (read_config(run_dir) or {}).get("sweep") or {}
+    on_cuda = str(meta.get("device", "")).startswith("cuda")
+    if on_cuda and sweep.get("id") and int(sweep.get("jobs_per_gpu") or 1) > 1:
+        return int(sweep["jobs_per_gpu"])
+    return 1
 
 
 def read_config(run_dir: Path) -> Optional[dict]:

@@ -170,6 +170,10 @@ def net_speedup(gain: float, cost: float) -> float:
     """Wall-clock speedup to the same perplexity: step-throughput gain / (1 + extra token cost)."""
     if gain is None or cost is None or not np.isfinite(gain) or not np.isfinite(cost):
         return math.nan
+    if 1.0 + cost <= 0:
+        # An interval end at or below -100% extra tokens (reaching the target with no tokens):
+        # the speedup is unbounded there, not negative.
+        return math.inf
     return gain / (1.0 + cost)
 
 

@@ -29,10 +29,11 @@ from tabulate import tabulate
 
 GROUP_KEYS = ("model", "data", "target_ppl")
 DISPLAY_COLUMNS = ("configuration", "seeds finished", "converged", "tokens to target",
-                   "extra tokens vs FP8", "tokens/s", "step gain", "net speedup", "notes")
+                   "extra tokens vs FP8", "tokens/s", "tokens/s alone", "step gain", "net speedup",
+                   "notes")
 CSV_COLUMNS = ("model", "data", "target_ppl", "label", "ladder", "stabilizer", "format", "n_runs", "n_reached",
                "n_diverged", "n_not_reached", "seeds", "tokens_mean", "tokens_lo", "tokens_hi", "n_paired",
-               "cost_mean", "cost_lo", "cost_hi", "tokens_per_s", "gain", "gain_source", "net", "net_lo",
+               "cost_mean", "cost_lo", "cost_hi", "tokens_per_s", "gpu_shared_by", "tokens_per_s_isolated", "gain", "gain_source", "net", "net_lo",
                "net_hi", "gain_measured", "t_extra_s_per_token", "best_ppl", "best_ppl_tokens", "diverged_at",
                "notes")
 
@@ -75,7 +76,9 @@ def fmt_pct(x: float) -> str:
 
 
 def fmt_ratio_pct(ratio: float) -> str:
-    """A ratio such as 1.106 as the signed change it is: "+10.6%"."""
+    """A ratio such as 1.106 as the signed change it is: "+10.6%"; an infinite one is unbounded."""
+    if ratio == math.inf:
+        return "unbounded"
     return fmt_pct(ratio - 1.0)
 
 
@@ -133,9 +136,15 @@ def display_row(row: dict) -> Dict[str, str]:
             net = "n/a"
     if row.get("gain_note"):
         notes.append(row["gain_note"])
+    # The runs' own mean tokens/s; "shared" when several runs shared the GPU at a time, and then
+    # comparable only within one sweep wave. "alone": the isolated measurement (--throughput).
     tps = f"{row['tokens_per_s']:,.0f}" if _finite(row["tokens_per_s"]) else "n/a"
-    return dict(zip(DISPLAY_COLUMNS, (row["label"], str(n), f"{k}/{n}", tokens, cost, tps, gain, net,
-                                      "; ".join(notes))))
+    if tps != "n/a" and (row.get("gpu_shared_by") or 1) > 1:
+        tps += f" (GPU shared by {row['gpu_shared_by']})"
+    alone = row.get("tokens_per_s_isolated")
+    alone = f"{alone:,.0f}" if _finite(alone) else "n/a"
+    return dict(zip(DISPLAY_COLUMNS, (row["label"], str(n), f"{k}/{n}", tokens, cost, tps, alone, gain,
+                                      net, "; ".join(notes))))
 
 
 def profile_row(row: dict, profiles: Sequence[str]) -> Dict[str, str]:

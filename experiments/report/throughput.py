@@ -42,6 +42,13 @@ Three sources, each labelled in the table:
     time goes, not a bug.  A profile without an FP4 peak (H100) refuses to model any
     configuration with an FP4 GEMM (:class:`HardwareProfileError`).
 
+Runs that shared a GPU (``sweep.jobs_per_gpu`` > 1, recorded as ``gpu_shared_by``) have tokens/s
+that depend on whatever ran beside them, so neither source above may use them: ``measured`` is
+refused, and ``modeled`` takes its tokens/s from an isolated measurement instead, ``--throughput
+BENCH.json`` (the eager steps of ``fp4-ablate bench``, one configuration alone on the GPU), or
+is refused too. The bench rows are MXFP4 (the bench's recipe default) keyed by model, rung and
+stabilizer, and the device of that bench is named in the report.
+
 ``user``
     ``--step-speedup X``: a gain measured elsewhere (e.g. 1.20 on MI355X), applied to the
     configurations that have at least one FP4 GEMM (optionally per configuration).
@@ -51,6 +58,7 @@ first profile; every profile's modeled gain is kept in its own columns as well.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +165,46 @@ def modeled_gain(tps_fp8: float, flops_per_token: Mapping[str, float], precision
     return t_fp8 / t_cfg
 
 
+@dataclass(frozen=True)
+class IsolatedThroughput:
+    """Tokens/s of each configuration alone on a GPU: the eager steps of `fp4-ablate bench`."""
+    source: str
+    device_name: str
+    command: str
+    tokens_per_s: Mapping[Tuple[str, str, str], float]  # (model, ladder, stabilizer) -> tokens/s
+    format: str = "mxfp4"
+
+    def get(self, model: str, ladder: str, stabilizer: str, fmt: str) -> float:
+        if ladder not in ("bf16", "fp8") and fmt != self.format:
+            return math.nan
+        return float(self.tokens_per_s.get((model, ladder, stabilizer), math.nan))
+
+    def describe(self) -> str:
+        return f"`{self.source}` ({self.device_name}, eager steps, one configuration at a time)"
+
+
+def load_isolated_throughput(path: Union[str, Path]) -> IsolatedThroughput:
+    """Read a bench JSON (`fp4-ablate bench --out DIR` writes DIR/<device>.json)."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+        rows = [r for r in d["steps"] if r.get("mode", "eager") == "eager"]
+        tps: Dict[Tuple[str, str, str], list] = {}
+        for r in rows:
+            tps.setdefault((str(r["model"]), str(r["ladder"]), str(r["stabilizer"])), []).append(
+                float(r["tokens_per_s"]))
+        meta = d.get("meta") or {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReportError(f"--throughput {p}: not a readable `fp4-ablate bench` JSON "
+                          f"({type(e).__name__}: {e}); it needs steps[] with model, ladder, "
+                          f"stabilizer, mode and tokens_per_s") from None
+    if not tps:
+        raise ReportError(f"--throughput {p}: no eager steps in it")
+    return IsolatedThroughput(str(path), str(meta.get("device_name", "unknown device")),
+                              str(meta.get("command", "")),
+                              {k: float(np.mean(v)) for k, v in tps.items()})
+
+
 def _mean_tps(recs: Iterable[dict]) -> float:
     v = [r["mean_tokens_per_s"] for r in recs if np.isfinite(r["mean_tokens_per_s"])]
     return float(np.mean(v)) if v else math.nan
@@ -173,8 +221,14 @@ def _user_gain(row: dict, step_speedup) -> Optional[float]:
     return float(step_speedup)
 
 
+def _shared(recs: Iterable[dict]) -> int:
+    return max((int(r.get("gpu_shared_by") or 1) for r in recs), default=1)
+
+
 def _measured(recs, base_recs) -> Tuple[float, str]:
     allr = list(recs) + list(base_recs)
+    if _shared(allr) > 1:
+        return math.nan, f"GPU shared by {_shared(allr)} runs, tokens/s depend on the neighbours"
     if not all(is_native(r["gemm_paths"]) for r in allr):
         return math.nan, "emulated GEMMs (or no gemm_paths recorded)"
     devices = {r["device_name"] for r in allr}
@@ -184,9 +238,17 @@ def _measured(recs, base_recs) -> Tuple[float, str]:
     return (gain, "") if np.isfinite(gain) else (math.nan, "no tokens/s recorded")
 
 
-def _t_extra(row: dict, recs, runs: pd.DataFrame) -> Tuple[float, str]:
+def _t_extra(row: dict, recs, runs: pd.DataFrame,
+             isolated: Optional[IsolatedThroughput] = None) -> Tuple[float, str]:
     if row["stabilizer"] == "none":
         return 0.0, ""
+    if isolated is not None:
+        tps_cfg = isolated.get(row["model"], row["ladder"], row["stabilizer"], row["format"])
+        tps_none = isolated.get(row["model"], row["ladder"], "none", row["format"])
+        if not (np.isfinite(tps_cfg) and np.isfinite(tps_none)):
+            return 0.0, (f"stabilizer overhead assumed 0: --throughput has no isolated "
+                         f"{row['model']} {row['ladder']} ({row['stabilizer']} and none) steps")
+        return extra_time_per_token(tps_cfg, tps_none), ""
     sib = runs[(runs.ladder == row["ladder"]) & (runs.format == row["format"]) & (runs.model == row["model"])
                & (runs.data == row["data"]) & (runs.stabilizer == "none")]
     devices = {r["device_name"] for r in recs}
@@ -200,7 +262,8 @@ def _t_extra(row: dict, recs, runs: pd.DataFrame) -> Tuple[float, str]:
 
 
 def add_throughput(table: pd.DataFrame, runs: pd.DataFrame, profiles: Sequence[Union[str, HardwareProfile]] = (),
-                   step_speedup=None) -> Tuple[pd.DataFrame, Dict[str, HardwareProfile]]:
+                   step_speedup=None, isolated: Optional[IsolatedThroughput] = None,
+                   ) -> Tuple[pd.DataFrame, Dict[str, HardwareProfile]]:
     """Add gain/net columns to the stats table: per profile, measured, and the primary one."""
     profs = {}
     for p in profiles:
@@ -216,7 +279,21 @@ def add_throughput(table: pd.DataFrame, runs: pd.DataFrame, profiles: Sequence[U
         precisions = gemm_precisions(row["ladder"], recs[0]["gemm_paths"])
         has_fp4 = "fp4" in precisions.values()
         flops = next((r["gemm_flops_per_token"] for r in recs + base if r["gemm_flops_per_token"]), {})
-        t_extra, extra_note = _t_extra(row, recs, runs)
+        shared = _shared(recs + base)
+        row["gpu_shared_by"] = shared
+        row["tokens_per_s_isolated"] = (isolated.get(row["model"], row["ladder"], row["stabilizer"],
+                                                     row["format"]) if isolated else math.nan)
+        tps_base = _mean_tps(base)
+        basis_note = ""
+        if isolated is not None:
+            tps_base = isolated.get(row["model"], "fp8", "none", row["format"])
+            if not np.isfinite(tps_base):
+                basis_note = f"--throughput has no isolated {row['model']} fp8 step"
+        elif shared > 1:
+            tps_base = math.nan
+            basis_note = (f"GPU shared by {shared} runs: give isolated tokens/s with "
+                          f"--throughput BENCH.json")
+        t_extra, extra_note = _t_extra(row, recs, runs, isolated)
         row["t_extra_s_per_token"] = t_extra
         notes = [extra_note] if extra_note else []
         candidates = []  # (gain, source) in order of preference
@@ -231,7 +308,9 @@ def add_throughput(table: pd.DataFrame, runs: pd.DataFrame, profiles: Sequence[U
             candidates.append((row["gain_measured"], "measured"))
         for name, prof in profs.items():
             try:
-                g = 1.0 if is_baseline else modeled_gain(_mean_tps(base), flops, precisions, prof, t_extra)
+                if basis_note and not is_baseline:
+                    raise HardwareProfileError(basis_note)
+                g = 1.0 if is_baseline else modeled_gain(tps_base, flops, precisions, prof, t_extra)
                 row[f"note_{name}"] = ""
             except HardwareProfileError as e:
                 g, row[f"note_{name}"] = math.nan, str(e)
@@ -243,8 +322,9 @@ def add_throughput(table: pd.DataFrame, runs: pd.DataFrame, profiles: Sequence[U
             candidates.insert(0, (1.0, "baseline"))
         gain, source = candidates[0] if candidates else (math.nan, "")
         if not candidates:
-            notes.append(f"no step-throughput gain: measured not valid ({why_not}); "
-                         + "; ".join(row[f"note_{n}"] for n in profs if row[f"note_{n}"]))
+            modeled_notes = dict.fromkeys(row[f"note_{n}"] for n in profs if row[f"note_{n}"])
+            notes.append(f"no step-throughput gain: measured not valid ({why_not})"
+                         + "".join(f"; {m}" for m in modeled_notes))
         row.update(gain=gain, gain_source=source, gain_note="; ".join(n for n in notes if n))
         row["net"] = net_speedup(gain, row["cost_mean"])
         row["net_lo"] = net_speedup(gain, row["cost_hi"])  # a higher cost gives the lower net

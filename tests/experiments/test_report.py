@@ -25,7 +25,7 @@ FLOPS = {"fprop": 2e8, "dgrad": 2e8, "wgrad": 2e8}
 
 def write_run(root, ladder, stabilizer, seed, status="reached", tokens=None, tps=1e6, target=TARGET,
               native=False, device="cpu", best_ppl=None, best_at=None, diverged_at=None, fmt="mxfp4",
-              model=MODEL, key="abcd1234", summary=True):
+              model=MODEL, key="abcd1234", summary=True, shared=None):
     """One run directory as the training loop writes it, with a curve consistent with its summary."""
     d = Path(root) / f"{ladder}-{stabilizer}-{fmt}-{model}-s{seed}-{key}"
     d.mkdir(parents=True)
@@ -60,6 +60,8 @@ def write_run(root, ladder, stabilizer, seed, status="reached", tokens=None, tps
              "gemm_flops_per_token": FLOPS, "tokens_per_step": 100, "epochs": 0.1, "device_name": device,
              "torch_version": "2.x", "git_commit": "c0ffee", "gemm_paths": paths, "recipe": {},
              "wall_time_s": 1.0}
+        if shared is not None:
+            s["gpu_shared_by"] = shared
         (d / "summary.json").write_text(json.dumps(s))
     return d
 
@@ -343,3 +345,62 @@ def test_wandb_offline(sweep, tmp_path, monkeypatch):
     runs = list((wdir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert rep.wandb_dir and Path(rep.wandb_dir).name == runs[0].name
+
+
+# ---------------------------------------------------------------- runs that shared a GPU
+
+def _bench_json(path, rows):
+    steps = [{"model": MODEL, "ladder": lad, "stabilizer": stab, "mode": mode, "tokens_per_s": tps}
+             for lad, stab, mode, tps in rows]
+    path.write_text(json.dumps({"meta": {"device_name": "GPU Y", "command": "fp4-ablate bench"},
+                                "kernels": [], "steps": steps}))
+    return path
+
+
+def test_shared_gpu_runs_model_the_gain_from_isolated_throughput(tmp_path):
+    root = tmp_path / "runs"
+    for seed, fp8, wg, h16 in ((1, 1000, 1300, 1100), (2, 1200, 1500, 1320)):
+        # Native GEMMs on one device: without sharing these tokens/s would be a measured gain.
+        write_run(root, "fp8", "none", seed, tokens=fp8, tps=5e4, native=True, device="GPU X", shared=8)
+        write_run(root, "wgrad", "none", seed, tokens=wg, tps=9e4, native=True, device="GPU X", shared=8)
+        write_run(root, "wgrad", "h16", seed, tokens=h16, tps=2e4, native=True, device="GPU X", shared=8)
+    prof = str(profile_yaml(tmp_path))
+    rep = make_report(root, out_dir=tmp_path / "rep0", profiles=(prof,))
+    w = row(rep.table, "wgrad (mxfp4)")
+    assert math.isnan(w["gain_measured"]) and math.isnan(w["gain_toy"]) and math.isnan(w["gain"])
+    assert "--throughput" in w["note_toy"] and "GPU shared by 8" in rep.markdown
+    bench = _bench_json(tmp_path / "bench.json", [
+        ("fp8", "none", "eager", 1e6), ("wgrad", "none", "eager", 1.25e6),
+        ("wgrad", "h16", "eager", 1 / 8.5e-7), ("fp8", "none", "cuda_graph", 9e9)])
+    rep = make_report(root, out_dir=tmp_path / "rep1", profiles=(prof,), throughput=bench)
+    w, h = row(rep.table, "wgrad (mxfp4)"), row(rep.table, "wgrad+h16 (mxfp4)")
+    # T_fp8 = 1e-6 s/token (the eager bench row, not the graphed one); all three GEMMs move to
+    # FP4: 6e8 FLOP * (1/2e15 - 1/1e15) = -3e-7 -> T = 7e-7.
+    assert w["gain"] == pytest.approx(1 / 0.7) and w["gain_source"] == "modeled:toy"
+    assert w["tokens_per_s_isolated"] == 1.25e6 and w["tokens_per_s"] == pytest.approx(9e4)
+    # h16 pays its isolated overhead: 8.5e-7 - 8e-7 = 5e-8 s/token -> T = 7.5e-7.
+    assert h["gain"] == pytest.approx(1 / 0.75)
+    assert "GPU Y" in rep.markdown and "tokens/s alone" in rep.markdown
+    prov = json.loads((tmp_path / "rep1" / "report.json").read_text())
+    assert prov["throughput"]["tokens_per_s"]["tiny_llama/fp8/none"] == 1e6
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ReportError, match="--throughput"):
+        make_report(root, out_dir=tmp_path / "rep2", profiles=(prof,), throughput=tmp_path / "bad.json")
+
+
+def test_shared_gpu_read_from_the_config_of_older_runs(tmp_path):
+    root = tmp_path / "runs"
+    d = write_run(root, "fp8", "none", 1, tokens=1000)
+    (d / "config.yaml").write_text("seed: 1\nsweep:\n  id: s1\n  jobs_per_gpu: 6\n")
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({**meta, "device": "cuda:0"}))
+    e = write_run(root, "wgrad", "none", 1, tokens=1000)   # a CPU run: never shared
+    (e / "config.yaml").write_text("seed: 1\nsweep:\n  id: s1\n  jobs_per_gpu: 6\n")
+    runs, _ = load_runs(root)
+    assert dict(zip(runs.ladder, runs.gpu_shared_by)) == {"fp8": 6, "wgrad": 1}
+
+
+def test_net_speedup_unbounded_where_the_cost_interval_passes_minus_100_percent():
+    assert net_speedup(1.2, -1.0) == math.inf and net_speedup(1.2, -1.5) == math.inf
+    from fp4_experiments.report.tables import fmt_ratio_pct
+    assert fmt_ratio_pct(math.inf) == "unbounded"

@@ -126,6 +126,9 @@ def test_resume_after_interruption_is_exact(tiny, compose, tmp_path, monkeypatch
     monkeypatch.setitem(runner_mod.train.__globals__, "save_checkpoint", real_save)
     resumed = run_experiment(cfg)
     assert "resumed from" in (run_dir / "run.log").read_text()
+    # The failed attempt's traceback stays, renamed: a finished run has no traceback.txt.
+    assert not (run_dir / "traceback.txt").exists()
+    assert len(list(run_dir.glob("failed-attempt-*.txt"))) == 1
 
     strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
     assert strip(_metrics(run_dir)) == strip(_metrics(run_dir_for(
@@ -144,3 +147,16 @@ def test_wandb_offline(tiny, compose, monkeypatch, tmp_path):
     assert offline, list((run_dir / "wandb").iterdir())
     assert any(p.suffix == ".wandb" for p in offline[0].iterdir())
     assert s["status"] == "completed"
+
+
+def test_git_commit_prefers_the_senders_word(tmp_path, monkeypatch):
+    """A tree shipped to a GPU machine may carry a stale .git: FP4_ABLATE_GIT_COMMIT wins."""
+    import re
+    from fp4_experiments.rundir import git_commit
+    monkeypatch.delenv("FP4_ABLATE_GIT_COMMIT", raising=False)
+    commit, dirty = git_commit()
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
+    assert git_commit(tmp_path) == (None, None)          # no repository there
+    monkeypatch.setenv("FP4_ABLATE_GIT_COMMIT", "0123abc")
+    assert git_commit() == ("0123abc", None)
+    assert git_commit(tmp_path) == ("0123abc", None)
