@@ -4,7 +4,7 @@
 #
 # Data: training on the C4 train shard plus real English from ../shared/data/webtext (a JSON-lines
 # mix in $MIX_DIR), validation on C4's validation shard ($VAL_DIR, C4 layout). Prepare both with
-#   bash experiments/gpu/ladder_repro.sh --prepare   (copies into .carry/mix and .carry/c4val)
+#   bash experiments/gpu/ladder_repro.sh --prepare   (copies into .carry/mix, .carry/c4val, .carry/whl)
 # then on the GPU machine, repo root, .carry carried:
 #   bash experiments/gpu/ladder_repro.sh <git commit>
 # Every knob is an environment variable (defaults = the issue's plan: llama-20m, 5 seeds,
@@ -32,7 +32,13 @@ if [ "${1:-}" = "--prepare" ]; then
      "$SRC"/webtext/webtext-00000.jsonl.gz "$MIX_DIR/"
   cp "$SRC/c4/c4-validation.00000-of-00001.json.gz" "$VAL_DIR/"
   cp "$SRC/c4/SOURCES.md" "$VAL_DIR/SOURCES-c4.md"; cp "$SRC/webtext/SOURCES.md" "$MIX_DIR/SOURCES-webtext.md"
-  du -sh "$MIX_DIR" "$VAL_DIR"
+  # Wheels the offline GPU machine lacks (setup.sh installs .carry/whl/*): Hydra, and its joblib
+  # launcher for several runs per GPU (from the package registry, pure Python).
+  mkdir -p .carry/whl
+  cp "${WHEELS:-../shared/wheels/device-py312}"/{hydra_core,omegaconf,antlr4}*.whl .carry/whl/
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 -d .carry/whl hydra-joblib-launcher==1.2.0
+  du -sh "$MIX_DIR" "$VAL_DIR" .carry/whl
   exit 0
 fi
 if [ -z "${FP4_ABLATE_CLI:-}" ]; then
