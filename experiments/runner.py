@@ -91,10 +91,11 @@ def run_experiment(cfg, overrides: Sequence[str] = ()) -> Dict[str, Any]:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / SUMMARY).unlink(missing_ok=True)  # a failed run is being retried
-    if (run_dir / "traceback.txt").exists():
+    old_traceback = run_dir / "traceback.txt"
+    if old_traceback.exists():
         # Kept, under a name that cannot be read as this attempt's outcome.
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime((run_dir / "traceback.txt").stat().st_mtime))
-        (run_dir / "traceback.txt").replace(run_dir / f"failed-attempt-{stamp}.txt")
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(old_traceback.stat().st_mtime))
+        old_traceback.replace(run_dir / f"failed-attempt-{stamp}.txt")
     handler = _file_logger(run_dir)
     started = time.time()
     try:
@@ -180,8 +181,9 @@ def _run(cfg, key, name, run_dir: Path, overrides, started) -> Dict[str, Any]:
         "final_ppl": loop.evals[-1]["ppl"] if loop.evals else None,
         "mean_tokens_per_s": timed_tokens / timed_time if timed_time else None,
         "mean_step_time_s": timed_time / max(loop.step - loop.untimed_steps, 1),
-        # Runs of this sweep that shared the GPU at a time: above 1, tokens/s depend on the
-        # neighbours and the report will not compare them (see sweep.jobs_per_gpu).
+        # At most this many runs of the sweep shared the GPU (sweep.jobs_per_gpu; fewer when the
+        # sweep had fewer jobs left): above 1, tokens/s depend on the neighbours and the report
+        # will not compare them.
         "gpu_shared_by": _gpu_shared_by(cfg, device),
         "param_count": info.param_count,
         "linear_param_count": info.linear_param_count,

@@ -227,8 +227,9 @@ def _shared(recs: Iterable[dict]) -> int:
 
 def _measured(recs, base_recs) -> Tuple[float, str]:
     allr = list(recs) + list(base_recs)
-    if _shared(allr) > 1:
-        return math.nan, f"GPU shared by {_shared(allr)} runs, tokens/s depend on the neighbours"
+    shared = _shared(allr)
+    if shared > 1:
+        return math.nan, f"GPU shared by {shared} runs, tokens/s depend on the neighbours"
     if not all(is_native(r["gemm_paths"]) for r in allr):
         return math.nan, "emulated GEMMs (or no gemm_paths recorded)"
     devices = {r["device_name"] for r in allr}
@@ -307,13 +308,16 @@ def add_throughput(table: pd.DataFrame, runs: pd.DataFrame, profiles: Sequence[U
         if np.isfinite(row["gain_measured"]):
             candidates.append((row["gain_measured"], "measured"))
         for name, prof in profs.items():
-            try:
-                if basis_note and not is_baseline:
-                    raise HardwareProfileError(basis_note)
-                g = 1.0 if is_baseline else modeled_gain(tps_base, flops, precisions, prof, t_extra)
-                row[f"note_{name}"] = ""
-            except HardwareProfileError as e:
-                g, row[f"note_{name}"] = math.nan, str(e)
+            if is_baseline:
+                g, row[f"note_{name}"] = 1.0, ""
+            elif basis_note:
+                g, row[f"note_{name}"] = math.nan, basis_note
+            else:
+                try:
+                    g = modeled_gain(tps_base, flops, precisions, prof, t_extra)
+                    row[f"note_{name}"] = ""
+                except HardwareProfileError as e:
+                    g, row[f"note_{name}"] = math.nan, str(e)
             row[f"gain_{name}"] = g
             row[f"net_{name}"] = net_speedup(g, row["cost_mean"])
             if np.isfinite(g):
