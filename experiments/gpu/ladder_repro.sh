@@ -8,8 +8,8 @@
 # then on the GPU machine, repo root, .carry carried:
 #   bash experiments/gpu/ladder_repro.sh <git commit>
 # Every knob is an environment variable (defaults = the plan: llama-20m, 5 seeds,
-# 20.97M tokens per run, calibration at 70% of the budget, 12 runs sharing the GPU at a time:
-# on an H200 that is ~0.6M tokens/s together, against ~0.1M for one run alone).
+# 20.97M tokens per run, calibration at 70% of the budget, runs sharing the GPU by its memory
+# (JOBS_PER_GPU, below): 12 on an H200, ~0.6M tokens/s together against ~0.1M for one run alone).
 #
 # Resumable and splittable: all state lives in $STATE (runs, target, wall-time log); running the
 # same command again completes only what is missing (an interrupted run resumes from its last
@@ -52,7 +52,15 @@ STATE=${STATE:-$OUT/ladder}; RESULTS=$STATE/runs; mkdir -p "$RESULTS"
 SEEDS=${SEEDS:-5}
 MODEL=${MODEL:-llama-20m}
 MAX_TOKENS=${MAX_TOKENS:-20971520}
-JOBS_PER_GPU=${JOBS_PER_GPU:-12}
+# Runs per GPU: a llama-20m run peaks at ~8.2 GB (12 runs: 98 GB on an H200, gpu_util.log), so
+# one per 10 GiB of the GPU's memory, at most 12 (past that the GPU is saturated: ~86% busy at 12):
+# 12 on an H200 (141 GB), 7 on an H100 80GB.
+if [ -z "${JOBS_PER_GPU:-}" ]; then
+  MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  JOBS_PER_GPU=$(( ${MEM_MIB:-0} / 10240 )); [ "$JOBS_PER_GPU" -gt 12 ] && JOBS_PER_GPU=12
+  [ "$JOBS_PER_GPU" -ge 1 ] || JOBS_PER_GPU=1
+fi
+echo "runs per GPU: $JOBS_PER_GPU"
 DEADLINE=${DEADLINE:-}
 EXTRA=${EXTRA:-}
 GRID=fp8,fprop,dgrad,wgrad,wgrad_sr,wgrad_rht,wgrad_h16,bf16

@@ -9,9 +9,11 @@ Pipeline (each step its own module, each testable on synthetic run directories):
    t-interval), the extra token cost versus the FP8 baseline *paired by seed*, n/N
    converged.  A missing baseline raises :class:`MissingBaselineError`; runs of one
    model/data with different targets become separate groups with a warning.
-3. :mod:`.throughput` attaches the step-throughput gain (measured / modeled on hardware
+3. :mod:`.contrasts` pairs neighbours by seed: each ladder step against the rung below it,
+   each stabilizer against plain wgrad (contrasts.csv and a section of report.md).
+4. :mod:`.throughput` attaches the step-throughput gain (measured / modeled on hardware
    profiles / user) and the net speedup = gain / (1 + cost).
-4. :mod:`.tables` and :mod:`.plots` write table.md / table.csv / table.tex and PNGs;
+5. :mod:`.tables` and :mod:`.plots` write table.md / table.csv / table.tex and PNGs;
    ``report.json`` records the provenance (run dirs, their commits and devices, the
    command).  With ``wandb=True`` the table and figures are logged to Weights & Biases
    (honours WANDB_MODE=offline and WANDB_DIR).
@@ -39,6 +41,7 @@ from .stats import MissingBaselineError, summarize
 from .throughput import HardwareProfileError, add_throughput, load_isolated_throughput
 from .tables import atomic_write, to_csv, to_markdown, write_tables
 from .plots import write_plots
+from .contrasts import contrasts, to_csv as contrasts_csv, to_markdown as contrasts_markdown
 
 __all__ = ["make_report", "Report", "ReportError", "MissingBaselineError", "HardwareProfileError", "NoRunsError",
            "load_runs", "Issue"]
@@ -111,8 +114,16 @@ def _issue_lines(issues: Sequence[Issue]) -> List[str]:
     return lines
 
 
+def _user_args(step_speedup) -> str:
+    if step_speedup is None:
+        return ""
+    if isinstance(step_speedup, Mapping):
+        return "".join(f" {k}={v:g}" for k, v in step_speedup.items())
+    return f" {step_speedup:g}"
+
+
 def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
-              isolated=None) -> str:
+              isolated=None, paired=None) -> str:
     n_seeds = runs["seed"].nunique()
     lines = ["# fp4-ablate report", "",
              f"Results: `{results_dir}` -- {len(runs)} finished runs over {n_seeds} seed(s), "
@@ -127,7 +138,7 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
              "`modeled:<profile>` (datasheet peaks substituted into the measured FP8 step: an upper bound on the "
              "GEMM saving; stabilized rows also pay their stabilizer's *emulated* extra work, which overstates "
              "it off FP4 hardware), "
-             "`user` (--step-speedup" + (f" {step_speedup}" if step_speedup is not None else "") + ").", ""]
+             "`user` (--step-speedup" + _user_args(step_speedup) + ").", ""]
     shared = int(runs["gpu_shared_by"].max()) if "gpu_shared_by" in runs else 1
     if shared > 1:
         lines += [f"Throughput: runs shared a GPU (up to {shared} at a time, `sweep.jobs_per_gpu`), "
@@ -141,6 +152,8 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     lines.append(to_markdown(table, list(profs), heading_level=2))
+    if paired is not None and not paired.empty:
+        lines.append(contrasts_markdown(paired, heading_level=2))
     figs = sorted(plot_files)
     if figs:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figs] + [""]
@@ -202,11 +215,14 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
     stats, warnings, baselines = summarize(runs, issues)
     table, profs = add_throughput(stats, runs, profiles, step_speedup, isolated)
 
+    paired = contrasts(runs)
     files = write_tables(table, out_dir, list(profs))
+    if not paired.empty:
+        files["contrasts.csv"] = atomic_write(out_dir / "contrasts.csv", contrasts_csv(paired))
     plot_files = write_plots(table, runs, out_dir)
     files.update(plot_files)
     markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
-                         isolated)
+                         isolated, paired)
     files["report.md"] = atomic_write(out_dir / "report.md", markdown)
 
     run_fields = ("run", "run_dir", "status", "ladder", "stabilizer", "format", "model", "data", "seed",

@@ -3,10 +3,31 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from . import ReportError, make_report
 from .runs import DEFAULT_RESULTS_DIR
+
+
+def _parse_step_speedup(ap: argparse.ArgumentParser, items: Optional[List[str]]):
+    """None, one ratio for every FP4 configuration, or {KEY: ratio} ('*' for the rest)."""
+    if not items:
+        return None
+    gains: Dict[str, float] = {}
+    for item in items:
+        key, _, value = item.rpartition("=")
+        key = key.strip() or "*"
+        try:
+            ratio = float(value)
+        except ValueError:
+            ap.error(f"--step-speedup {item!r}: {value!r} is not a number (a ratio such as 1.20, "
+                     f"or KEY=1.20 with KEY a ladder such as wgrad, or wgrad+h16)")
+        if not ratio > 0:
+            ap.error(f"--step-speedup {item!r}: the gain must be > 0 (a ratio, e.g. 1.20)")
+        if key in gains:
+            ap.error(f"--step-speedup gives {key!r} twice")
+        gains[key] = ratio
+    return gains["*"] if list(gains) == ["*"] else gains
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -22,19 +43,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--profile", action="append", dest="profiles", metavar="NAME",
                     help="hardware profile for the modeled step gain (configs/hardware/profile/"
                          "NAME.yaml or a YAML path); repeat for several (default: mi355x, b200)")
-    ap.add_argument("--step-speedup", type=float, metavar="X",
-                    help="a measured step-throughput gain to use instead (ratio: 1.20 = +20%%)")
+    ap.add_argument("--step-speedup", action="append", metavar="[KEY=]X",
+                    help="a measured step-throughput gain to use instead (ratio: 1.20 = +20%%); "
+                         "KEY=X for one configuration (KEY: a ladder such as wgrad, which covers its "
+                         "stabilizers, or wgrad+h16, or * for the rest); repeat for several")
     ap.add_argument("--throughput", metavar="BENCH.json",
                     help="isolated tokens/s per configuration (an `fp4-ablate bench` JSON) for the "
                          "modeled gain; needed when the runs shared a GPU (sweep.jobs_per_gpu > 1)")
     ap.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
     args = ap.parse_args(argv)
-    if args.step_speedup is not None and args.step_speedup <= 0:
-        ap.error(f"--step-speedup={args.step_speedup} must be > 0 (a ratio, e.g. 1.20)")
+    step_speedup = _parse_step_speedup(ap, args.step_speedup)
     try:
         report = make_report(args.results_dir, out_dir=args.out,
                              profiles=tuple(args.profiles or ("mi355x", "b200")),
-                             step_speedup=args.step_speedup, wandb=args.wandb,
+                             step_speedup=step_speedup, wandb=args.wandb,
                              throughput=args.throughput)
     except ReportError as err:
         print(f"fp4-ablate report: {err}", file=sys.stderr)

@@ -9,7 +9,9 @@
   interpolated) is drawn bold in the same colour.  A diverged run ends in an ``x``.
 * ``cost_<group>.png``: extra token cost versus FP8 per configuration (paired mean over
   seeds), with the 95% t-interval as error bars where n >= 2; configurations without a
-  paired cost are listed under the axis instead of being drawn as zero.
+  paired cost are listed under the axis instead of being drawn as zero.  Where seeds ran out
+  of budget before the target, a hollow triangle marks the mean with those seeds counted at
+  their bound (tokens seen / FP8 tokens - 1), a lower bound the bar alone would hide.
 
 PNG bytes are rendered into memory and written atomically like every report file.
 """
@@ -128,6 +130,11 @@ def plot_cost(rows: List[dict], title: str, path: Path) -> Path:
     for b, r, m, up in zip(bars, have, means, err[1] if len(have) else []):
         ax.annotate(f"{m:+.1f}%\n(n={r['n_paired']})", (b.get_x() + b.get_width() / 2, max(m + up, 0)),
                     ha="center", va="bottom", fontsize=7, xytext=(0, 3), textcoords="offset points")
+    bound = np.array([r.get("cost_mean_bound", np.nan) for r in have], dtype=float) * 100
+    if np.isfinite(bound).any():
+        ax.scatter(x[np.isfinite(bound)], bound[np.isfinite(bound)], marker="^", facecolors="none",
+                   edgecolors="#c44e52", zorder=3, label="lower bound on the mean, out-of-budget seeds at their bound")
+        ax.legend(fontsize=7, loc="lower right")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, [r["label"] for r in have], rotation=30, ha="right")
     ax.set_ylabel("extra tokens to target vs FP8 (%)")

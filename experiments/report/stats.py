@@ -232,6 +232,10 @@ def assign_baselines(runs: pd.DataFrame, issues: Sequence[Issue] = ()) -> Dict[s
     return out
 
 
+def _positive(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and math.isfinite(x) and x > 0
+
+
 def _config_row(key: tuple, sub: pd.DataFrame, runs_by_dir: Dict[str, dict], baselines: Dict[str, str]) -> dict:
     row = dict(zip(CONFIG_KEYS + ("target_ppl",), key))
     row["label"] = config_label(row["ladder"], row["stabilizer"], row["format"])
@@ -253,6 +257,17 @@ def _config_row(key: tuple, sub: pd.DataFrame, runs_by_dir: Dict[str, dict], bas
             per_seed[r["seed"]] = r["tokens_to_target"] / base["tokens_to_target"] - 1.0
     cost = mean_ci(per_seed.values())
     row.update(cost_mean=cost.mean, cost_lo=cost.lo, cost_hi=cost.hi, n_paired=cost.n, cost_per_seed=per_seed)
+    # A seed that spent its whole budget without reaching the target is right-censored: its
+    # cost is more than tokens_seen / baseline - 1. Leaving it out biases the mean down, so the
+    # row also carries the mean with every such seed at its bound -- a lower bound on the mean.
+    censored = {}
+    for r in recs:
+        base = runs_by_dir[baselines[r["run_dir"]]]
+        if (r["status"] == "not_reached" and base["status"] == "reached" and _positive(r.get("tokens_seen"))):
+            censored[r["seed"]] = r["tokens_seen"] / base["tokens_to_target"] - 1.0
+    row["cost_censored"] = censored
+    row["cost_mean_bound"] = (float(np.mean(list(per_seed.values()) + list(censored.values())))
+                              if censored else math.nan)
     row["baseline_reached"] = sum(runs_by_dir[baselines[r["run_dir"]]]["status"] == "reached" for r in recs)
 
     # What the table prints instead of (or next to) a mean when some seeds did not make it.

@@ -33,7 +33,7 @@ DISPLAY_COLUMNS = ("configuration", "seeds finished", "converged", "tokens to ta
                    "notes")
 CSV_COLUMNS = ("model", "data", "target_ppl", "label", "ladder", "stabilizer", "format", "n_runs", "n_reached",
                "n_diverged", "n_not_reached", "seeds", "tokens_mean", "tokens_lo", "tokens_hi", "n_paired",
-               "cost_mean", "cost_lo", "cost_hi", "tokens_per_s", "gpu_shared_by", "tokens_per_s_isolated", "gain", "gain_source", "net", "net_lo",
+               "cost_mean", "cost_lo", "cost_hi", "cost_mean_bound", "tokens_per_s", "gpu_shared_by", "tokens_per_s_isolated", "gain", "gain_source", "net", "net_lo",
                "net_hi", "gain_measured", "t_extra_s_per_token", "best_ppl", "best_ppl_tokens", "diverged_at",
                "notes")
 
@@ -124,6 +124,13 @@ def display_row(row: dict) -> Dict[str, str]:
         cost += (" ± " + f"{(row['cost_hi'] - row['cost_lo']) * 50:.1f}%") if _finite(row["cost_lo"]) else " (n=1)"
         if row["n_paired"] < k:
             notes.append(f"cost paired over {row['n_paired']} of {k} converged seeds (baseline missed the others)")
+        censored = row.get("cost_censored") or {}
+        if censored:
+            cost += f" (n={row['n_paired']})"
+            seeds = ", ".join(f"seed {s} > {fmt_pct(c)}" for s, c in sorted(censored.items()))
+            notes.append(f"cost over converged seeds only; out of budget: {seeds}; with "
+                         f"{'that seed' if len(censored) == 1 else 'those seeds'} at the bound the mean over "
+                         f"{row['n_paired'] + len(censored)} seeds is >= {fmt_pct(row['cost_mean_bound'])}")
     if _is_baseline(row):
         gain, net = "baseline", "baseline"
     else:

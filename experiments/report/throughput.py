@@ -51,7 +51,10 @@ stabilizer, and the device of that bench is named in the report.
 
 ``user``
     ``--step-speedup X``: a gain measured elsewhere (e.g. 1.20 on MI355X), applied to the
-    configurations that have at least one FP4 GEMM (optionally per configuration).
+    configurations that have at least one FP4 GEMM; or per configuration, ``KEY=X`` (KEY a
+    ladder such as ``wgrad`` -- every stabilizer of it --, ``wgrad+h16``, a table label, or ``*``
+    for the rest), since a gain measured with all three GEMMs in FP4 says nothing about a rung
+    that moved only Fprop. Rows no key covers keep their measured or modeled gain.
 
 The table's primary gain is user if given, else measured if valid, else modeled on the
 first profile; every profile's modeled gain is kept in its own columns as well.
@@ -210,15 +213,33 @@ def _mean_tps(recs: Iterable[dict]) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
+def _user_keys(row: dict) -> Tuple[str, ...]:
+    """The names a per-configuration --step-speedup may use for a row, most specific first."""
+    return (row["label"], f"{row['ladder']}+{row['stabilizer']}", row["ladder"], "*")
+
+
 def _user_gain(row: dict, step_speedup) -> Optional[float]:
     if step_speedup is None:
         return None
     if isinstance(step_speedup, Mapping):
-        for k in (row["label"], f"{row['ladder']}+{row['stabilizer']}", row["ladder"]):
+        for k in _user_keys(row):
             if k in step_speedup:
                 return float(step_speedup[k])
         return None
     return float(step_speedup)
+
+
+def check_user_keys(table: pd.DataFrame, step_speedup) -> None:
+    """A per-configuration --step-speedup key that names no row is a typo, not a no-op."""
+    if not isinstance(step_speedup, Mapping):
+        return
+    rows = table.to_dict("records")
+    known = {k for r in rows for k in _user_keys(r)}
+    bad = sorted(k for k in step_speedup if k not in known)
+    if bad:
+        choices = sorted({k for r in rows for k in _user_keys(r)[1:3]} | {"*"})
+        raise ReportError(f"--step-speedup names no configuration of these runs: {', '.join(bad)}; "
+                          f"valid keys: {', '.join(choices)} (or a table label)")
 
 
 def _shared(recs: Iterable[dict]) -> int:
@@ -266,6 +287,7 @@ def add_throughput(table: pd.DataFrame, runs: pd.DataFrame, profiles: Sequence[U
                    step_speedup=None, isolated: Optional[IsolatedThroughput] = None,
                    ) -> Tuple[pd.DataFrame, Dict[str, HardwareProfile]]:
     """Add gain/net columns to the stats table: per profile, measured, and the primary one."""
+    check_user_keys(table, step_speedup)
     profs = {}
     for p in profiles:
         prof = p if isinstance(p, HardwareProfile) else load_profile(p)

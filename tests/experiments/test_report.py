@@ -207,6 +207,39 @@ def test_measured_gain_and_headline(tmp_path):
     assert r.gain_source == "user" and r.net == pytest.approx(1.25 / 1.085)
 
 
+def test_step_speedup_per_configuration_from_the_cli(sweep, tmp_path, capsys):
+    """`--step-speedup wgrad=1.25`: the wgrad rows (every stabilizer) take the user gain, the
+    other FP4 rows keep their own (measured, as these runs are one unshared device)."""
+    from fp4_experiments.report.cli import main
+    assert main([str(sweep), "--out", str(tmp_path / "rep"), "--step-speedup", "wgrad=1.25"]) == 0
+    with open(tmp_path / "rep" / "table.csv") as f:
+        by_label = {r["label"]: r for r in csv.DictReader(f)}
+    for label in ("wgrad (mxfp4)", "wgrad+h16 (mxfp4)"):
+        assert by_label[label]["gain_source"] == "user" and float(by_label[label]["gain"]) == 1.25
+    assert by_label["fprop (mxfp4)"]["gain_source"] != "user"
+    assert "(--step-speedup wgrad=1.25)" in capsys.readouterr().out
+    # one bare ratio still covers every FP4 row
+    assert main([str(sweep), "--out", str(tmp_path / "rep2"), "--step-speedup", "1.2"]) == 0
+    with open(tmp_path / "rep2" / "table.csv") as f:
+        assert {r["gain_source"] for r in csv.DictReader(f) if r["ladder"] in ("fprop", "wgrad")} == {"user"}
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("wgrd=1.2", "names no configuration of these runs: wgrd; valid keys: *, bf16, bf16+none"),
+    ("wgrad=fast", "'fast' is not a number"),
+    ("wgrad=0", "the gain must be > 0"),
+])
+def test_step_speedup_bad_values_name_the_problem(sweep, tmp_path, capsys, arg, message):
+    from fp4_experiments.report.cli import main
+    try:  # argparse exits 2 on a malformed value; a well-formed unknown key returns 2
+        rc = main([str(sweep), "--out", str(tmp_path / "rep"), "--step-speedup", arg])
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()
+
+
 # ---------------------------------------------------------------- table rows
 
 def test_nonconverged_and_diverged_rows(sweep, tmp_path):
@@ -220,6 +253,58 @@ def test_nonconverged_and_diverged_rows(sweep, tmp_path):
     assert "0/2" in lines["dgrad (mxfp4)"] and "n/a (did not converge)" in lines["dgrad (mxfp4)"]
     assert "1.40k ± 1.27k" in lines["wgrad (mxfp4)"] and "+27.5% ± 31.8%" in lines["wgrad (mxfp4)"]
     assert "0 (baseline)" in lines["fp8"]
+
+
+def test_out_of_budget_seed_kept_as_a_bound(sweep, tmp_path):
+    """A seed that ran out of budget is right-censored: the cost over the converged seeds says
+    so (n=1), and the row gives the mean with that seed at its bound (a lower bound)."""
+    write_run(sweep, "wgrad", "sr", 1, tokens=1100)                                    # +10% vs 1000
+    write_run(sweep, "wgrad", "sr", 2, status="not_reached", best_ppl=30.5, best_at=1800)  # > 1800/1200-1
+    table, _, _ = summarize(load_runs(sweep)[0])
+    sr = row(table, "wgrad+sr (mxfp4)")
+    assert sr.cost_mean == pytest.approx(0.10) and sr.n_paired == 1
+    assert sr.cost_censored == {2: pytest.approx(0.50)}
+    assert sr.cost_mean_bound == pytest.approx(0.30)
+    assert math.isnan(row(table, "wgrad (mxfp4)").cost_mean_bound)  # nothing censored
+    rep = make_report(sweep, out_dir=tmp_path / "rep")
+    line = next(l for l in rep.splitlines() if l.startswith("| wgrad+sr"))
+    assert "+10.0% (n=1)" in line and "seed 2 > +50.0%" in line and ">= +30.0%" in line
+    with open(tmp_path / "rep" / "table.csv") as f:
+        by_label = {r["label"]: r for r in csv.DictReader(f)}
+    assert float(by_label["wgrad+sr (mxfp4)"]["cost_mean_bound"]) == pytest.approx(0.30)
+
+
+def test_contrasts_pair_neighbours_by_seed(sweep, tmp_path):
+    from fp4_experiments.report.contrasts import contrasts
+    paired = contrasts(load_runs(sweep)[0]).set_index("contrast")
+    h16 = paired.loc["wgrad+h16 (mxfp4) vs wgrad (mxfp4)"]
+    # 1100/1300 - 1 and 1320/1500 - 1, paired by seed
+    assert h16.per_seed == {1: pytest.approx(1100 / 1300 - 1), 2: pytest.approx(1320 / 1500 - 1)}
+    assert h16["mean"] == pytest.approx((1100 / 1300 + 1320 / 1500) / 2 - 1) and h16.kind == "stabilizer"
+    # Every seed of the fprop and dgrad rungs missed: counted and named, not dropped.
+    step = paired.loc["wgrad (mxfp4) vs dgrad (mxfp4)"]
+    assert step.n == 0 and step.missed == ["seed 1: dgrad (mxfp4) diverged", "seed 2: dgrad (mxfp4) diverged"]
+    assert paired.loc["fprop (mxfp4) vs fp8"].missed == ["seed 1: fprop (mxfp4) diverged",
+                                                         "seed 2: fprop (mxfp4) not_reached"]
+    assert "wgrad+sr (mxfp4) vs wgrad (mxfp4)" not in paired.index  # no sr runs, no row
+    rep = make_report(sweep, out_dir=tmp_path / "rep")
+    assert "## Paired contrasts" in rep and (tmp_path / "rep" / "contrasts.csv").exists()
+    with open(tmp_path / "rep" / "contrasts.csv") as f:
+        rows = {r["contrast"]: r for r in csv.DictReader(f)}
+    assert rows["wgrad+h16 (mxfp4) vs wgrad (mxfp4)"]["per_seed"] == "1:-0.153846;2:-0.12"
+
+
+def test_contrast_verdict_needs_the_interval_to_exclude_zero(tmp_path):
+    from fp4_experiments.report.contrasts import contrasts, to_markdown
+    root = tmp_path / "runs"
+    for seed, fprop, dgrad in ((1, 1100, 1100), (2, 1110, 1000), (3, 1090, 1200)):
+        write_run(root, "fp8", "none", seed, tokens=1000)
+        write_run(root, "fprop", "none", seed, tokens=fprop)
+        write_run(root, "dgrad", "none", seed, tokens=dgrad)
+    md = {l.split("|")[1].strip(): l for l in to_markdown(contrasts(load_runs(root)[0])).splitlines()
+          if l.startswith("| ")}
+    assert "+10.0% [+7.5%, +12.5%] (n=3)" in md["fprop (mxfp4) vs fp8"] and "costlier" in md["fprop (mxfp4) vs fp8"]
+    assert "no difference resolved" in md["dgrad (mxfp4) vs fprop (mxfp4)"]
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -1,0 +1,128 @@
+"""Paired contrasts between neighbouring configurations: what one rung adds, what a stabilizer changes.
+
+The main table compares every configuration with FP8. The paper's questions are about
+neighbours as well: does moving Dgrad to FP4 cost anything on top of Fprop, Wgrad on top of
+Dgrad, and does a stabilizer make full-FP4 cheaper or dearer than no stabilizer?  Two rows of
+the main table cannot answer that by subtraction -- their intervals share the FP8 baseline's
+noise and would overlap even for a real difference -- so each contrast is paired by seed::
+
+    d_s = tokens_to_target(a, s) / tokens_to_target(b, s) - 1
+
+over the seeds where both a and b reached the target (same model, data, target, seed), with the
+mean and 95% Student-t interval over seeds.  The contrasts are the ladder's steps (fprop vs fp8,
+dgrad vs fprop, wgrad vs dgrad) and every stabilized wgrad row vs plain wgrad, per FP4 format.
+A seed where either side missed the target is listed by name, never silently dropped.  With
+several runs of one configuration and seed (e.g. a re-run under a new key) the first by
+directory name is used, as the cost's baseline is.
+"""
+from __future__ import annotations
+
+import io
+from typing import Dict, List, Optional, Tuple
+
+import pandas as pd
+from tabulate import tabulate
+
+from .stats import GROUP_KEYS, config_label, mean_ci
+
+# (a, b) as (ladder, stabilizer): a is measured against b.
+LADDER_STEPS = ((("fprop", "none"), ("fp8", "none")),
+                (("dgrad", "none"), ("fprop", "none")),
+                (("wgrad", "none"), ("dgrad", "none")))
+STABILIZERS = ("sr", "rht", "h16")
+CSV_COLUMNS = ("model", "data", "target_ppl", "format", "contrast", "kind", "n", "mean", "lo", "hi",
+               "per_seed", "missed")
+
+
+def _by_seed(runs: pd.DataFrame, ladder: str, stabilizer: str, fmt: Optional[str]) -> Dict[int, dict]:
+    sub = runs[(runs.ladder == ladder) & (runs.stabilizer == stabilizer)]
+    if fmt is not None:
+        sub = sub[sub.format == fmt]
+    out: Dict[int, dict] = {}
+    for r in sorted(sub.to_dict("records"), key=lambda r: r["run"]):
+        out.setdefault(int(r["seed"]), r)
+    return out
+
+
+def _fp8_by_seed(runs: pd.DataFrame, fmt: str) -> Dict[int, dict]:
+    """FP8 has no FP4 GEMM, so its format label is immaterial: prefer the same one, take any."""
+    same, other = _by_seed(runs, "fp8", "none", fmt), _by_seed(runs, "fp8", "none", None)
+    return {**other, **same}
+
+
+def _contrast(a: Dict[int, dict], b: Dict[int, dict]) -> Tuple[Dict[int, float], List[str]]:
+    per_seed, missed = {}, []
+    for seed in sorted(set(a) & set(b)):
+        ra, rb = a[seed], b[seed]
+        if ra["status"] == "reached" and rb["status"] == "reached":
+            per_seed[seed] = ra["tokens_to_target"] / rb["tokens_to_target"] - 1.0
+        else:
+            who = [f"{config_label(r['ladder'], r['stabilizer'], r['format'])} {r['status']}"
+                   for r in (ra, rb) if r["status"] != "reached"]
+            missed.append(f"seed {seed}: " + ", ".join(who))
+    return per_seed, missed
+
+
+def contrasts(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (comparison group, FP4 format, contrast) that has runs on both sides."""
+    rows = []
+    for key, group in runs.groupby(list(GROUP_KEYS), sort=True):
+        fp4 = group[~group.ladder.isin(("fp8", "bf16"))]
+        for fmt in sorted(fp4.format.unique()):
+            pairs = [(a, b, "ladder step") for a, b in LADDER_STEPS]
+            pairs += [(("wgrad", s), ("wgrad", "none"), "stabilizer") for s in STABILIZERS]
+            for (la, sa), (lb, sb), kind in pairs:
+                side_a = _by_seed(group, la, sa, fmt)
+                side_b = _fp8_by_seed(group, fmt) if lb == "fp8" else _by_seed(group, lb, sb, fmt)
+                if not side_a or not side_b:
+                    continue
+                per_seed, missed = _contrast(side_a, side_b)
+                ci = mean_ci(per_seed.values())
+                rows.append(dict(zip(GROUP_KEYS, key), format=fmt, kind=kind,
+                                 contrast=f"{config_label(la, sa, fmt)} vs {config_label(lb, sb, fmt)}",
+                                 n=ci.n, mean=ci.mean, lo=ci.lo, hi=ci.hi, per_seed=per_seed, missed=missed))
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+
+
+def _cell(r: dict) -> str:
+    if r["n"] == 0:
+        return "n/a"
+    s = f"{r['mean'] * 100:+.1f}%"
+    return s + (f" [{r['lo'] * 100:+.1f}%, {r['hi'] * 100:+.1f}%]" if r["n"] >= 2 else "") + f" (n={r['n']})"
+
+
+def _verdict(r: dict) -> str:
+    if r["n"] < 2:
+        return "too few seeds"
+    if r["lo"] > 0:
+        return "costlier"
+    if r["hi"] < 0:
+        return "cheaper"
+    return "no difference resolved"
+
+
+def to_markdown(table: pd.DataFrame, heading_level: int = 2) -> str:
+    if table.empty:
+        return ""
+    h = "#" * heading_level
+    parts = [f"{h} Paired contrasts (extra tokens of a over b, paired by seed, 95% t-interval)\n"]
+    for key, sub in table.groupby(list(GROUP_KEYS) + ["format"], sort=True):
+        model, data, target, fmt = key
+        parts.append(f"model={model}, data={data}, target ppl={target:g}, {fmt}:\n")
+        body = [{"contrast (a vs b)": r["contrast"], "kind": r["kind"], "a over b": _cell(r),
+                 "interval": _verdict(r), "seeds not compared": "; ".join(r["missed"])}
+                for r in sub.to_dict("records")]
+        parts.append(tabulate(body, headers="keys", tablefmt="github", disable_numparse=True) + "\n")
+    return "\n".join(parts)
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    flat = []
+    for r in table.to_dict("records"):
+        d = dict(r)
+        d["per_seed"] = ";".join(f"{s}:{v:.6g}" for s, v in sorted(r["per_seed"].items()))
+        d["missed"] = "; ".join(r["missed"])
+        flat.append(d)
+    buf = io.StringIO()
+    pd.DataFrame(flat, columns=list(CSV_COLUMNS)).to_csv(buf, index=False)
+    return buf.getvalue()
