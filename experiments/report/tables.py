@@ -126,7 +126,8 @@ def display_row(row: dict) -> Dict[str, str]:
             notes.append(f"cost paired over {row['n_paired']} of {k} converged seeds (baseline missed the others)")
         censored = row.get("cost_censored") or {}
         if censored:
-            cost += f" (n={row['n_paired']})"
+            if _finite(row["cost_lo"]):  # with one seed the cell already says (n=1)
+                cost += f" (n={row['n_paired']})"
             seeds = ", ".join(f"seed {s} > {fmt_pct(c)}" for s, c in sorted(censored.items()))
             notes.append(f"cost over converged seeds only; out of budget: {seeds}; with "
                          f"{'that seed' if len(censored) == 1 else 'those seeds'} at the bound the mean over "

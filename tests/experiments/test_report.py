@@ -225,7 +225,8 @@ def test_step_speedup_per_configuration_from_the_cli(sweep, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arg,message", [
-    ("wgrd=1.2", "names no configuration of these runs: wgrd; valid keys: *, bf16, bf16+none"),
+    ("wgrd=1.2", "names no configuration of these runs: wgrd; valid keys: *, dgrad, dgrad+none, fprop"),
+    ("fp8=1.2", "names no configuration of these runs: fp8;"),  # no FP4 GEMM, no user gain
     ("wgrad=fast", "'fast' is not a number"),
     ("wgrad=0", "the gain must be > 0"),
 ])
@@ -268,7 +269,8 @@ def test_out_of_budget_seed_kept_as_a_bound(sweep, tmp_path):
     assert math.isnan(row(table, "wgrad (mxfp4)").cost_mean_bound)  # nothing censored
     rep = make_report(sweep, out_dir=tmp_path / "rep")
     line = next(l for l in rep.splitlines() if l.startswith("| wgrad+sr"))
-    assert "+10.0% (n=1)" in line and "seed 2 > +50.0%" in line and ">= +30.0%" in line
+    assert "+10.0% (n=1)" in line and "(n=1) (n=1)" not in line
+    assert "seed 2 > +50.0%" in line and ">= +30.0%" in line
     with open(tmp_path / "rep" / "table.csv") as f:
         by_label = {r["label"]: r for r in csv.DictReader(f)}
     assert float(by_label["wgrad+sr (mxfp4)"]["cost_mean_bound"]) == pytest.approx(0.30)
