@@ -215,7 +215,7 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
     stats, warnings, baselines = summarize(runs, issues)
     table, profs = add_throughput(stats, runs, profiles, step_speedup, isolated)
 
-    paired = contrasts(runs)
+    paired = contrasts(runs, baselines)
     files = write_tables(table, out_dir, list(profs))
     if not paired.empty:
         files["contrasts.csv"] = atomic_write(out_dir / "contrasts.csv", contrasts_csv(paired))

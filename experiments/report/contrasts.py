@@ -11,14 +11,14 @@ noise and would overlap even for a real difference -- so each contrast is paired
 over the seeds where both a and b reached the target (same model, data, target, seed), with the
 mean and 95% Student-t interval over seeds.  The contrasts are the ladder's steps (fprop vs fp8,
 dgrad vs fprop, wgrad vs dgrad) and every stabilized wgrad row vs plain wgrad, per FP4 format.
-A seed where either side missed the target is listed by name, never silently dropped.  With
-several runs of one configuration and seed (e.g. a re-run under a new key) the first by
-directory name is used, as the cost's baseline is.
+A seed where either side missed the target is listed by name, never silently dropped.  The FP8
+side of the first step is each run's own baseline from the cost table; with several runs of
+another configuration and seed (e.g. a re-run under a new key) the first by directory name is used.
 """
 from __future__ import annotations
 
 import io
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import pandas as pd
 from tabulate import tabulate
@@ -34,20 +34,12 @@ CSV_COLUMNS = ("model", "data", "target_ppl", "format", "contrast", "kind", "n",
                "per_seed", "missed")
 
 
-def _by_seed(runs: pd.DataFrame, ladder: str, stabilizer: str, fmt: Optional[str]) -> Dict[int, dict]:
-    sub = runs[(runs.ladder == ladder) & (runs.stabilizer == stabilizer)]
-    if fmt is not None:
-        sub = sub[sub.format == fmt]
+def _by_seed(runs: pd.DataFrame, ladder: str, stabilizer: str, fmt: str) -> Dict[int, dict]:
+    sub = runs[(runs.ladder == ladder) & (runs.stabilizer == stabilizer) & (runs.format == fmt)]
     out: Dict[int, dict] = {}
     for r in sorted(sub.to_dict("records"), key=lambda r: r["run"]):
         out.setdefault(int(r["seed"]), r)
     return out
-
-
-def _fp8_by_seed(runs: pd.DataFrame, fmt: str) -> Dict[int, dict]:
-    """FP8 has no FP4 GEMM, so its format label is immaterial: prefer the same one, take any."""
-    same, other = _by_seed(runs, "fp8", "none", fmt), _by_seed(runs, "fp8", "none", None)
-    return {**other, **same}
 
 
 def _contrast(a: Dict[int, dict], b: Dict[int, dict]) -> Tuple[Dict[int, float], List[str]]:
@@ -63,8 +55,13 @@ def _contrast(a: Dict[int, dict], b: Dict[int, dict]) -> Tuple[Dict[int, float],
     return per_seed, missed
 
 
-def contrasts(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (comparison group, FP4 format, contrast) that has runs on both sides."""
+def contrasts(runs: pd.DataFrame, baselines: Dict[str, str]) -> pd.DataFrame:
+    """One row per (comparison group, FP4 format, contrast) that has runs on both sides.
+
+    ``baselines`` (run_dir -> its FP8 run_dir, from :func:`.stats.summarize`) pairs the first
+    ladder step with the very FP8 run the cost table uses.
+    """
+    by_dir = {r["run_dir"]: r for r in runs.to_dict("records")}
     rows = []
     for key, group in runs.groupby(list(GROUP_KEYS), sort=True):
         fp4 = group[~group.ladder.isin(("fp8", "bf16"))]
@@ -73,7 +70,8 @@ def contrasts(runs: pd.DataFrame) -> pd.DataFrame:
             pairs += [(("wgrad", s), ("wgrad", "none"), "stabilizer") for s in STABILIZERS]
             for (la, sa), (lb, sb), kind in pairs:
                 side_a = _by_seed(group, la, sa, fmt)
-                side_b = _fp8_by_seed(group, fmt) if lb == "fp8" else _by_seed(group, lb, sb, fmt)
+                side_b = ({seed: by_dir[baselines[r["run_dir"]]] for seed, r in side_a.items()}
+                          if lb == "fp8" else _by_seed(group, lb, sb, fmt))
                 if not side_a or not side_b:
                     continue
                 per_seed, missed = _contrast(side_a, side_b)

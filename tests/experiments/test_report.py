@@ -278,7 +278,8 @@ def test_out_of_budget_seed_kept_as_a_bound(sweep, tmp_path):
 
 def test_contrasts_pair_neighbours_by_seed(sweep, tmp_path):
     from fp4_experiments.report.contrasts import contrasts
-    paired = contrasts(load_runs(sweep)[0]).set_index("contrast")
+    runs = load_runs(sweep)[0]
+    paired = contrasts(runs, summarize(runs)[2]).set_index("contrast")
     h16 = paired.loc["wgrad+h16 (mxfp4) vs wgrad (mxfp4)"]
     # 1100/1300 - 1 and 1320/1500 - 1, paired by seed
     assert h16.per_seed == {1: pytest.approx(1100 / 1300 - 1), 2: pytest.approx(1320 / 1500 - 1)}
@@ -303,7 +304,8 @@ def test_contrast_verdict_needs_the_interval_to_exclude_zero(tmp_path):
         write_run(root, "fp8", "none", seed, tokens=1000)
         write_run(root, "fprop", "none", seed, tokens=fprop)
         write_run(root, "dgrad", "none", seed, tokens=dgrad)
-    md = {l.split("|")[1].strip(): l for l in to_markdown(contrasts(load_runs(root)[0])).splitlines()
+    runs = load_runs(root)[0]
+    md = {l.split("|")[1].strip(): l for l in to_markdown(contrasts(runs, summarize(runs)[2])).splitlines()
           if l.startswith("| ")}
     assert "+10.0% [+7.5%, +12.5%] (n=3)" in md["fprop (mxfp4) vs fp8"] and "costlier" in md["fprop (mxfp4) vs fp8"]
     assert "no difference resolved" in md["dgrad (mxfp4) vs fprop (mxfp4)"]
