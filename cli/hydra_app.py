@@ -1,13 +1,16 @@
 """Hydra glue: compose-and-check before any work, then hand the command line to Hydra.
 
-Hydra already rejects unknown keys and unknown group options, but its message names only the
-bad key. `precheck` composes the config first (Hydra's compose API, no side effects), and on
-failure adds what a user needs: the valid keys of that node, or the valid options of that
-group. It then runs `validate_config`, which checks values against their valid choices. Only
-then does Hydra run the job, so a typo never creates a run directory.
+Hydra rejects unknown keys (struct mode) and unknown group options, but its message names only
+the bad key, and it lets `+key=` / `++key=` add any key. `precheck` composes the config first
+(Hydra's compose API, no side effects), and on failure says what a user needs: the closest and
+the valid keys of that node, the valid choices of an Enum-typed key, OmegaConf's reason for a
+value of the wrong type, or the valid options of a group. It then runs `validate_config`
+(unknown keys however they were added, cross-field and range checks, devices, paths and data
+files). Only then does Hydra run the job, so bad input never creates a run directory.
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Callable, List, Optional, Sequence
 
@@ -29,18 +32,6 @@ def _omegaconf_cause(err: BaseException):
     return None
 
 
-def _valid_keys(base_overrides: Sequence[str], full_key: str) -> List[str]:
-    from omegaconf import DictConfig
-    cfg = compose(base_overrides)
-    node = cfg
-    parts = full_key.split(".")
-    for p in parts[:-1]:
-        if not isinstance(node, DictConfig) or p not in node:
-            return sorted(cfg.keys())
-        node = node[p]
-    return sorted(node.keys()) if isinstance(node, DictConfig) else []
-
-
 def compose(overrides: Sequence[str]):
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -53,8 +44,42 @@ def compose(overrides: Sequence[str]):
                              return_hydra_config=False)
 
 
-def precheck(overrides: Sequence[str]):
-    """Compose `overrides` and validate; return the config or raise PrecheckError."""
+def _override_value(overrides: Sequence[str], full_key: str) -> Optional[str]:
+    base = re.sub(r"\[\d+\]$", "", full_key)
+    for o in overrides:
+        if "=" in o and key_of(o) == base:
+            return o.split("=", 1)[1]
+    return None
+
+
+def composition_message(err: BaseException, overrides: Sequence[str]) -> str:
+    """Hydra's message with the reason OmegaConf gave, the valid keys or the valid choices."""
+    from fp4_experiments.validate import unknown_key_message
+
+    msg = str(err).strip()
+    cause = _omegaconf_cause(err)
+    if cause is None:
+        return msg
+    key = cause.full_key
+    reason = str(cause).split("\n")[0].strip()
+    if "not in struct" in str(cause) or "not in" in reason and "Key" in reason:
+        return unknown_key_message(key)
+    choices = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]$", reason)
+    if choices:
+        value = None if key.endswith("]") else _override_value(overrides, key)
+        value = choices.group(1) if value is None else value
+        return (f"{key}={value!r} is not valid; choose one of: {choices.group(2)}"
+                + (f"\n({msg.splitlines()[0]})" if msg and reason not in msg else ""))
+    if reason and reason not in msg:
+        msg = f"{msg.splitlines()[0]}: {key}: {reason}"
+    return msg
+
+
+def precheck(overrides: Sequence[str], *, devices: bool = True):
+    """Compose `overrides` and validate; return the config or raise PrecheckError.
+
+    devices=False skips the CUDA / Triton checks (a sweep launched to other machines).
+    """
     from fp4_experiments.validate import ConfigError, validate_config
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -62,28 +87,52 @@ def precheck(overrides: Sequence[str]):
     try:
         cfg = compose(overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        msg = str(err).strip()
-        cause = _omegaconf_cause(err)
-        if cause is not None and "not in" in str(cause):
-            key = cause.full_key
-            others = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith(key)]
-            try:
-                valid = _valid_keys(others, key)
-            except Exception:  # the rest of the command line is broken too: say what we know
-                valid = []
-            if valid:
-                parent = key.rsplit(".", 1)[0] if "." in key else "<top level>"
-                msg += f"\nValid keys under {parent}: {', '.join(valid)}"
-        raise PrecheckError(msg) from None
+        raise PrecheckError(composition_message(err, overrides)) from None
     try:
-        validate_config(cfg)
+        validate_config(cfg, devices=devices)
     except ConfigError as err:
         raise PrecheckError(str(err)) from None
     return cfg
 
 
+# Hydra lists every folder of configs/ as a config group in --help; these are data for the
+# report (experiments/report/throughput.py), not options of a run.
+HIDDEN_GROUPS = ("hardware/profile",)
+SWEEP_HEADER = """fp4-ablate sweep: run the paper's grid (or any Hydra sweep) over seeds; resumable and
+idempotent (finished runs are skipped, interrupted ones resume), then print the outcome.
+
+Examples:
+  fp4-ablate sweep                                the default grid (experiments/sweep.py
+                                                  DEFAULT_GRID: ablation cells), sweep.seeds seeds
+  fp4-ablate sweep sweep.seeds=3 model=llama-20m train=gpu data=c4_local data.path=DIR
+  fp4-ablate sweep +ladder=fp8,wgrad +stabilizer=none,h16   the product instead of the grid
+  fp4-ablate sweep +ablation=fp8,wgrad_h16,bf16   chosen cells (configs/ablation/)
+Every job's config and data paths are checked before the first job starts.
+The options below are those of one job (the sweep's first)."""
+
+
+def _help_text(text: str, prog: str) -> str:
+    lines = [line for line in text.split("\n")
+             if not any(line.startswith(g + ":") for g in HIDDEN_GROUPS)]
+    text = "\n".join(lines)
+    if prog.endswith("sweep"):
+        from omegaconf import OmegaConf
+        header = OmegaConf.load(_config_yaml()).hydra.help.header
+        text = text.replace(header.strip(), SWEEP_HEADER, 1)
+    return text
+
+
+def _config_yaml() -> str:
+    import os
+    import fp4_configs
+    return os.path.join(os.path.dirname(fp4_configs.__file__), "config.yaml")
+
+
 def run_hydra(task: Callable, argv: Sequence[str], prog: str) -> None:
     """Run `task` as a Hydra app with `argv` as its command line (flags and overrides)."""
+    import contextlib
+    import io
+
     import hydra
 
     import fp4_configs.schema  # noqa: F401
@@ -92,8 +141,17 @@ def run_hydra(task: Callable, argv: Sequence[str], prog: str) -> None:
                      version_base="1.3")(task)
     saved = sys.argv
     sys.argv = [prog, *argv]
+    help_out = io.StringIO() if ("--help" in argv or "-h" in argv) else None
     try:
-        app()
+        if help_out is None:
+            app()
+        else:
+            try:
+                with contextlib.redirect_stdout(help_out):
+                    app()
+            finally:
+                sys.stdout.write(_help_text(help_out.getvalue(), prog))
+                sys.stdout.flush()
     finally:
         sys.argv = saved
 

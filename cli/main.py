@@ -35,11 +35,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return int(code or 0)
 
 
-def _precheck_or_exit(command_lines: List[List[str]]) -> Optional[object]:
+def _precheck_or_exit(command_lines: List[List[str]], devices: bool = True) -> Optional[object]:
     cfg = None
     for line in command_lines:
         try:
-            cfg = hydra_app.precheck(line)
+            cfg = hydra_app.precheck(line, devices=devices)
         except hydra_app.PrecheckError as err:
             print(f"fp4-ablate: {err}", file=sys.stderr)
             raise SystemExit(2)
@@ -48,14 +48,24 @@ def _precheck_or_exit(command_lines: List[List[str]]) -> Optional[object]:
 
 def run_command(argv: List[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
+    from fp4_experiments.runlock import RunLocked
     from fp4_experiments.runner import one_line, run_experiment
 
     flags, overrides = hydra_app.split_flags(argv)
     if not flags:
         _precheck_or_exit([overrides])
 
+    from fp4_experiments.validate import ConfigError
+
     def task(cfg):
-        summary = run_experiment(cfg, list(HydraConfig.get().overrides.task))
+        try:
+            summary = run_experiment(cfg, list(HydraConfig.get().overrides.task))
+        except ConfigError as err:  # bad input found after the precheck (e.g. the data): exit 2
+            print(f"fp4-ablate: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
+        except RunLocked as err:  # another process is training this run now: exit 3
+            print(f"fp4-ablate run: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(3)
         print(one_line(summary), flush=True)
 
     hydra_app.run_hydra(task, argv, "fp4-ablate run")
@@ -69,21 +79,26 @@ def sweep_command(argv: List[str]) -> int:
     flags, overrides = hydra_app.split_flags(argv)
     if not any(hydra_app.key_of(o) in GRID_KEYS for o in overrides):
         overrides.append("+ablation=" + ",".join(DEFAULT_GRID))
-    cfg = _precheck_or_exit(hydra_app.first_value_variants(overrides)[:1])
+    # A launcher that runs the jobs on other machines (SLURM): their CUDA is not this host's.
+    launcher = hydra_app.find_override(overrides, "hydra/launcher")
+    devices = launcher is None or launcher in ("basic", "joblib")
+    # Every value of every swept key is checked (config, devices, paths, data files) before
+    # the first job starts: a sweep with a bad data path must not start 35 failing jobs.
+    cfg = _precheck_or_exit(hydra_app.first_value_variants(overrides)[:1], devices)
     if hydra_app.find_override(overrides, "seed") is None:
         overrides.append(f"seed=range(0,{cfg.sweep.seeds})")
-    if hydra_app.find_override(overrides, "hydra/launcher") is None:
+    if launcher is None:
         overrides += _parallel_launcher(cfg.sweep.jobs_per_gpu)
     if not flags:
-        _precheck_or_exit(hydra_app.first_value_variants(overrides)[1:])
+        _precheck_or_exit(hydra_app.first_value_variants(overrides)[1:], devices)
     total = hydra_app.sweep_size(overrides)
     sweep_id = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{os.getpid()}"
-    results_dir = cfg.results_dir
-    overrides += [f"sweep.total={total}", f"sweep.id={sweep_id}",
-                  f"hydra.sweep.dir={os.path.join(os.path.dirname(results_dir) or '.', 'sweeps', sweep_id)}"]
+    # normpath: "runs/" and "runs" are one results_dir (the ledger sits beside it, in sweeps/).
+    results_dir = os.path.normpath(str(cfg.results_dir))
+    sweep_dir = os.path.join(os.path.dirname(results_dir) or ".", "sweeps", sweep_id)
+    overrides += [f"sweep.total={total}", f"sweep.id={sweep_id}", f"hydra.sweep.dir={sweep_dir}"]
     if not flags:
-        print(f"fp4-ablate sweep: {total} runs; ledger in "
-              f"{os.path.join(os.path.dirname(results_dir) or '.', 'sweeps', sweep_id)}", flush=True)
+        print(f"fp4-ablate sweep: {total} runs; ledger in {sweep_dir}", flush=True)
 
     def task(cfg):
         hc = HydraConfig.get()

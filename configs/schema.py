@@ -1,10 +1,21 @@
 """Structured-config schemas: the typed table of contents of every experiment parameter.
 
 Hydra merges the YAML files of `configs/` onto these dataclasses, so a misspelt key in a
-YAML file or an override fails at composition, before any work, naming the key. Values
-with a fixed set of choices are checked by `fp4_experiments.validate.validate_config`
-(which lists the valid choices), because they come from the numerics core (`fp4`) and the
-data layer, and the schema must not import either.
+YAML file or an override fails at composition, before any work, naming the key (the CLI's
+precheck also refuses keys added with `+key=` / `++key=`, which Hydra lets through). Values
+with a fixed set of choices are typed by Enums: the numerics' names come from `fp4.names`
+(the one vocabulary of the numerics core), the experiment layer's (data sources, tokenizers,
+loggers, autocast dtypes) are defined here, so a bad value fails at composition too, naming
+the key and listing the valid choices. `fp4_experiments.validate` keeps only cross-field,
+range and environment checks.
+
+Every key is read by the code it describes. A key that only matters for some choices of its
+own group (Hadamard signs for a Hadamard stabilizer, SR operands for `sr`, `ufp4_element` for
+`ufp4`, hub settings for `data=c4`, ...) is Optional: null means "the default of that
+choice", and a non-null value where it has no effect is refused by validation rather than
+silently ignored (it would change the run key and nothing else). Which GEMMs a rung puts in
+FP4 and what a stabilizer does are defined once, in `fp4` (`fp4.names.FP4_GEMMS`,
+`fp4.recipe.Recipe`), not repeated here.
 
 `ladder` and `stabilizer` are deliberately *not* in the defaults list of `config.yaml`:
 their schema defaults below are the FP8 baseline with no stabilizer, and a rung or a
@@ -12,42 +23,88 @@ stabilizer is appended with `+ladder=wgrad +stabilizer=h16`, as the command line
 paper's ablation reads.
 """
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from fp4.names import (Fp8Format, Gemm, Ladder, QuantBackend, RecipeFormat, ScaleMode, SignCadence,
+                       SrOperands, Stabilizer, UfpElement)
+
+
+class _Name(str, Enum):
+    """A config choice whose str() / format() / json form is its plain value (as fp4.names)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class DataSource(_Name):
+    """embedded: the C4 sample in the package; c4_local: a C4 shard directory; c4: the hub;
+    jsonl: any JSON-lines corpus."""
+    embedded = "embedded"
+    c4_local = "c4_local"
+    c4 = "c4"
+    jsonl = "jsonl"
+
+
+class TokenizerKind(_Name):
+    bpe = "bpe"
+    pretrained = "pretrained"
+
+
+class LoggerKind(_Name):
+    none = "none"
+    wandb = "wandb"
+
+
+class AutocastDtype(_Name):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
 
 @dataclass
 class LadderConfig:
-    # Rung of the FP8 -> FP4 ladder; rung k keeps the earlier rungs' GEMMs in FP4.
-    name: str = "fp8"
-    fp4_gemms: List[str] = field(default_factory=list)
+    # Rung of the FP8 -> FP4 ladder; rung k keeps the earlier rungs' GEMMs in FP4. Which GEMMs
+    # that is is defined once, in fp4.names.FP4_GEMMS.
+    name: Ladder = Ladder.fp8
 
 
 @dataclass
 class StabilizerConfig:
-    name: str = "none"
-    # Which GEMMs the stabilizer acts on (only those that are in FP4 are affected).
-    gemms: List[str] = field(default_factory=lambda: ["wgrad"])
-    stochastic_rounding: bool = False
-    # "grad": dY only (TE, torchao, UFP4); "all": every backward operand (Tseng et al., Quartet).
-    sr_operands: str = "grad"
-    hadamard: bool = False
-    hadamard_size: int = 16
-    # none: unsigned H (deterministic); fixed: one random sign vector kept for the run;
-    # step: fresh signs every optimizer step; call: fresh signs every GEMM call.
-    hadamard_signs: str = "none"
+    # What the stabilizer does (SR, a Hadamard transform and its default signs) is defined by
+    # its name, in fp4.recipe.Recipe; the keys below only tune it.
+    name: Stabilizer = Stabilizer.none
+    # Which GEMMs the stabilizer acts on (only those that are in FP4 are affected);
+    # null: Wgrad. Refused with stabilizer=none (it acts on nothing).
+    gemms: Optional[List[Gemm]] = None
+    # sr only. "grad": dY only (TE, torchao, UFP4); "all": every operand of the targeted GEMMs
+    # (Tseng et al., Quartet). null: grad.
+    sr_operands: Optional[SrOperands] = None
+    # Block of the Hadamard transform (rht, h16, and format=ufp4's built-in one); null: 16.
+    hadamard_size: Optional[int] = None
+    # rht / h16 only. none: unsigned H (deterministic); fixed: one random sign vector kept for
+    # the run; step: fresh signs every optimizer step; call: fresh signs every GEMM call.
+    # null: the stabilizer's own default (rht: step, h16: none).
+    hadamard_signs: Optional[SignCadence] = None
 
 
 @dataclass
 class FormatConfig:
-    name: str = "mxfp4"
-    # MX shared-exponent rule: floor | ceil | rceil | even; null = the format default.
-    scale_mode: Optional[str] = "even"
+    name: RecipeFormat = RecipeFormat.mxfp4
+    # MX shared-exponent rule (mxfp4, ufp4): floor | ceil | rceil | even; null = the format
+    # default (even; rceil under stochastic rounding). Refused with nvfp4 (E4M3 block scales).
+    scale_mode: Optional[ScaleMode] = ScaleMode.even
+    # nvfp4 only (refused otherwise): 16x16 weight tiles.
     nvfp4_2d_weights: bool = False
-    ufp4_element: str = "e1m2"
-    fp8_forward: str = "e4m3"
-    fp8_backward: str = "e5m2"
+    # ufp4 only (refused otherwise): e1m2 | int4; null = e1m2.
+    ufp4_element: Optional[UfpElement] = None
+    fp8_forward: Fp8Format = Fp8Format.e4m3
+    fp8_backward: Fp8Format = Fp8Format.e5m2
 
 
 @dataclass
@@ -70,23 +127,28 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "embedded"
+    name: DataSource = DataSource.embedded
+    # c4_local / jsonl only (required there, refused otherwise).
     path: Optional[str] = None
     val_path: Optional[str] = None
     val_tokens: int = 16384
     max_docs: Optional[int] = None
-    hub_path: str = "allenai/c4"
-    hub_name: str = "en"
+    # data=c4 only (refused otherwise); null: allenai/c4, en, no data_files, validation.
+    hub_path: Optional[str] = None
+    hub_name: Optional[str] = None
     data_files: Optional[Dict[str, Any]] = None
-    val_split_name: str = "validation"
+    val_split_name: Optional[str] = None
 
 
 @dataclass
 class TokenizerConfig:
-    name: str = "bpe"
-    vocab_size: int = 2048
+    name: TokenizerKind = TokenizerKind.bpe
+    # bpe only (refused with pretrained, whose vocabulary is its own).
+    vocab_size: Optional[int] = 2048
+    # pretrained only (required there, refused with bpe).
     path: Optional[str] = None
-    train_docs: int = 4000
+    # bpe only: documents the BPE is trained on.
+    train_docs: Optional[int] = 4000
 
 
 @dataclass
@@ -112,13 +174,14 @@ class TrainConfig:
     diverge_ema: float = 0.9
     check_finite: bool = False
     checkpoint_every_steps: int = 50
+    keep_final_checkpoint: bool = False  # true: a finished run keeps checkpoints/last.pt
     log_every_steps: int = 10
     progress_bar: bool = True
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"
+    name: LoggerKind = LoggerKind.none
     project: str = "fp4-ablate"
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
@@ -133,9 +196,9 @@ class HardwareConfig:
     device: str = "auto"
     compile: bool = False
     # Autocast dtype on CUDA; CPU runs in float32.
-    autocast_dtype: str = "bfloat16"
+    autocast_dtype: AutocastDtype = AutocastDtype.bfloat16
     # auto: Triton kernels on CUDA when available; torch: the reference everywhere.
-    quant_backend: str = "auto"
+    quant_backend: QuantBackend = QuantBackend.auto
     # Real FP8 GEMMs through torch._scaled_mm on sm_89+ (emulated elsewhere).
     real_fp8: bool = True
 
@@ -176,7 +239,7 @@ class ExperimentConfig:
 NON_EXPERIMENT_KEYS = (
     "results_dir", "cache_dir", "logger", "hardware", "sweep",
     "train.checkpoint_every_steps", "train.log_every_steps", "train.progress_bar",
-    "train.eval_batch_size", "train.check_finite",
+    "train.eval_batch_size", "train.check_finite", "train.keep_final_checkpoint",
 )
 
 

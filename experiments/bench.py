@@ -88,17 +88,16 @@ def _capture_step(model, x, opt, warmup: int) -> "torch.cuda.CUDAGraph":
 def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq_len: int,
                vocab: int, steps: int, warmup: int, mode: str, device,
                profile: bool = False) -> Dict:
-    from fp4.linear import QuantState, configure
+    from fp4.linear import ExecutionConfig, QuantState
     from fp4.recipe import Recipe
     from .model import build_llama
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    configure(quant_backend="auto", real_fp8=True)
     torch.manual_seed(0)
     mcfg = load_model_config(model_name)
     mcfg.seq_len = seq_len
-    state = QuantState(seed=0)
+    state = QuantState(seed=0, execution=ExecutionConfig(quant_backend="auto", real_fp8=True))
     model, info = build_llama(mcfg, vocab, Recipe(ladder=ladder, stabilizer=stabilizer), state)
     model.to(device)
     graphed = mode == "cuda_graph"

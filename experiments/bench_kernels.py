@@ -217,10 +217,10 @@ def diagnose(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.
 def sweep(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfloat16
           ) -> List[Dict]:
     """Time launch configurations of the kernels (fp4.kernels.mx_quant.block_quantize `config`,
-    fp8_quant.FP8_CONFIG / AMAX_CONFIG) on an [size, size] operand; % of copy bandwidth."""
+    fp8_quant.FP8_CONFIG, amax.AMAX_CONFIG) on an [size, size] operand; % of copy bandwidth."""
     import triton.testing
 
-    from fp4.kernels import fp8_quant, triton_quantize_operand
+    from fp4.kernels import amax as amax_pass, fp8_quant, triton_quantize_operand
     from fp4.kernels import mx_quant
 
     dev = torch.device(device)
@@ -247,7 +247,7 @@ def sweep(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfl
                 if axis == 0 and op == "nvfp4" and cfg[0] < 16:
                     continue
                 key = (kw["fmt"] == "mxfp4", 1 if axis == -1 else 0,
-                       "hadamard_block" in kw, kw.get("rounding") == "stochastic", False)
+                       kw.get("hadamard_block", 1), kw.get("rounding") == "stochastic", False)
                 mx_quant.TILE_CONFIG[key] = cfg
                 gen = torch.Generator(device=dev).manual_seed(1)
                 try:
@@ -264,7 +264,7 @@ def sweep(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfl
                  dict(block=16384, num_warps=16)):
         for acfg in (dict(block=4096, iters=8, num_warps=8), dict(block=4096, iters=1, num_warps=8),
                      dict(block=8192, iters=16, num_warps=8)):
-            fp8_quant.FP8_CONFIG, fp8_quant.AMAX_CONFIG = fcfg, acfg
+            fp8_quant.FP8_CONFIG, amax_pass.AMAX_CONFIG = fcfg, acfg
             for rounding in ("nearest", "stochastic"):
                 gen = torch.Generator(device=dev).manual_seed(1)
                 ms = triton.testing.do_bench(lambda: triton_quantize_operand(
@@ -276,8 +276,8 @@ def sweep(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfl
     amax = torch.zeros(1, dtype=torch.int32, device=dev)
     for acfg in (dict(block=4096, iters=8, num_warps=8), dict(block=4096, iters=1, num_warps=8),
                  dict(block=8192, iters=16, num_warps=8), dict(block=2048, iters=16, num_warps=4)):
-        fp8_quant.AMAX_CONFIG = acfg
-        ms = triton.testing.do_bench(lambda: fp8_quant.global_amax_bits(x.view(torch.int16), 1, amax))
+        amax_pass.AMAX_CONFIG = acfg
+        ms = triton.testing.do_bench(lambda: amax_pass.global_amax_bits(x.view(torch.int16), 1, amax))
         r = dict(op="amax pass", amax=acfg, ms=ms, pct_copy_of_read=100 * copy_ms / 2 / ms)
         rows.append(r)
         print(r, flush=True)

@@ -16,13 +16,12 @@ model and data set without tuning toward any answer:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .rundir import atomic_write_json, read_json, read_metrics
+from .rundir import RunDirError, Status, atomic_write_json, load_run, run_dirs
 
 
 def ppl_at(evals: List[Dict], tokens: float) -> Optional[float]:
@@ -37,36 +36,47 @@ def ppl_at(evals: List[Dict], tokens: float) -> Optional[float]:
     return None
 
 
+class CalibrationError(SystemExit):
+    """Calibration impossible; the message says why (the CLI exits 2 with it)."""
+
+
 def calibrate(results_dir: Path, fraction: float = 0.7, model: Optional[str] = None,
               data: Optional[str] = None) -> Dict:
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise CalibrationError(f"fp4-ablate calibrate: no such directory: {results_dir}")
     rows, skipped = [], []
-    for summary_path in sorted(Path(results_dir).glob("*/summary.json")):
-        s = read_json(summary_path)
-        if not s or s.get("ladder") != "fp8" or s.get("stabilizer", "none") != "none":
+    for run_dir in run_dirs(results_dir):
+        run = run_dir.name
+        try:
+            rec = load_run(run_dir)  # the run-directory contract's reader (version 1 and 2)
+        except RunDirError as e:
+            if run.startswith("fp8-"):
+                skipped.append(f"{run}: {e}")
             continue
-        if (model and s.get("model") != model) or (data and s.get("data") != data):
+        s = rec.summary
+        if s.ladder != "fp8" or s.stabilizer != "none":
             continue
-        run = summary_path.parent.name
-        if s.get("target_ppl") is not None or s.get("status") != "completed":
-            skipped.append(f"{run}: status {s.get('status')}, target {s.get('target_ppl')} "
+        if (model and s.model != model) or (data and s.data != data):
+            continue
+        if s.target_ppl is not None or s.status != Status.completed:
+            skipped.append(f"{run}: status {s.status}, target {s.target_ppl} "
                            "(calibration needs FP8 runs over the full budget with no target)")
             continue
-        evals = [m for m in read_metrics(summary_path.parent / "metrics.jsonl")
-                 if m.get("kind") == "eval"]
-        at = fraction * s["max_tokens"]
-        p = ppl_at(evals, at)
+        at = fraction * s.max_tokens
+        p = ppl_at(rec.metrics.evals, at)
         if p is None:
             skipped.append(f"{run}: no evaluations around {at:,.0f} tokens")
             continue
-        rows.append({"run": run, "seed": s["seed"], "model": s["model"], "data": s["data"],
-                     "max_tokens": s["max_tokens"], "ppl": p})
+        rows.append({"run": run, "seed": s.seed, "model": s.model, "data": s.data,
+                     "max_tokens": s.max_tokens, "ppl": p})
     if not rows:
-        raise SystemExit("fp4-ablate calibrate: no usable FP8 runs in "
-                         f"{results_dir}" + "".join(f"\n  skipped {x}" for x in skipped))
+        raise CalibrationError("fp4-ablate calibrate: no usable FP8 runs in "
+                               f"{results_dir}" + "".join(f"\n  skipped {x}" for x in skipped))
     groups = {(r["model"], r["data"], r["max_tokens"]) for r in rows}
     if len(groups) > 1:
-        raise SystemExit("fp4-ablate calibrate: FP8 runs of several configurations "
-                         f"{sorted(groups)}; choose one with --model/--data")
+        raise CalibrationError("fp4-ablate calibrate: FP8 runs of several configurations "
+                               f"{sorted(groups)}; choose one with --model/--data")
     target = math.exp(sum(math.log(r["ppl"]) for r in rows) / len(rows))
     return {"target_ppl": round(target, 2), "fraction": fraction, "runs": rows,
             "skipped": skipped, "model": rows[0]["model"], "data": rows[0]["data"],
@@ -83,7 +93,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if not 0 < args.fraction <= 1:
         ap.error(f"--fraction={args.fraction} must be in (0, 1]")
-    result = calibrate(Path(args.results_dir), args.fraction, args.model, args.data)
+    try:
+        result = calibrate(Path(args.results_dir), args.fraction, args.model, args.data)
+    except CalibrationError as err:
+        print(err.code, file=sys.stderr)
+        return 2
     for r in result["runs"]:
         print(f"  seed {r['seed']}: ppl {r['ppl']:.3f} at {args.fraction:.0%} of "
               f"{r['max_tokens']:,} tokens ({r['run']})")

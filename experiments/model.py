@@ -12,7 +12,7 @@ its table along the hidden axis on every forward).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -91,27 +91,45 @@ def build_llama(model_cfg, vocab_size: int, recipe: Recipe, state: QuantState,
     return model, info
 
 
-def _quantize_embedding(model: nn.Module, recipe: Recipe) -> None:
-    """Fake-quantize the embedding table like an Fprop weight operand (blocks along hidden)."""
-    from fp4.quantize import fake_quantize
+class QuantEmbedding(nn.Embedding):
+    """nn.Embedding whose table is fake-quantized like an Fprop weight operand (blocks along hidden)
+    on every forward, with a straight-through estimator: the lookup sees quantized rows, the gradient
+    flows to the high-precision table unchanged. Same parameters and state_dict keys as nn.Embedding.
+    """
 
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, fmt: str,
+                 scale_mode: Optional[str] = None, **kwargs):
+        super().__init__(num_embeddings, embedding_dim, **kwargs)
+        self.fmt, self.scale_mode = fmt, scale_mode
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, fmt: str, scale_mode: Optional[str] = None) -> "QuantEmbedding":
+        """Wrap `emb`, sharing its weight Parameter (a tied output head and optimizers stay valid)."""
+        new = cls(emb.num_embeddings, emb.embedding_dim, fmt=fmt, scale_mode=scale_mode,
+                  padding_idx=emb.padding_idx, max_norm=emb.max_norm, norm_type=emb.norm_type,
+                  scale_grad_by_freq=emb.scale_grad_by_freq, sparse=emb.sparse, device="meta")
+        new.weight = emb.weight
+        return new
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from fp4.quantize import fake_quantize
+
+        w = self.weight
+        wq = fake_quantize(w.detach(), self.fmt, axis=-1, scale_mode=self.scale_mode)
+        return nn.functional.embedding(input_ids, w + (wq - w).detach(), self.padding_idx, self.max_norm,
+                                       self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fmt={self.fmt}, scale_mode={self.scale_mode}"
+
+
+def _quantize_embedding(model: nn.Module, recipe: Recipe) -> None:
+    """Swap the input embedding for a QuantEmbedding quantized as the recipe's Fprop weight."""
     spec = recipe.specs["fprop"].b
     if spec.fmt is None:
         return
-    emb = model.get_input_embeddings()
-
-    def hook(module, inputs):
-        # A straight-through estimator: the lookup sees quantized rows, the gradient flows
-        # to the high-precision table unchanged.
-        w = module.weight
-        wq = fake_quantize(w.detach(), spec.fmt, axis=-1, scale_mode=spec.scale_mode)
-        module._fp4_weight = w + (wq - w).detach()
-
-    def forward(input_ids):
-        return nn.functional.embedding(input_ids, emb._fp4_weight, emb.padding_idx)
-
-    emb.register_forward_pre_hook(hook)
-    emb.forward = forward
+    model.set_input_embeddings(QuantEmbedding.from_embedding(model.get_input_embeddings(), spec.fmt,
+                                                             spec.scale_mode))
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

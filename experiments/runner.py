@@ -5,7 +5,9 @@ It is idempotent: the run directory is keyed by the experiment config and seed, 
 run is skipped (its summary returned), an interrupted one resumes from its checkpoint, and
 `sweep.force=true` starts over. A crash is recorded (`status: failed`, `traceback.txt`) and
 re-raised, so `run` exits non-zero and `sweep` can record it and go on; a failed run is
-retried, from its checkpoint, the next time the same command runs.
+retried, from its checkpoint, the next time the same command runs. One process at a time
+trains a run directory (runlock.py). A finished run's checkpoint is deleted once its summary
+is written, unless `train.keep_final_checkpoint=true`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import shutil
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
@@ -24,11 +27,12 @@ from fp4.linear import QuantState, gemm_paths
 from fp4.recipe import Recipe
 from .data import TrainLoader, prepare_data
 from .model import build_llama
-from .rundir import (CHECKPOINT, SUMMARY, atomic_write_json, atomic_write_text, read_json,
-                     run_key, run_name, write_run_files)
+from .rundir import (CHECKPOINT, SUMMARY, GemmPath, Status, Summary, atomic_write_json,
+                     atomic_write_text, read_json, run_key, run_name, write_run_files)
 from .tracking import make_tracker
-from .train import train
-from .validate import validate_config
+from .runlock import LOCK, run_lock
+from .training import delete_checkpoint, train
+from .validate import check_data, validate_config
 
 log = logging.getLogger("fp4_experiments.runner")
 
@@ -37,13 +41,16 @@ FINISHED = ("reached", "not_reached", "diverged", "completed")
 
 def recipe_from_config(cfg) -> Recipe:
     st, fmt = cfg.stabilizer, cfg.format
+    # Optional keys left null mean the recipe's own default (validation refuses a value where it
+    # would have no effect), so only the keys that are set are passed.
+    optional = {"sr_operands": st.sr_operands, "hadamard_block": st.hadamard_size,
+                "hadamard_signs": st.hadamard_signs, "ufp4_element": fmt.ufp4_element,
+                "stabilizer_gemms": None if st.gemms is None else list(st.gemms)}
     return Recipe(
         ladder=cfg.ladder.name, stabilizer=st.name, format=fmt.name, seed=int(cfg.seed),
         fp8_forward=fmt.fp8_forward, fp8_backward=fmt.fp8_backward,
-        scale_mode=fmt.scale_mode, sr_operands=st.sr_operands,
-        stabilizer_gemms=list(st.gemms), hadamard_block=st.hadamard_size,
-        hadamard_signs=st.hadamard_signs if st.hadamard else None,
-        nvfp4_2d_weights=fmt.nvfp4_2d_weights, ufp4_element=fmt.ufp4_element,
+        scale_mode=fmt.scale_mode, nvfp4_2d_weights=fmt.nvfp4_2d_weights,
+        **{k: v for k, v in optional.items() if v is not None},
     )
 
 
@@ -77,35 +84,68 @@ def _file_logger(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def run_experiment(cfg, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+def run_experiment(cfg, overrides: Sequence[str] = (), wait: bool = False) -> Dict[str, Any]:
+    """Run (or skip, or resume) the experiment `cfg`; its summary.
+
+    While it trains, the run directory is locked (runlock.py): a second process on the same run
+    raises `RunLocked` naming the holder, or with `wait=True` (sweep jobs) waits for it, then
+    finds the run finished and skips it.
+    """
     validate_config(cfg)
+    # Data preparation (cached) before the run directory: bad input data leaves no run behind.
+    check_data(cfg)
     key = run_key(cfg)
     name = run_name(cfg, key)
     run_dir = Path(cfg.results_dir) / name
+    previous = _finished(cfg, name, run_dir)
+    if previous is not None:
+        return previous
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir, wait=wait):
+        # Checked again under the lock: the process this one waited for may have finished it.
+        previous = _finished(cfg, name, run_dir)
+        if previous is not None:
+            return previous
+        _prepare_run_dir(cfg, run_dir)
+        return _attempt(cfg, key, name, run_dir, list(overrides))
+
+
+def _finished(cfg, name: str, run_dir: Path):
+    """The summary of a finished run (unless sweep.force), else None."""
     previous = read_json(run_dir / SUMMARY)
     if previous and previous.get("status") in FINISHED and not cfg.sweep.force:
         log.info("%s: already finished (%s); skipped. sweep.force=true re-runs it.",
                  name, previous["status"])
         return previous
-    if cfg.sweep.force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _prepare_run_dir(cfg, run_dir: Path) -> None:
+    """Empty it for sweep.force (all but the held lock file); set a failed attempt's files aside."""
+    if cfg.sweep.force:
+        for path in run_dir.iterdir():
+            if path.name != LOCK:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     (run_dir / SUMMARY).unlink(missing_ok=True)  # a failed run is being retried
     old_traceback = run_dir / "traceback.txt"
     if old_traceback.exists():
         # Kept, under a name that cannot be read as this attempt's outcome.
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(old_traceback.stat().st_mtime))
         old_traceback.replace(run_dir / f"failed-attempt-{stamp}.txt")
+
+
+def _attempt(cfg, key: str, name: str, run_dir: Path, overrides) -> Dict[str, Any]:
+    """One attempt at the run: its summary; a crash is recorded (failed summary, traceback)."""
     handler = _file_logger(run_dir)
     started = time.time()
     try:
-        return _run(cfg, key, name, run_dir, list(overrides), started)
+        return _run(cfg, key, name, run_dir, overrides, started)
     except BaseException as err:
         tb = traceback.format_exc()
         atomic_write_text(run_dir / "traceback.txt", tb)
-        atomic_write_json(run_dir / SUMMARY, {
-            **_identity(cfg, key), "status": "failed", "error": f"{type(err).__name__}: {err}",
-            "wall_time_s": time.time() - started})
+        atomic_write_json(run_dir / SUMMARY, Summary(
+            **_identity(cfg, key), status=Status.failed, error=f"{type(err).__name__}: {err}",
+            wall_time_s=time.time() - started).to_dict())
         log.error("%s failed: %s (traceback in %s)", name, err, run_dir / "traceback.txt")
         raise
     finally:
@@ -129,17 +169,43 @@ def _data_label(cfg) -> str:
 
 
 def _run(cfg, key, name, run_dir: Path, overrides, started) -> Dict[str, Any]:
+    """setup and build, train, summarize."""
+    b = _build(cfg, name)
+    meta = _write_inputs(cfg, key, run_dir, b, overrides)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    tracker = make_tracker(cfg.logger, run_dir, key, name, resolved)
+    outcome, loop = _train(cfg, run_dir, b, tracker)
+    summary = _summary(cfg, key, outcome, loop, b.loader, b.device, b.info, meta, b.paths,
+                       b.recipe, started)
+    _finish(cfg, name, run_dir, summary, b.loader, tracker)
+    return summary
+
+
+@dataclass
+class _Built:
+    """What a run trains: device, data, recipe, quantization state, model, loader."""
+    device: torch.device
+    bundle: Any
+    recipe: Recipe
+    quant_state: QuantState
+    model: torch.nn.Module
+    info: Any
+    paths: Dict[str, str]
+    loader: TrainLoader
+
+
+def _build(cfg, name: str) -> _Built:
     device = pick_device(cfg.hardware.device)
     torch.manual_seed(cfg.seed)
     bundle = prepare_data(cfg.data, cfg.tokenizer, cfg.model.seq_len, Path(cfg.cache_dir))
     recipe = recipe_from_config(cfg)
-    quant_state = QuantState(seed=int(cfg.seed))
+    quant_state = QuantState(seed=int(cfg.seed), execution=_configure_backends(cfg, device))
     torch.manual_seed(cfg.seed)  # model init depends on the seed only, not on data preparation
     model, info = build_llama(cfg.model, bundle.tokenizer.vocab_size, recipe, quant_state,
                               eos_id=bundle.tokenizer.eos_id)
     model.to(device)
-    _configure_backends(cfg, device)
-    paths = gemm_paths(recipe, device)
+    paths = gemm_paths(recipe, device, quant_state.execution)
     log.info("%s: %s parameters (%s in %d quantized linears); GEMM paths: %s",
              name, f"{info.param_count:,}", f"{info.linear_param_count:,}",
              info.quantized_linears, paths)
@@ -147,73 +213,92 @@ def _run(cfg, key, name, run_dir: Path, overrides, started) -> Dict[str, Any]:
           f"({info.linear_param_count:,} in quantized linears)", flush=True)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
     loader = TrainLoader(bundle.train_tokens, cfg.model.seq_len, micro, int(cfg.seed))
-    meta = write_run_files(run_dir, cfg, key, device, overrides)
-    atomic_write_json(run_dir / "data.json", bundle.describe())
-    atomic_write_json(run_dir / "recipe.json", recipe.describe())
-    resume = (run_dir / CHECKPOINT).exists()
+    return _Built(device, bundle, recipe, quant_state, model, info, paths, loader)
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    tracker = make_tracker(cfg.logger, run_dir, key, name, resolved)
+
+def _write_inputs(cfg, key: str, run_dir: Path, b: _Built, overrides) -> dict:
+    """config.yaml, overrides.txt, meta.json, data.json, recipe.json; the meta."""
+    meta = write_run_files(run_dir, cfg, key, b.device, overrides)
+    atomic_write_json(run_dir / "data.json", b.bundle.describe())
+    atomic_write_json(run_dir / "recipe.json", b.recipe.describe())
+    return meta
+
+
+def _train(cfg, run_dir: Path, b: _Built, tracker):
+    """The training loop (resumed from the run's checkpoint if it has one): outcome, loop state."""
+    resume = (run_dir / CHECKPOINT).exists()
     progress = _progress(cfg)
     try:
-        outcome, loop = train(cfg=cfg, model=model, loader=loader, val=bundle.val,
-                              vocab_size=bundle.tokenizer.vocab_size, quant_state=quant_state,
-                              device=device, run_dir=run_dir, resume=resume,
-                              on_metrics=tracker.log, progress=progress)
+        return train(cfg=cfg, model=b.model, loader=b.loader, val=b.bundle.val,
+                     vocab_size=b.bundle.tokenizer.vocab_size, quant_state=b.quant_state,
+                     device=b.device, run_dir=run_dir, resume=resume,
+                     on_metrics=tracker.log, progress=progress)
     finally:
         if progress is not None:
             progress.close()
+
+
+def _summary(cfg, key, outcome, loop, loader, device, info, meta, paths, recipe,
+             started) -> Dict[str, Any]:
     timed_tokens = loop.timed_tokens or loop.tokens
     timed_time = loop.timed_time_s or loop.train_time_s
-    summary = {
+    summary = Summary(
         **_identity(cfg, key),
-        "status": outcome.status,
-        "tokens_to_target": outcome.tokens_to_target,
-        "diverged_at_tokens": outcome.diverged_at_tokens,
-        "diverged_reason": outcome.diverged_reason,
-        "steps": loop.step,
-        "tokens_seen": loop.tokens,
-        "tokens_per_step": cfg.train.batch_size * cfg.model.seq_len,
-        "epochs": loader.epoch,
-        "best_ppl": loop.best_ppl if loop.evals else None,
-        "best_ppl_tokens": loop.best_ppl_tokens if loop.evals else None,
-        "final_ppl": loop.evals[-1]["ppl"] if loop.evals else None,
-        "mean_tokens_per_s": timed_tokens / timed_time if timed_time else None,
-        "mean_step_time_s": timed_time / max(loop.step - loop.untimed_steps, 1),
+        status=Status(outcome.status),
+        tokens_to_target=outcome.tokens_to_target,
+        diverged_at_tokens=outcome.diverged_at_tokens,
+        diverged_reason=outcome.diverged_reason,
+        steps=loop.step,
+        tokens_seen=loop.tokens,
+        tokens_per_step=cfg.train.batch_size * cfg.model.seq_len,
+        epochs=loader.epoch,
+        best_ppl=loop.best_ppl if loop.evals else None,
+        best_ppl_tokens=loop.best_ppl_tokens if loop.evals else None,
+        final_ppl=loop.evals[-1]["ppl"] if loop.evals else None,
+        mean_tokens_per_s=timed_tokens / timed_time if timed_time else None,
+        mean_step_time_s=timed_time / max(loop.step - loop.untimed_steps, 1),
         # At most this many runs of the sweep shared the GPU (sweep.jobs_per_gpu; fewer when the
         # sweep had fewer jobs left): above 1, tokens/s depend on the neighbours and the report
         # will not compare them.
-        "gpu_shared_by": _gpu_shared_by(cfg, device),
-        "param_count": info.param_count,
-        "linear_param_count": info.linear_param_count,
-        "gemm_flops_per_token": info.gemm_flops_per_token,
-        "device_name": meta["device_name"],
-        "torch_version": torch.__version__,
-        "git_commit": meta["git_commit"],
-        "git_dirty": meta["git_dirty"],
-        "gemm_paths": paths,
-        "recipe": recipe.describe(),
-        "wall_time_s": time.time() - started,
-    }
+        gpu_shared_by=_gpu_shared_by(cfg, device),
+        param_count=info.param_count,
+        linear_param_count=info.linear_param_count,
+        gemm_flops_per_token=info.gemm_flops_per_token,
+        device_name=meta["device_name"],
+        torch_version=torch.__version__,
+        git_commit=meta["git_commit"],
+        git_dirty=meta["git_dirty"],
+        gemm_paths={g: GemmPath.from_text(t) for g, t in paths.items()},
+        recipe=recipe.describe(),
+        wall_time_s=time.time() - started,
+    ).to_dict()
+    return summary
+
+
+def _finish(cfg, name: str, run_dir: Path, summary: Dict[str, Any], loader, tracker) -> None:
+    """Write the summary, close the tracker; then drop the checkpoint (keep_final_checkpoint)."""
     if loader.epoch > 4:
         log.warning("%s: trained for %.1f epochs; beyond ~4, repeated data stops being nearly "
                     "as good as fresh data", name, loader.epoch)
     atomic_write_json(run_dir / SUMMARY, summary)
     tracker.finish(summary)
     log.info("%s: %s", name, one_line(summary))
-    return summary
+    # A finished run is skipped, never resumed: its checkpoint (the model's size, GBs for a big
+    # one) is only kept when asked for. Last, so a failure above leaves it to resume from.
+    if not cfg.train.keep_final_checkpoint:
+        delete_checkpoint(run_dir / CHECKPOINT)
 
 
 def _gpu_shared_by(cfg, device) -> int:
     return int(cfg.sweep.jobs_per_gpu) if cfg.sweep.id and device.type == "cuda" else 1
 
 
-def _configure_backends(cfg, device) -> None:
-    """Route quantization to the Triton kernels / real FP8 GEMMs as the hardware config says."""
-    import fp4.linear as linear
-    linear.configure(quant_backend=cfg.hardware.quant_backend,
-                     real_fp8=bool(cfg.hardware.real_fp8) and device.type == "cuda")
+def _configure_backends(cfg, device):
+    """The model's fp4 ExecutionConfig (Triton kernels / real FP8 GEMMs) as the hardware config says;
+    it travels with the model's QuantState, nothing process-wide is set."""
+    from fp4.state import ExecutionConfig
+    return ExecutionConfig(quant_backend=str(cfg.hardware.quant_backend),
+                           real_fp8=bool(cfg.hardware.real_fp8) and device.type == "cuda")
 
 
 def one_line(summary: Dict[str, Any]) -> str:

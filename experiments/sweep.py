@@ -28,7 +28,7 @@ from .runner import one_line, run_experiment
 
 log = logging.getLogger("fp4_experiments.sweep")
 
-DEFAULT_GRID = ("fp8", "fprop", "dgrad", "wgrad", "wgrad_sr", "wgrad_rht", "wgrad_h16")
+DEFAULT_GRID = ("fp8", "fprop", "dgrad", "wgrad", "wgrad_sr", "wgrad_rht", "wgrad_h16", "wgrad_h16_all")
 GRID_KEYS = ("ladder", "stabilizer", "ablation")
 
 
@@ -62,12 +62,13 @@ def _run_on_free_gpu(cfg, overrides: List[str]) -> Dict[str, Any]:
     n = torch.cuda.device_count() if cfg.hardware.device in ("auto", "cuda") else 0
     per_gpu = cfg.sweep.jobs_per_gpu
     if n * per_gpu <= 1:
-        return run_experiment(cfg, overrides)
+        # Waits, rather than fails, while another process trains the same run.
+        return run_experiment(cfg, overrides, wait=True)
     with gpu_slot(n * per_gpu, Path(cfg.cache_dir) / "gpu-slots") as slot:
         with open_dict(cfg):
             # Slot k on GPU k mod n: the first n jobs spread over all GPUs before any doubles up.
             cfg.hardware.device = f"cuda:{slot % n}"  # hardware is not part of the run key
-        return run_experiment(cfg, overrides)
+        return run_experiment(cfg, overrides, wait=True)
 
 
 def read_ledger(results_dir: str, sweep_id: str) -> List[Dict[str, Any]]:

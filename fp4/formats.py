@@ -45,17 +45,38 @@ float64; u is a multiple of 2^-24, so the probability is frac rounded up to that
 
 Rounding "up" (ceil onto the grid, then saturate) is used for the NVFP4 E4M3 block scale under
 stochastic rounding, so that the block maximum cannot clip.
+
+The operand-format table (OPERAND_FORMATS) adds what a GEMM operand needs besides its element grid,
+and is the only place these facts are written down:
+
+| operand | element | block | block scale | tensor scale | torch dtype        |
+|---------|---------|-------|-------------|--------------|--------------------|
+| mxfp4   | e2m1    | 32    | E8M0        | -            | -                  |
+| nvfp4   | e2m1    | 16    | E4M3        | FP32, amax / 2688 (= E4M3.max * E2M1.max) | - |
+| e1m2    | e1m2    | 32    | E8M0        | -            | -                  |
+| int4    | int4    | 32    | E8M0        | -            | -                  |
+| e4m3    | e4m3    | -     | -           | FP32, amax / 448   | float8_e4m3fn |
+| e5m2    | e5m2    | -     | -           | FP32, amax / 57344 | float8_e5m2   |
+| e2m1    | e2m1    | 32    | E8M0        | -            | -                  |
+
+e2m1 / e1m2 / int4 also take scale mode "fp32" (the UFP4 paper's scaling): blocks of FP32_BLOCK = 16
+with one unrounded FP32 scale each (fp4.scaling.fp32_block_scales). e2m1 under an MX scale mode is
+bit for bit mxfp4; the separate name exists so that "E2M1 elements, FP32 scales" has one.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from .names import OperandFormat, Rounding, ScaleMode, choices
+
 __all__ = ["ElementFormat", "ELEMENT_FORMATS", "E2M1", "E1M2", "INT4", "E4M3", "E5M2",
-           "floor_log2", "get_format", "pow2", "quantum", "round_to_grid"]
+           "OperandFormatSpec", "OPERAND_FORMATS", "MX_BLOCK", "NVFP4_BLOCK", "FP32_BLOCK", "NVFP4_TENSOR_DIVISOR",
+           "E8M0_BIAS", "E8M0_MIN", "E8M0_MAX", "E8M0_NAN", "MX_ELEMENTS", "MX_FORMATS", "FP8_ELEMENTS",
+           "FP8_DTYPES", "FP8_MAX", "floor_log2", "get_format", "pow2", "quantum", "round_to_grid"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +119,65 @@ E4M3 = _make("e4m3", 448.0, 3, -6)
 E5M2 = _make("e5m2", 57344.0, 2, -14)
 
 ELEMENT_FORMATS: Dict[str, ElementFormat] = {f.name: f for f in (E2M1, E1M2, INT4, E4M3, E5M2)}
-GRID_ROUNDINGS = ("nearest", "stochastic", "up")
+# "up" (ceil onto the grid) is internal: the NVFP4 E4M3 block scale under SR.
+GRID_ROUNDINGS = choices(Rounding) + ("up",)
+
+
+# ---- The operand-format table: element grid x block x scale, defined once --------------------------
+# Every other place (fp4.scaling, fp4.quantize, fp4.fp8_gemm, the Triton kernels) derives its block
+# sizes, scale encodings and FP8 dtypes / maxima from here; the kernels turn them into constexprs in
+# Python before the launch.
+MX_BLOCK = 32      # OCP MX v1.0: one E8M0 scale per 32 elements
+NVFP4_BLOCK = 16   # NVFP4: one E4M3 scale per 16 elements (or per 16x16 weight tile)
+FP32_BLOCK = 16    # UFP4 paper: one unrounded FP32 scale per 16 elements (scale mode "fp32")
+E8M0_BIAS = 127
+E8M0_MIN, E8M0_MAX = -127, 127   # exponent range of an E8M0 scale 2^e
+E8M0_NAN = 128                   # the exponent whose biased code is 0xFF (NaN)
+# NVFP4's FP32 tensor scale s_g = amax / (E4M3 max * E2M1 max) = amax / 2688 puts the largest block
+# scale at the top of E4M3 and that block's largest element at the top of E2M1.
+NVFP4_TENSOR_DIVISOR = E4M3.max * E2M1.max
+
+
+@dataclass(frozen=True)
+class OperandFormatSpec:
+    """How one operand format stores a number: element grid, block size and scale encodings."""
+
+    name: str
+    element: ElementFormat
+    block: Optional[int]           # elements sharing one block scale (default scaling); None = per tensor
+    block_scale: Optional[str]     # "e8m0" (MX), "e4m3" (NVFP4) or None
+    tensor_scale: bool             # an FP32 per-tensor scale (NVFP4 s_g, FP8 s) multiplies the GEMM
+    torch_dtype: Optional[torch.dtype] = None  # torch's float8 dtype of the element (FP8 only)
+    # Scale modes the format accepts (fp4.names.ScaleMode); () = its scaling is fixed. The MX modes
+    # keep the E8M0 / 32 blocks; "fp32" switches to FP32_BLOCK blocks with an FP32 scale.
+    scale_modes: Tuple[str, ...] = ()
+
+
+def _operand_formats() -> Dict[str, OperandFormatSpec]:
+    f = OperandFormat
+    mx_modes = tuple(m for m in choices(ScaleMode) if m != ScaleMode.fp32)
+    grid_modes = mx_modes + (ScaleMode.fp32.value,)
+    specs = [
+        OperandFormatSpec(f.mxfp4.value, E2M1, MX_BLOCK, "e8m0", False, scale_modes=mx_modes),
+        OperandFormatSpec(f.nvfp4.value, E2M1, NVFP4_BLOCK, "e4m3", True),
+        OperandFormatSpec(f.e1m2.value, E1M2, MX_BLOCK, "e8m0", False, scale_modes=grid_modes),
+        OperandFormatSpec(f.int4.value, INT4, MX_BLOCK, "e8m0", False, scale_modes=grid_modes),
+        OperandFormatSpec(f.e4m3.value, E4M3, None, None, True, torch.float8_e4m3fn),
+        OperandFormatSpec(f.e5m2.value, E5M2, None, None, True, torch.float8_e5m2),
+        OperandFormatSpec(f.e2m1.value, E2M1, MX_BLOCK, "e8m0", False, scale_modes=grid_modes),
+    ]
+    table = {spec.name: spec for spec in specs}
+    assert tuple(table) == choices(OperandFormat), "every OperandFormat needs exactly one row"
+    return table
+
+
+OPERAND_FORMATS: Dict[str, OperandFormatSpec] = _operand_formats()
+# Derived views, in OperandFormat order.
+MX_ELEMENTS: Dict[str, ElementFormat] = {n: s.element for n, s in OPERAND_FORMATS.items() if s.block_scale == "e8m0"}
+MX_FORMATS = tuple(MX_ELEMENTS)  # formats scaled by E8M0 per 32 (by default; see scale_modes)
+FP8_ELEMENTS: Dict[str, ElementFormat] = {n: s.element for n, s in OPERAND_FORMATS.items() if s.torch_dtype}
+FP8_DTYPES: Dict[str, torch.dtype] = {n: s.torch_dtype for n, s in OPERAND_FORMATS.items() if s.torch_dtype}
+FP8_MAX: Dict[str, float] = {n: e.max for n, e in FP8_ELEMENTS.items()}
 
 
 def get_format(name: str) -> ElementFormat:

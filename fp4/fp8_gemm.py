@@ -31,13 +31,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .formats import E4M3, E5M2
-from .quantize import _use_triton
+from .formats import FP8_DTYPES, FP8_ELEMENTS, FP8_MAX  # noqa: F401  (FP8_DTYPES, FP8_MAX: public here too)
+from .names import QuantBackend, choices
+from .quantize import use_triton
 from .scaling import fp8_tensor_scale
-
-FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-_ELEMENT_FORMATS = {"e4m3": E4M3, "e5m2": E5M2}
-FP8_MAX = {name: fmt.max for name, fmt in _ELEMENT_FORMATS.items()}
 # cuBLASLt FP8 kernels need K and N to be multiples of 16 (M is free).
 FP8_DIM_MULTIPLE = 16
 
@@ -72,19 +69,19 @@ def quantize_fp8(x: torch.Tensor, fmt: str, backend: str = "auto") -> Tuple[torc
     bit-identical, tested under TRITON_INTERPRET=1 and on the GPU by the benchmark), or "auto"
     (triton for CUDA tensors when it imports).
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend {backend!r}; valid: auto, torch, triton")
+    if backend not in choices(QuantBackend):
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(choices(QuantBackend))}")
     if fmt not in FP8_DTYPES:
         raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_DTYPES)}")
-    # The kernel takes float32/bf16/fp16; a float64 x goes to the torch route unless forced.
-    if _use_triton(x, backend, fmt) and (backend == "triton" or x.dtype != torch.float64):
+    # The kernel takes float32/bf16/fp16; a float64 x goes to the torch route (use_triton says so).
+    if use_triton(x, backend, fmt):
         from .kernels.fp8_quant import fp8_quantize
         _, scale, q = fp8_quantize(x, fmt, return_fp8=True, return_dq=False)
         return q, scale
     fmt_max = FP8_MAX[fmt]
     xf = x.float()
     # The reference's scale: fp32(amax / max) by true division on any device, 0 -> 1.
-    scale = fp8_tensor_scale(xf, _ELEMENT_FORMATS[fmt])
+    scale = fp8_tensor_scale(xf, FP8_ELEMENTS[fmt])
     # NaN or Inf anywhere poisons the whole tensor (a non-finite amax gives a non-finite scale).
     scale = torch.where(torch.isfinite(scale), scale, torch.full_like(scale, float("nan")))
     # The clamp saturates (a plain cast would turn overflow into NaN for E4M3FN / Inf for E5M2);
@@ -119,20 +116,27 @@ def fp8_mm(a: torch.Tensor, scale_a: torch.Tensor, b: torch.Tensor, scale_b: tor
 
 
 
-_MM_FP32_OUT = {"supported": None}  # whether torch.mm(..., out_dtype=float32) works on CUDA here
+@functools.lru_cache(maxsize=None)
+def _mm_has_fp32_out(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(a, b, out_dtype=torch.float32) runs for `dtype` operands on `device`.
+
+    A memo of a capability of (torch build, device, dtype), probed once on a tiny product; not a
+    switch: every model in the process gets the same answer for the same device, so it cannot make
+    two models behave differently. (It replaced a module-level dict that a failed call flipped.)"""
+    probe = torch.zeros(16, 16, dtype=dtype, device=device)
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b accumulated and returned in fp32 (exact products of grid values, as on tensor cores)."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and _MM_FP32_OUT["supported"] is not False:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            _MM_FP32_OUT["supported"] = True
-            return out
-        except (RuntimeError, TypeError):
-            _MM_FP32_OUT["supported"] = False
+    if a.is_cuda and _mm_has_fp32_out(a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
     # Upcasting is exact too (bf16 grid values fit fp32, and even tf32), only slower.
     return a.float() @ b.float()
 

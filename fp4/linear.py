@@ -50,13 +50,14 @@ micro-batches get distinct SR noise. (Activation recomputation would count a sec
 
 The bf16 recipe is F.linear itself: outputs and gradients are bit-identical to nn.Linear's.
 Debugging: QuantState.check_finite raises NonFiniteError naming layer, GEMM and operand;
-record_gemms() lists what every GEMM did.
+record_gemms() (every model) or state.record_gemms() (one model) lists what every GEMM did.
+
+Execution settings (fp4/state.py): the quantization backend and whether FP8 GEMMs may use
+torch._scaled_mm come from the model's QuantState.execution (an ExecutionConfig), snapshotted per
+call; there are no process-wide switches, so two models in one process each run as built.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -64,26 +65,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp4 import fp8_gemm
-from fp4.transforms import hadamard as hadamard_transform, random_signs
+from fp4.names import Gemm, ScaleMode
+from fp4.transforms import hadamard as hadamard_transform, hadamard_compute, random_signs
+from fp4.probe import GemmObservation
 from fp4.quantize import quantize_operand
 from fp4.recipe import GEMM_OPERANDS, GEMM_TITLES, GEMMS, GemmSpec, HadamardSpec, OperandSpec, Recipe
+# Re-exported: the per-model state lives in fp4.state (ExecutionConfig, QuantState, recording, seeds).
+from fp4.state import ExecutionConfig, GemmRecord, QuantState, derive_seed, generator as _generator, record_gemms
 
-# Process-wide switches set once by the runner from the hardware config (configure()).
-_SETTINGS = {"quant_backend": "auto", "real_fp8": True}
-_RECORDS: Optional[List["GemmRecord"]] = None  # set by record_gemms(); None = recording off, zero cost
+__all__ = ["QuantLinear", "QuantState", "ExecutionConfig", "NonFiniteError", "GemmRecord", "record_gemms",
+           "derive_seed", "gemm_path", "gemm_paths", "swap_linears", "REDUCTION_AXES"]
+
 # The dim of each operand (in its natural layout X [T, in], W [out, in], dY [T, out]) that a GEMM
 # reduces over, and so blocks along: (a, b) in product order.
-REDUCTION_AXES = {"fprop": (-1, -1), "dgrad": (-1, 0), "wgrad": (0, 0)}
-
-
-def configure(*, quant_backend: Optional[str] = None, real_fp8: Optional[bool] = None) -> None:
-    """quant_backend: quantize_operand's backend ("auto", "torch", "triton"); real_fp8: allow _scaled_mm."""
-    if quant_backend is not None:
-        if quant_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"unknown quant_backend {quant_backend!r}; valid: auto, torch, triton")
-        _SETTINGS["quant_backend"] = quant_backend
-    if real_fp8 is not None:
-        _SETTINGS["real_fp8"] = bool(real_fp8)
+REDUCTION_AXES = {Gemm.fprop: (-1, -1), Gemm.dgrad: (-1, 0), Gemm.wgrad: (0, 0)}
 
 
 class NonFiniteError(FloatingPointError):
@@ -92,82 +87,6 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, layer: str, gemm: str, operand: str):
         self.layer, self.gemm, self.operand = layer, gemm, operand
         super().__init__(f"non-finite values in layer {layer!r}, {GEMM_TITLES[gemm]} GEMM, operand {operand}")
-
-
-@dataclass(frozen=True)
-class GemmRecord:
-    """One operand of one GEMM call, as actually executed (see record_gemms)."""
-
-    layer: str
-    layer_index: int
-    gemm: str                 # "fprop" | "dgrad" | "wgrad"
-    operand: str              # "x" | "w" | "dy"
-    fmt: Optional[str]        # None = high precision
-    rounding: str
-    scale_mode: Optional[str]
-    block_2d: bool
-    axis: int                 # the operand's dim that was blocked (its GEMM's reduction axis)
-    hadamard: Optional[str]   # "16:step" etc., None without transform
-    path: str                 # as gemm_paths() words it
-    step: int
-    call: int
-
-
-@contextlib.contextmanager
-def record_gemms():
-    """Collect a GemmRecord per operand of every GEMM run inside the block (tests, debugging)."""
-    global _RECORDS
-    previous, records = _RECORDS, []
-    _RECORDS = records
-    try:
-        yield records
-    finally:
-        _RECORDS = previous
-
-
-class QuantState:
-    """Shared mutable state of all QuantLinears of a model: seed, optimizer step, per-step call counters."""
-
-    def __init__(self, seed: int = 0, step: int = 0, check_finite: bool = False):
-        self.seed = int(seed)
-        self.check_finite = bool(check_finite)
-        self._step, self._calls = int(step), {}
-
-    @property
-    def step(self) -> int:
-        return self._step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self._step, self._calls = int(value), {}
-
-    def advance_step(self) -> None:
-        """Called by the training loop after each optimizer step."""
-        self.step = self._step + 1
-
-    def next_call(self, layer_index: int) -> int:
-        call = self._calls.get(layer_index, 0)
-        self._calls[layer_index] = call + 1
-        return call
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self._step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed = int(state["seed"])
-        self.step = int(state["step"])
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from the identity of a random draw (stable across processes and platforms)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def _generator(device: torch.device, *parts) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(*parts))
-    return generator
 
 
 class _GemmCall:
@@ -182,7 +101,11 @@ class _GemmCall:
         self.call = state.next_call(module.layer_index)
         self.check = module.check_finite if module.check_finite is not None else state.check_finite
         self.compute_dtype = compute_dtype
-        self.quant_backend, self.real_fp8 = _SETTINGS["quant_backend"], _SETTINGS["real_fp8"]
+        # Read from the module's own state, never from a process-wide switch.
+        self.execution: ExecutionConfig = state.execution
+        self.quant_backend, self.real_fp8 = state.execution.quant_backend, state.execution.real_fp8
+        self.records: List[list] = state.record_sinks()
+        self.probe = state.probe  # fp4.probe observer; None = off (the only cost: one test per GEMM)
 
     def sr_generator(self, device, gemm: str, operand: str) -> torch.Generator:
         return _generator(device, "sr", self.seed, self.step, self.layer_index, gemm, operand, self.call)
@@ -196,10 +119,11 @@ class _GemmCall:
         return random_signs(hadamard.block, generator, device)
 
 
-def gemm_path(spec: GemmSpec, device, dims=None, real_fp8: Optional[bool] = None) -> str:
+def gemm_path(spec: GemmSpec, device, dims=None, execution: Optional[ExecutionConfig] = None) -> str:
     """How one GEMM runs: "bf16", "fp4:mxfp4 (emulated)", "fp8:e5m2xe4m3 (torch._scaled_mm)", ...
-    dims = (M, K, N) of the product when known (the real FP8 path needs K, N multiples of 16)."""
-    real_fp8 = _SETTINGS["real_fp8"] if real_fp8 is None else real_fp8
+    dims = (M, K, N) of the product when known (the real FP8 path needs K, N multiples of 16);
+    execution: the model's ExecutionConfig (None: the defaults, real FP8 allowed)."""
+    real_fp8 = (execution if execution is not None else ExecutionConfig()).real_fp8
     if spec.precision == "bf16":
         return "bf16"
     fmts = spec.a.fmt if spec.a.fmt == spec.b.fmt else f"{spec.a.fmt}x{spec.b.fmt}"
@@ -211,9 +135,10 @@ def gemm_path(spec: GemmSpec, device, dims=None, real_fp8: Optional[bool] = None
     return f"fp8:{spec.a.fmt}x{spec.b.fmt} ({'torch._scaled_mm' if real else 'emulated'})"
 
 
-def gemm_paths(recipe: Recipe, device) -> Dict[str, str]:
-    """Per GEMM, the path its GEMMs take on `device` (FP8: for shapes with K, N multiples of 16)."""
-    return {gemm: gemm_path(recipe.specs[gemm], torch.device(device)) for gemm in GEMMS}
+def gemm_paths(recipe: Recipe, device, execution: Optional[ExecutionConfig] = None) -> Dict[str, str]:
+    """Per GEMM, the path its GEMMs take on `device` under `execution` (a QuantState's; None: the
+    defaults). FP8: for shapes with K, N multiples of 16."""
+    return {gemm: gemm_path(recipe.specs[gemm], torch.device(device), execution=execution) for gemm in GEMMS}
 
 
 def _check_finite(tensor: torch.Tensor, call: _GemmCall, gemm: str, operand: str) -> None:
@@ -244,7 +169,12 @@ def _quantize(call: _GemmCall, gemm: str, name: str, tensor: torch.Tensor, op: O
         tensor, op.fmt, axis, rounding=op.rounding, scale_mode=op.scale_mode, generator=generator,
         block_2d=op.block_2d, hadamard_block=hadamard.block if hadamard is not None else None,
         hadamard_signs=signs, backend=call.quant_backend)
-    result = (grid.to(call.compute_dtype), scale)
+    # FP32 block scales (scale mode "fp32") make grid values q * s that are float32, not bfloat16,
+    # numbers: they stay float32 and the GEMM runs in float32, standing in for hardware that applies s
+    # in float32 to each block's partial sum (a true float32 matmul: TF32 must stay off, torch's
+    # default). Every other grid value is exact in the compute dtype.
+    keep_fp32 = op.scale_mode == ScaleMode.fp32
+    result = (grid if keep_fp32 else grid.to(call.compute_dtype), scale)
     if key is not None:
         cache[key] = result
     return result
@@ -256,11 +186,12 @@ def _run_gemm(call: _GemmCall, gemm: str, a: torch.Tensor, b: torch.Tensor,
     REDUCTION_AXES[gemm]; op transposes so that the reduction is a's last and b's first dim."""
     spec, (name_a, name_b), (a_axis, b_axis) = call.specs[gemm], GEMM_OPERANDS[gemm], REDUCTION_AXES[gemm]
     cache = {} if cache is None else cache
+    probe, inputs, observed = call.probe, (a, b), None
     if call.check:
         _check_finite(a, call, gemm, name_a)
         _check_finite(b, call, gemm, name_b)
     dims = (a.shape[a_axis + 1], a.shape[a_axis], b.shape[b_axis + 1])  # (M, K, N); axis -1 -> other dim 0
-    path = gemm_path(spec, a.device, dims, call.real_fp8)
+    path = gemm_path(spec, a.device, dims, call.execution)
     hadamard, signs = spec.hadamard, None
     if hadamard is not None:
         signs = call.signs(gemm, hadamard, a.device)
@@ -273,6 +204,8 @@ def _run_gemm(call: _GemmCall, gemm: str, a: torch.Tensor, b: torch.Tensor,
                 cache[key] = fp8_gemm.quantize_fp8(tensor, fmt, backend=call.quant_backend)
             operands.append(cache[key])
         (qa, sa), (qb, sb) = operands
+        if probe is not None:
+            observed = (qa.float() * sa, qb.float() * sb)
         out = fp8_gemm.fp8_mm(qa if a_axis == -1 else qa.t(), sa, qb if b_axis == 0 else qb.t(), sb,
                               out_dtype=torch.float32 if bias is not None else call.compute_dtype)
         if bias is not None:
@@ -280,14 +213,34 @@ def _run_gemm(call: _GemmCall, gemm: str, a: torch.Tensor, b: torch.Tensor,
     else:
         a_grid, scale_a = _quantize(call, gemm, name_a, a, spec.a, a_axis, hadamard, signs, cache)
         b_grid, scale_b = _quantize(call, gemm, name_b, b, spec.b, b_axis, hadamard, signs, cache)
+        if probe is not None:
+            observed = tuple(g.float() if s is None else g.float() * s for g, s in ((a_grid, scale_a), (b_grid, scale_b)))
+        if a_grid.dtype != b_grid.dtype:  # one float32 (FP32-scaled) operand: the GEMM runs in float32
+            a_grid, b_grid = a_grid.float(), b_grid.float()
         out = fp8_gemm.emulated_scaled_mm(a_grid if a_axis == -1 else a_grid.t(), scale_a,
                                           b_grid if b_axis == 0 else b_grid.t(), scale_b, bias)
     out = out.to(call.compute_dtype)
-    if _RECORDS is not None:
-        _record(_RECORDS, call, gemm, path)
+    if probe is not None:
+        _observe(probe, call, gemm, path, inputs, (a, b), observed, out, bias, signs)
+    for records in call.records:
+        _record(records, call, gemm, path)
     if call.check:
         _check_finite(out, call, gemm, "output")
     return out
+
+
+@torch.no_grad()
+def _observe(probe, call: _GemmCall, gemm: str, path: str, inputs, padded, quantized, out, bias, signs) -> None:
+    """Hand the GEMM to the probe (fp4/probe.py): reads only, draws nothing, changes nothing."""
+    spec = call.specs[gemm]
+    axes = REDUCTION_AXES[gemm]
+    if spec.hadamard is not None:  # what the quantizer saw: the padded operand, transformed in float32
+        quantized_from = tuple(hadamard_compute(t, block=spec.hadamard.block, axis=axis, signs=signs)
+                               for t, axis in zip(padded, axes))
+    else:
+        quantized_from = inputs
+    probe(GemmObservation(call.layer, call.layer_index, gemm, tuple(map(str, GEMM_OPERANDS[gemm])), axes,
+                          call.step, call.call, path, spec, inputs, quantized_from, quantized, out, bias))
 
 
 def _record(records: list, call: _GemmCall, gemm: str, path: str) -> None:
@@ -296,7 +249,7 @@ def _record(records: list, call: _GemmCall, gemm: str, path: str) -> None:
     for (name, op), axis in zip(spec.operands.items(), REDUCTION_AXES[gemm]):
         records.append(GemmRecord(call.layer, call.layer_index, gemm, name, op.fmt, op.rounding,
                                    op.effective_scale_mode, op.block_2d, axis, hadamard, path,
-                                   call.step, call.call))
+                                   call.step, call.call, str(call.quant_backend)))
 
 
 class _QuantLinearFunction(torch.autograd.Function):
@@ -355,20 +308,21 @@ class QuantLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recipe: Recipe,
                  state: Optional[QuantState] = None, layer_index: int = 0, name: str = "",
-                 device=None, dtype=None):
+                 execution: Optional[ExecutionConfig] = None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = recipe
-        self.state = state if state is not None else QuantState(seed=recipe.seed)
+        self.state = _state_for(recipe, state, execution)
         self.layer_index = int(layer_index)
         self.name = name or f"linear{self.layer_index}"
         self.check_finite: Optional[bool] = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: Recipe, state: Optional[QuantState] = None,
-                    layer_index: int = 0, name: str = "") -> "QuantLinear":
+                    layer_index: int = 0, name: str = "",
+                    execution: Optional[ExecutionConfig] = None) -> "QuantLinear":
         """Wrap an existing nn.Linear, sharing its Parameter objects (ties and optimizers stay valid)."""
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, recipe=recipe,
-                  state=state, layer_index=layer_index, name=name, device="meta")
+                  state=state, layer_index=layer_index, name=name, execution=execution, device="meta")
         new.weight = linear.weight
         if linear.bias is not None:
             new.bias = linear.bias
@@ -389,18 +343,18 @@ class QuantLinear(nn.Linear):
     def _forward_unquantized(self, x: torch.Tensor) -> torch.Tensor:
         """bf16 rung: exactly F.linear; with checking/recording on, identity probes watch the grads."""
         check = self.check_finite if self.check_finite is not None else self.state.check_finite
-        records = _RECORDS
-        if not check and records is None:
+        if not check and not self.state.record_sinks():
             return F.linear(x, self.weight, self.bias)
         call = _GemmCall(self, self._compute_dtype(x))
+        records = call.records
         backward = [g for g, needed in (("dgrad", x.requires_grad), ("wgrad", self.weight.requires_grad)) if needed]
 
         def on_dy(dy):
             for gemm in backward:
                 if check:
                     _check_finite(dy, call, gemm, "dy")
-                if records is not None:
-                    _record(records, call, gemm, "bf16")
+                for sink in records:
+                    _record(sink, call, gemm, "bf16")
 
         def on_output_grad(gemm):
             return lambda grad: _check_finite(grad, call, gemm, "output") if check else None
@@ -408,8 +362,8 @@ class QuantLinear(nn.Linear):
         if check:
             _check_finite(x, call, "fprop", "x")
             _check_finite(self.weight, call, "fprop", "w")
-        if records is not None:
-            _record(records, call, "fprop", "bf16")
+        for sink in records:
+            _record(sink, call, "fprop", "bf16")
         x_in = _Probe.apply(x, on_output_grad("dgrad")) if x.requires_grad else x
         w_in = _Probe.apply(self.weight, on_output_grad("wgrad")) if self.weight.requires_grad else self.weight
         y = F.linear(x_in, w_in, self.bias)
@@ -421,15 +375,28 @@ class QuantLinear(nn.Linear):
         return f"{super().extra_repr()}, recipe={self.recipe.name}, layer_index={self.layer_index}, name={self.name!r}"
 
 
+def _state_for(recipe: Recipe, state: Optional[QuantState], execution: Optional[ExecutionConfig]) -> QuantState:
+    """The QuantState a layer uses. `execution` is a convenience for callers that let the layer make
+    its state; given with a state, it must agree with it (the state is the one source of truth)."""
+    if state is None:
+        return QuantState(seed=recipe.seed, execution=execution)
+    if execution is not None and execution != state.execution:
+        raise ValueError(f"execution={execution} disagrees with the QuantState's {state.execution}; "
+                         "build the QuantState with it instead")
+    return state
+
+
 def swap_linears(module: nn.Module, recipe: Recipe, state: Optional[QuantState] = None,
-                 predicate: Optional[Callable[[str], bool]] = None) -> int:
+                 predicate: Optional[Callable[[str], bool]] = None,
+                 execution: Optional[ExecutionConfig] = None) -> int:
     """Replace, in place, every plain nn.Linear submodule whose qualified name passes `predicate` by a
     QuantLinear sharing its parameters; layer_index counts them in module order. Returns the count.
+    All of them share `state` (made from recipe.seed and `execution` when None).
 
     Only exact nn.Linear instances are swapped: subclasses (e.g. MultiheadAttention's out_proj, whose
     weight is used without calling its forward) and QuantLinears already swapped are left alone.
     """
-    state = state if state is not None else QuantState(seed=recipe.seed)
+    state = _state_for(recipe, state, execution)
     targets = [(name, child) for name, child in module.named_modules()
                if name and type(child) is nn.Linear and (predicate is None or predicate(name))]
     for index, (name, linear) in enumerate(targets):

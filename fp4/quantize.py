@@ -10,6 +10,13 @@ Formats (FORMATS):
 | nvfp4  | e2m1     | E4M3 per 16 along `axis` (or 16x16 tiles)      | s_g (float32 0-dim)   |
 | e4m3   | e4m3     | FP32 per tensor (current scaling)              | s (float32 0-dim)     |
 | e5m2   | e5m2     | FP32 per tensor (current scaling)              | s (float32 0-dim)     |
+| e2m1   | e2m1     | as e1m2 / int4 (with an MX mode: exactly mxfp4)| None                  |
+
+e2m1 / e1m2 / int4 with scale_mode="fp32" (the UFP4 paper's scaling): blocks of 16 along `axis`, one
+unrounded FP32 scale s = fp32(block amax / grid max) each, v = fp32(x / s) rounded onto the grid
+(nearest-even, or SR), x_dq = fp32(q * s), returned in float32 for any x dtype (q * s is not a
+bfloat16 value); an all-zero block stays zero, a block with NaN/Inf is all NaN. Torch reference
+only: "auto" takes it, "triton" raises ValueError. `fake_quantize(x, "e1m2", scale_mode="fp32")`.
 
 The scale rules are in fp4.scaling and the element rounding in fp4.formats; this module does
 the layout and the dispatch. `quantize_operand` returns x_dq *without* the per-tensor scale
@@ -47,8 +54,10 @@ ValueError too: silently ignoring it would mislabel an ablation.
 Backends. "auto" uses fp4.kernels.triton_quantize_operand when x is on CUDA and
 fp4.kernels.triton_available(x) says so (a missing module or function counts as unavailable);
 "triton" forces the kernel (the tests run it on CPU under TRITON_INTERPRET=1); "torch" forces
-this reference. Arguments are validated here first and the kernel receives the resolved scale
-mode (never None for MX formats).
+this reference; float64 always takes this reference (no kernel reads float64, and the reference
+is float64 already). This module is the dispatcher: arguments are validated here first, and the
+kernel receives the resolved scale mode (never None for MX formats). The kernels import nothing
+from here (fp4.kernels -> fp4.quantize would be an import cycle).
 """
 from __future__ import annotations
 
@@ -56,39 +65,25 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .formats import E1M2, E2M1, E4M3, E5M2, INT4, ElementFormat, round_to_grid
+from .names import OperandFormat, QuantBackend, Rounding, ScaleMode, choices
+from .formats import (E2M1, FP32_BLOCK, FP8_DTYPES, FP8_ELEMENTS, MX_BLOCK, MX_ELEMENTS, MX_FORMATS,
+                      NVFP4_BLOCK, ElementFormat, round_to_grid)
 from .transforms import check_block, hadamard_compute, split_blocks
-from .scaling import MX_SCALE_MODES, fp8_tensor_scale, mx_scales, nvfp4_scales
+from .scaling import (MX_SCALE_MODES, SCALE_MODES as BLOCK_SCALE_MODES, block_amax, fp32_block_scales, fp8_tensor_scale, mx_scales, nvfp4_scales,
+                      resolve_scale_mode)
 
-__all__ = ["FORMATS", "ROUNDINGS", "SCALE_MODES", "BACKENDS", "MX_FORMATS", "fake_quantize",
-           "quantize_operand", "resolve_scale_mode"]
+__all__ = ["FORMATS", "ROUNDINGS", "SCALE_MODES", "BLOCK_SCALE_MODES", "BACKENDS", "MX_FORMATS", "fake_quantize",
+           "quantize_operand", "resolve_scale_mode", "use_triton"]
 
-FORMATS = ("mxfp4", "nvfp4", "e1m2", "int4", "e4m3", "e5m2")
-ROUNDINGS = ("nearest", "stochastic")
-SCALE_MODES = MX_SCALE_MODES
-BACKENDS = ("auto", "torch", "triton")
-MX_ELEMENTS = {"mxfp4": E2M1, "e1m2": E1M2, "int4": INT4}
-FP8_ELEMENTS = {"e4m3": E4M3, "e5m2": E5M2}
-MX_FORMATS = tuple(MX_ELEMENTS)
-MX_BLOCK, NVFP4_BLOCK = 32, 16
+FORMATS = choices(OperandFormat)
+ROUNDINGS = choices(Rounding)
+BACKENDS = choices(QuantBackend)
+SCALE_MODES = MX_SCALE_MODES  # the E8M0 (MX) rules; BLOCK_SCALE_MODES adds "fp32"
 
 
 def _check_choice(kind: str, value, valid) -> None:
     if value not in valid:
         raise ValueError(f"unknown {kind} {value!r}; valid choices: {', '.join(valid)}")
-
-
-def resolve_scale_mode(fmt: str, rounding: str, scale_mode: Optional[str]) -> Optional[str]:
-    """The MX scale mode actually used: `even` under nearest, `rceil` under SR unless given."""
-    if fmt not in MX_FORMATS:
-        if scale_mode is not None:
-            raise ValueError(f"scale_mode {scale_mode!r} applies only to the MX formats "
-                             f"{', '.join(MX_FORMATS)}, not to {fmt!r}; pass None")
-        return None
-    if scale_mode is None:
-        return "even" if rounding == "nearest" else "rceil"
-    _check_choice("scale_mode", scale_mode, SCALE_MODES)
-    return scale_mode
 
 
 def _validate(fmt, rounding, scale_mode, block_2d, hadamard_block, hadamard_signs, backend):
@@ -110,11 +105,26 @@ def _validate(fmt, rounding, scale_mode, block_2d, hadamard_block, hadamard_sign
 # only these to Triton. The first GPU check found the *reference* off by an ulp on CUDA (torch
 # evaluates `tensor / python_float` as tensor * fp32(1 / float)); scaling._div_fp32 now divides
 # by a device tensor, and the benchmark's same-GPU comparison shows 0 mismatches for every format.
-TRITON_GPU_VERIFIED = frozenset({"mxfp4", "e1m2", "int4", "nvfp4", "e4m3", "e5m2"})
+# e2m1 under an MX scale mode launches exactly the mxfp4 kernel. Scale mode "fp32" has no kernel.
+TRITON_GPU_VERIFIED = frozenset(choices(OperandFormat))
+NO_KERNEL_SCALE_MODES = frozenset({ScaleMode.fp32.value})
 
 
-def _use_triton(x: torch.Tensor, backend: str, fmt: str = "mxfp4") -> bool:
-    if backend == "torch":
+def use_triton(x: torch.Tensor, backend: str, fmt: str = "mxfp4", scale_mode: Optional[str] = None) -> bool:
+    """The dispatch decision: whether quantize_operand (and fp8_gemm.quantize_fp8) hand x to a kernel.
+
+    float64 never goes to a kernel, even when forced: the kernels read float32 / bfloat16 / float16
+    bits, and the float64 reference is already exact. A scale mode without a kernel (fp32) goes to
+    the reference under "auto" and is a ValueError under "triton" (a forced backend that silently
+    ran elsewhere would mislabel a benchmark). "triton" forces the kernel otherwise; "auto" takes
+    it for CUDA tensors of a GPU-verified format when the kernels can run.
+    """
+    if backend == "torch" or x.dtype == torch.float64:
+        return False
+    if scale_mode in NO_KERNEL_SCALE_MODES:
+        if backend == "triton":
+            raise ValueError(f"backend='triton': the Triton kernels have no scale_mode={scale_mode!r} "
+                             "path; use backend='torch' or 'auto' (which takes the torch reference)")
         return False
     if backend == "triton":
         return True
@@ -164,6 +174,20 @@ def _mx(work, axis, elem: ElementFormat, mode, rounding, generator, out_dtype):
     return restore(q * scale).to(out_dtype)
 
 
+def _fp32_blocks(work, axis, elem: ElementFormat, rounding, generator):
+    """Scale mode fp32: blocks of 16, s = fp32(amax / elem.max), v = fp32(x / s) (IEEE float32
+    division, as NVFP4), v onto the grid, x_dq = fp32(q * s). Returned in float32 whatever x's dtype:
+    q * s has up to 3 + 24 significant bits, so it is not a bfloat16 value (and is rounded once, to
+    float32); the real GEMM would apply s in float32 to its block partial sums."""
+    blocks, restore = split_blocks(work.to(torch.float32), axis, FP32_BLOCK)
+    s = fp32_block_scales(blocks, elem)
+    v = torch.where(s == 0, blocks * 0, blocks / s)  # blocks * 0 keeps the sign of zero
+    q = round_to_grid(v, elem, rounding, generator)
+    x_dq = (q * s.to(torch.float64)).to(torch.float32)  # exact product in float64, one rounding
+    finite = torch.isfinite(block_amax(blocks)).unsqueeze(-1)  # NaN / Inf poisons its block
+    return restore(_all_nan_unless(finite, x_dq))
+
+
 def _nvfp4(work, axis, rounding, generator, block_2d, out_dtype):
     x32 = work.to(torch.float32)
     global_amax = x32.abs().amax()
@@ -178,10 +202,9 @@ def _nvfp4(work, axis, rounding, generator, block_2d, out_dtype):
     return x_dq.to(out_dtype), _all_nan_unless(finite, s_g)
 
 
-# torch's own float8 casts round to nearest even and keep subnormals, exactly the E4M3/E5M2
-# rule (the tests check them bit for bit against the float64 reference); they are ~20x faster
-# on the CPU than the generic grid rounding, which matters because FP8 is the baseline's path.
-_TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# torch's own float8 casts (FP8_DTYPES) round to nearest even and keep subnormals, exactly the
+# E4M3/E5M2 rule (the tests check them bit for bit against the float64 reference); they are ~20x
+# faster on the CPU than the generic grid rounding, which matters because FP8 is the baseline's path.
 
 
 def _fp8(work, elem: ElementFormat, rounding, generator, out_dtype):
@@ -189,7 +212,7 @@ def _fp8(work, elem: ElementFormat, rounding, generator, out_dtype):
     s = fp8_tensor_scale(x32, elem)
     if rounding == "nearest":
         # The clamp saturates (a bare cast would overflow to NaN/Inf); NaN passes through it.
-        q = (x32 / s).clamp(-elem.max, elem.max).to(_TORCH_FP8[elem.name]).to(torch.float32)
+        q = (x32 / s).clamp(-elem.max, elem.max).to(FP8_DTYPES[elem.name]).to(torch.float32)
     else:
         q = round_to_grid(x32 / s, elem, rounding, generator).to(torch.float32)
     finite = torch.isfinite(x32.abs().amax())
@@ -203,6 +226,8 @@ def _quantize_torch(x, fmt, axis, rounding, scale_mode, generator, block_2d, had
     work = x
     if hadamard_block is not None:
         work = hadamard_compute(x, hadamard_block, axis, hadamard_signs)
+    if scale_mode == ScaleMode.fp32:
+        return _fp32_blocks(work, axis, MX_ELEMENTS[fmt], rounding, generator), None
     if fmt in MX_ELEMENTS:
         return _mx(work, axis, MX_ELEMENTS[fmt], scale_mode, rounding, generator, x.dtype), None
     if fmt == "nvfp4":
@@ -217,7 +242,7 @@ def quantize_operand(x: torch.Tensor, fmt: str, axis: int, rounding: str = "near
                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(x_dq, tensor_scale): quantize x in blocks along `axis`; see the module docstring."""
     scale_mode = _validate(fmt, rounding, scale_mode, block_2d, hadamard_block, hadamard_signs, backend)
-    if _use_triton(x, backend, fmt):
+    if use_triton(x, backend, fmt, scale_mode):
         return _triton(x, fmt, axis, rounding, scale_mode, generator, block_2d, hadamard_block,
                        hadamard_signs)
     return _quantize_torch(x, fmt, axis, rounding, scale_mode, generator, block_2d,
@@ -230,5 +255,5 @@ def fake_quantize(x: torch.Tensor, fmt: str, axis: int = -1, rounding: str = "ne
     """Quantize-dequantize x in `fmt` along `axis`; same shape and dtype as x."""
     x_dq, tensor_scale = quantize_operand(x, fmt, axis, rounding, scale_mode, generator)
     if tensor_scale is None:
-        return x_dq
+        return x_dq.to(x.dtype)  # a no-op except for FP32 block scales (x_dq float32)
     return (x_dq.to(torch.float32) * tensor_scale).to(x.dtype)

@@ -22,6 +22,7 @@ cross every rung with every stabilizer -- it is recorded as inactive in `describ
     sr     stochastic rounding of dY (`sr_operands="all"`: of every operand of the targeted GEMMs)
     rht    random Hadamard transform, block 16, sign vector redrawn every training step
     h16    deterministic Hadamard transform, block 16, no signs
+    h16_all  h16 on every GEMM (the MXFP4 paper's final recipe); stabilizer_gemms is all three
 
 Sign cadences of a Hadamard transform (HadamardSpec.signs): "none" (unsigned), "fixed" (one random
 vector drawn from the seed, layer and GEMM, then kept for the whole run), "step" (redrawn every
@@ -31,35 +32,79 @@ transform in the sense that matters for training, whatever a library calls it. O
 are randomized in the sense of the paper's RHT (fresh randomness, so the quantization error decorrelates
 across steps).
 
-Formats: mxfp4 (E2M1, E8M0 scale per 32), nvfp4 (E2M1, E4M3 scale per 16 + FP32 tensor scale; optionally
-16x16 2D weight tiles), ufp4 (E1M2 or symmetric INT4 elements with MX scaling; by construction it uses a
-Hadamard-16 with fixed random signs on all FP4 GEMMs and stochastic rounding of dY).
+Formats (FORMAT_RECIPES): mxfp4 (E2M1, E8M0 scale per 32), nvfp4 (E2M1, E4M3 scale per 16 + FP32 tensor
+scale; optionally 16x16 2D weight tiles), and the UFP4 paper's family, which by construction round dY
+stochastically on every FP4 GEMM:
+
+    ufp4       E1M2 (or INT4) elements, one unrounded FP32 scale per 16 (scale mode "fp32"), random
+               Hadamard-16 with "step" signs on all FP4 GEMMs (the paper's RHT; "step" because it is
+               the randomized cadence -- "fixed" would be one deterministic rotation)
+    ufp4_e2m1  the paper's "strong E2M1" baseline: E2M1 elements, the same FP32 16-blocks, the
+               random Hadamard on Wgrad only
+    ufp4_mx    E1M2 / INT4 elements with MX scaling and a fixed-sign Hadamard-16 on all FP4 GEMMs
+               (the earlier definition of ufp4)
+
+A stabilizer's transform replaces the built-in one on the GEMMs it targets.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, Optional, Tuple, Union
 
-LADDERS = ("bf16", "fp8", "fprop", "dgrad", "wgrad")
-STABILIZERS = ("none", "sr", "rht", "h16")
-RECIPE_FORMATS = ("mxfp4", "nvfp4", "ufp4")
-GEMMS = ("fprop", "dgrad", "wgrad")
-GEMM_TITLES = {"fprop": "Fprop", "dgrad": "Dgrad", "wgrad": "Wgrad"}
-# Operand names in product order: Fprop Y = X.W^T, Dgrad dX = dY.W, Wgrad dW = dY^T.X.
-GEMM_OPERANDS = {"fprop": ("x", "w"), "dgrad": ("dy", "w"), "wgrad": ("dy", "x")}
-# The reduction axis of each GEMM, in the words describe() uses.
-GEMM_REDUCTION = {"fprop": "in_features", "dgrad": "out_features", "wgrad": "tokens"}
-HADAMARD_SIGNS = ("none", "fixed", "step", "call")
-ROUNDINGS = ("nearest", "stochastic")
-FP8_FORMATS = ("e4m3", "e5m2")
-FP4_FORMATS = ("mxfp4", "nvfp4", "e1m2", "int4")
-MX_FORMATS = ("mxfp4", "e1m2", "int4")
-MX_SCALE_MODES = ("floor", "ceil", "rceil", "even")
-SR_OPERANDS = ("grad", "all")
-UFP4_ELEMENTS = ("e1m2", "int4")
-# Which GEMMs each rung runs in FP4; the others run in FP8 (bf16: none is quantized).
-FP4_GEMMS = {"bf16": (), "fp8": (), "fprop": ("fprop",), "dgrad": ("fprop", "dgrad"), "wgrad": GEMMS}
+from .formats import OPERAND_FORMATS
+from .names import (FP4_GEMMS, GEMM_OPERANDS, GEMM_REDUCTION, GEMM_TITLES, Fp8Format, Gemm, Ladder,
+                    OperandFormat, RecipeFormat, Rounding, ScaleMode, SignCadence, SrOperands, Stabilizer,
+                    UfpElement, choices)
+
+# The old tuple names, derived from fp4.names (the one vocabulary) so callers keep working.
+LADDERS = choices(Ladder)
+STABILIZERS = choices(Stabilizer)
+RECIPE_FORMATS = choices(RecipeFormat)
+GEMMS = choices(Gemm)
+HADAMARD_SIGNS = choices(SignCadence)
+ROUNDINGS = choices(Rounding)
+FP8_FORMATS = choices(Fp8Format)
+UFP4_ELEMENTS = choices(UfpElement)
+FP4_FORMATS = tuple(f for f in choices(OperandFormat) if f not in FP8_FORMATS)
+MX_FORMATS = tuple(n for n, f in OPERAND_FORMATS.items() if f.block_scale == "e8m0")  # E8M0 / 32 by default
+SCALE_MODES = choices(ScaleMode)  # every block scale rule: the E8M0 (MX) ones and fp32
+MX_SCALE_MODES = tuple(m for m in SCALE_MODES if m != ScaleMode.fp32)
+# Stabilizers whose transform is a Hadamard (their sign cadence and block are tunable).
+HADAMARD_STABILIZERS = (Stabilizer.rht.value, Stabilizer.h16.value, Stabilizer.h16_all.value)
+SR_OPERANDS = choices(SrOperands)
 TIE_RULE = "nearest-even"
+
+
+@dataclass(frozen=True)
+class FormatRecipe:
+    """What a recipe format (fp4.names.RecipeFormat) fixes on its FP4 GEMMs, stabilizers aside.
+
+    element: the operand format of every FP4 operand ("ufp4_element": the recipe's E1M2 / INT4 choice).
+    scale_mode: its default block scale mode (None: the MX default, even / rceil by rounding).
+    hadamard_gemms / signs: GEMMs with a built-in Hadamard-16 and its sign cadence.
+    sr_dy: dY is always rounded stochastically."""
+
+    element: str
+    scale_mode: Optional[str] = None
+    hadamard_gemms: Tuple[str, ...] = ()
+    signs: Optional[str] = None
+    sr_dy: bool = False
+
+
+_UFP4_ELEMENT = "ufp4_element"
+# ufp4 uses "step" signs: the UFP4 paper's transform is a *random* Hadamard (RHT), and "step" is the
+# cadence here that is randomized (fresh signs every optimizer step, as the rht stabilizer); "fixed"
+# signs would be one deterministic rotation for the whole run. ufp4_mx keeps the fixed-sign
+# Hadamard of the earlier ufp4 definition, so its runs stay comparable.
+FORMAT_RECIPES: Dict[str, FormatRecipe] = {
+    RecipeFormat.mxfp4.value: FormatRecipe(OperandFormat.mxfp4.value),
+    RecipeFormat.nvfp4.value: FormatRecipe(OperandFormat.nvfp4.value),
+    RecipeFormat.ufp4.value: FormatRecipe(_UFP4_ELEMENT, ScaleMode.fp32.value, GEMMS, SignCadence.step.value, True),
+    RecipeFormat.ufp4_e2m1.value: FormatRecipe(OperandFormat.e2m1.value, ScaleMode.fp32.value, (Gemm.wgrad.value,),
+                                               SignCadence.step.value, True),
+    RecipeFormat.ufp4_mx.value: FormatRecipe(_UFP4_ELEMENT, None, GEMMS, SignCadence.fixed.value, True),
+}
+assert tuple(FORMAT_RECIPES) == RECIPE_FORMATS
 
 
 def _check_choice(what: str, value, choices) -> None:
@@ -73,7 +118,8 @@ class OperandSpec:
 
     fmt: Optional[str]
     rounding: str = "nearest"
-    scale_mode: Optional[str] = None  # MX formats only; None = "even" (nearest) / "rceil" (stochastic)
+    # Block-scaled element formats only; None = "even" (nearest) / "rceil" (stochastic); "fp32" = FP32 / 16.
+    scale_mode: Optional[str] = None
     block_2d: bool = False  # NVFP4 16x16 weight tiles: W is quantized identically along dim 0 and -1
 
     def __post_init__(self):
@@ -81,7 +127,11 @@ class OperandSpec:
             _check_choice("operand format", self.fmt, FP4_FORMATS + FP8_FORMATS)
         _check_choice("rounding", self.rounding, ROUNDINGS)
         if self.scale_mode is not None:
-            _check_choice("scale mode", self.scale_mode, MX_SCALE_MODES)
+            _check_choice("scale mode", self.scale_mode, SCALE_MODES)
+            valid = OPERAND_FORMATS[self.fmt].scale_modes if self.fmt is not None else ()
+            if self.scale_mode not in valid:
+                raise ValueError(f"scale mode {self.scale_mode!r} is not valid for operand format {self.fmt!r} "
+                                 f"(valid: {', '.join(valid) or 'none'})")
 
     @property
     def is_fp4(self) -> bool:
@@ -94,7 +144,7 @@ class OperandSpec:
     @property
     def effective_scale_mode(self) -> Optional[str]:
         """The scale rule actually used, with the contract's defaults resolved (for describe())."""
-        if self.fmt in MX_FORMATS:
+        if self.fmt in MX_FORMATS:  # MX by default; "fp32" reads as itself
             return self.scale_mode or ("even" if self.rounding == "nearest" else "rceil")
         if self.fmt == "nvfp4":
             return "e4m3 block16 x fp32 tensor" + (" (16x16 tiles)" if self.block_2d else "")
@@ -132,7 +182,7 @@ class GemmSpec:
     @property
     def operands(self) -> Dict[str, OperandSpec]:
         """{"x": spec, "w": spec} for Fprop, {"dy", "w"} for Dgrad, {"dy", "x"} for Wgrad."""
-        name_a, name_b = GEMM_OPERANDS[self.name]
+        name_a, name_b = map(str, GEMM_OPERANDS[self.name])  # plain-str keys: describe() stays plain data
         return {name_a: self.a, name_b: self.b}
 
     @property
@@ -149,14 +199,15 @@ class Recipe:
 
     Overrides (keyword only):
       fp8_forward / fp8_backward: FP8 element of X and W / of dY on FP8 GEMMs (e4m3 / e5m2).
-      scale_mode: MX scale rule for every MX operand (None: "even" for nearest, "rceil" under SR).
+      scale_mode: block scale rule of every block-scaled element operand (None: the format's own --
+        fp32 for ufp4 / ufp4_e2m1, else "even" for nearest, "rceil" under SR); "fp32" is refused by mxfp4.
       sr_operands: "grad" (dY only) or "all" (every operand of the GEMMs the stabilizer targets).
       stabilizer_gemms: GEMMs the stabilizer targets (default ("wgrad",)).
       hadamard_block: block of every Hadamard transform (default 16).
-      hadamard_signs: sign cadence of the rht / h16 stabilizer's transform (defaults "step" / "none");
-        ufp4's built-in transform keeps "fixed". Remember "fixed" is deterministic.
+      hadamard_signs: sign cadence of the rht / h16 / h16_all stabilizer's transform (defaults "step" /
+        "none"); a format's built-in transform keeps its own (FORMAT_RECIPES). "fixed" is deterministic.
       nvfp4_2d_weights: NVFP4 W in 16x16 tiles so Fprop and Dgrad see the same quantized weight.
-      ufp4_element: "e1m2" or "int4" (symmetric +-7).
+      ufp4_element: "e1m2" or "int4" (symmetric +-7), the grid of ufp4 and ufp4_mx.
     """
 
     def __init__(self, ladder: str = "fp8", stabilizer: str = "none", format: str = "mxfp4", seed: int = 0,
@@ -170,20 +221,30 @@ class Recipe:
         _check_choice("fp8_forward format", fp8_forward, FP8_FORMATS)
         _check_choice("fp8_backward format", fp8_backward, FP8_FORMATS)
         if scale_mode is not None:
-            _check_choice("scale mode", scale_mode, MX_SCALE_MODES)
+            _check_choice("scale mode", scale_mode, SCALE_MODES)
         _check_choice("sr_operands", sr_operands, SR_OPERANDS)
         if hadamard_signs is not None:
             _check_choice("Hadamard sign cadence", hadamard_signs, HADAMARD_SIGNS)
         _check_choice("ufp4 element", ufp4_element, UFP4_ELEMENTS)
         if stabilizer_gemms is None:
-            stabilizer_gemms = ("wgrad",)
+            # h16_all is h16 aimed at every GEMM (only the FP4 ones are affected).
+            stabilizer_gemms = GEMMS if stabilizer == Stabilizer.h16_all else ("wgrad",)
         elif isinstance(stabilizer_gemms, str):
             stabilizer_gemms = (stabilizer_gemms,)
         stabilizer_gemms = tuple(str(g).lower() for g in stabilizer_gemms)
         for gemm in stabilizer_gemms:
             _check_choice("GEMM", gemm, GEMMS)
+        if stabilizer == Stabilizer.h16_all and set(stabilizer_gemms) != set(GEMMS):
+            raise ValueError(f"stabilizer h16_all acts on every GEMM; stabilizer_gemms={list(stabilizer_gemms)} "
+                             "contradicts it (use h16 with stabilizer_gemms)")
         HadamardSpec(hadamard_block)  # validates the block early, whatever the stabilizer
 
+        # Stored as plain strings (an Enum member passed in becomes its value), so repr(), __eq__ and
+        # describe() read the same whether the caller used fp4.names members or words.
+        ladder, stabilizer, format, fp8_forward, fp8_backward, sr_operands, ufp4_element = map(
+            str, (ladder, stabilizer, format, fp8_forward, fp8_backward, sr_operands, ufp4_element))
+        scale_mode = None if scale_mode is None else str(scale_mode)
+        hadamard_signs = None if hadamard_signs is None else str(hadamard_signs)
         self.ladder, self.stabilizer, self.format, self.seed = ladder, stabilizer, format, int(seed)
         self.fp8_forward, self.fp8_backward, self.scale_mode = fp8_forward, fp8_backward, scale_mode
         self.sr_operands, self.stabilizer_gemms = sr_operands, stabilizer_gemms
@@ -202,7 +263,7 @@ class Recipe:
 
     def _build_specs(self) -> Dict[str, GemmSpec]:
         inactive = []
-        fp4_fmt = {"mxfp4": "mxfp4", "nvfp4": "nvfp4", "ufp4": self.ufp4_element}[self.format]
+        fp4_fmt = self._fp4_element()
         specs = {}
         for gemm in GEMMS:
             names = GEMM_OPERANDS[gemm]
@@ -220,9 +281,9 @@ class Recipe:
                 inactive.append(f"{self.stabilizer} on {GEMM_TITLES[gemm]}: inactive ({precision} GEMM; "
                                 "stabilizers act only on FP4 GEMMs)")
             specs[gemm] = GemmSpec(gemm, operands[0], operands[1], hadamard)
-        if self.scale_mode is not None and self.format == "nvfp4" and self.ladder in ("fprop", "dgrad", "wgrad"):
+        if self.scale_mode is not None and self.format == "nvfp4" and FP4_GEMMS[self.ladder]:
             inactive.append(f"scale_mode={self.scale_mode}: inactive (nvfp4 has E4M3 block scales, not MX)")
-        if self.hadamard_signs is not None and self.stabilizer not in ("rht", "h16"):
+        if self.hadamard_signs is not None and self.stabilizer not in HADAMARD_STABILIZERS:
             inactive.append(f"hadamard_signs={self.hadamard_signs}: inactive (stabilizer {self.stabilizer} "
                             "has no Hadamard transform)")
         if self.nvfp4_2d_weights and self.format != "nvfp4":
@@ -230,19 +291,24 @@ class Recipe:
         self.inactive = tuple(inactive)
         return specs
 
+    def _fp4_element(self) -> str:
+        element = FORMAT_RECIPES[self.format].element
+        return self.ufp4_element if element == _UFP4_ELEMENT else element
+
     def _fp4_gemm(self, gemm: str, names, fp4_fmt: str, inactive: list):
         targeted = self.stabilizer != "none" and gemm in self.stabilizer_gemms
-        # Stochastic rounding: ufp4 always rounds dY stochastically; the sr stabilizer adds dY (or all).
-        sr_names = {"dy"} if self.format == "ufp4" else set()
+        built_in = FORMAT_RECIPES[self.format]
+        # Stochastic rounding: the ufp4 formats always round dY stochastically; sr adds dY (or all).
+        sr_names = {"dy"} if built_in.sr_dy else set()
         if targeted and self.stabilizer == "sr":
             wanted = set(names) if self.sr_operands == "all" else {"dy"} & set(names)
             if not wanted:
                 inactive.append(f"sr on {GEMM_TITLES[gemm]}: inactive (no gradient operand; "
                                 "use sr_operands='all')")
             sr_names |= wanted
-        # Hadamard: ufp4's built-in fixed-sign transform, replaced on targeted GEMMs by rht / h16.
-        signs = "fixed" if self.format == "ufp4" else None
-        if targeted and self.stabilizer in ("rht", "h16"):
+        # Hadamard: the format's built-in transform, replaced on targeted GEMMs by rht / h16 / h16_all.
+        signs = built_in.signs if gemm in built_in.hadamard_gemms else None
+        if targeted and self.stabilizer in HADAMARD_STABILIZERS:
             signs = self.hadamard_signs or ("step" if self.stabilizer == "rht" else "none")
         hadamard = HadamardSpec(self.hadamard_block, signs) if signs is not None else None
         operands = []
@@ -250,7 +316,7 @@ class Recipe:
             rounding = "stochastic" if name in sr_names else "nearest"
             operands.append(OperandSpec(
                 fp4_fmt, rounding,
-                scale_mode=self.scale_mode if fp4_fmt in MX_FORMATS else None,
+                scale_mode=(self.scale_mode or built_in.scale_mode) if fp4_fmt in MX_FORMATS else None,
                 block_2d=self.nvfp4_2d_weights and fp4_fmt == "nvfp4" and name == "w"))
         return operands, hadamard
 
@@ -290,7 +356,7 @@ class Recipe:
         return {
             "name": self.name, "ladder": self.ladder, "stabilizer": self.stabilizer, "format": self.format,
             "seed": self.seed, "tie_rule": TIE_RULE,
-            "fp4_element": {"mxfp4": "e2m1", "nvfp4": "e2m1", "ufp4": self.ufp4_element}[self.format],
+            "fp4_element": OPERAND_FORMATS[self._fp4_element()].element.name,
             "fp8": {"forward": self.fp8_forward, "backward": self.fp8_backward,
                     "scaling": "per-tensor current (amax / fmt_max)"},
             "scale_mode": self.scale_mode, "sr_operands": self.sr_operands,

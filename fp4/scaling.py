@@ -41,6 +41,17 @@ Degenerate cases: global_amax == 0, or so small (< 2688 * 2^-150) that s_g under
 gives s_b = 0 and therefore all-zero outputs (this avoids 0/0 in the block ratio). A non-finite
 global amax makes the whole tensor NaN (handled by the caller).
 
+FP32 block scales (scale mode "fp32"; e2m1 / e1m2 / int4 elements, blocks of 16; UFP4 paper)
+---------------------------------------------------------------------------------------------
+One float32 scale per block of 16, not rounded onto any scale grid:
+
+    s = fp32(block_amax / M)      (M = element max; one correctly rounded float32 division)
+
+so the block max maps onto the grid max (amax / s rounds to M). All-zero block: s = 0 and the
+block stays zero (as does a block whose amax / M underflows float32). A block with NaN / +-Inf
+is all NaN. The grid is uniform for e1m2 and int4, and int4 = 4 x e1m2 with s_int4 = s_e1m2 / 4
+exactly, so the two give identical dequantized values under this scale.
+
 FP8 per-tensor current scaling
 ------------------------------
     s = fp32(amax / fmt_max);  s == 0 -> s = 1
@@ -55,15 +66,41 @@ from typing import Tuple
 
 import torch
 
-from .formats import E4M3, ElementFormat, floor_log2, pow2, round_to_grid
+from typing import Optional
 
-__all__ = ["MX_SCALE_MODES", "E8M0_NAN", "block_amax", "mx_exponent", "e8m0_decode", "mx_scales",
-           "nvfp4_scales", "fp8_tensor_scale"]
+from .names import Rounding, ScaleMode, choices
+from .formats import (E2M1, E4M3, E8M0_MAX, E8M0_MIN, E8M0_NAN, MX_FORMATS, NVFP4_TENSOR_DIVISOR,
+                      OPERAND_FORMATS, ElementFormat, floor_log2, pow2, round_to_grid)
 
-MX_SCALE_MODES = ("floor", "ceil", "rceil", "even")
-E8M0_MIN, E8M0_MAX = -127, 127
-E8M0_NAN = 128  # exponent whose biased code is 0xFF
-NVFP4_GLOBAL_DIVISOR = 448.0 * 6.0
+__all__ = ["SCALE_MODES", "MX_SCALE_MODES", "E8M0_NAN", "fp32_block_scales", "block_amax", "mx_exponent", "e8m0_decode", "mx_scales",
+           "nvfp4_scales", "fp8_tensor_scale", "resolve_scale_mode"]
+
+SCALE_MODES = choices(ScaleMode)  # every block scale rule
+MX_SCALE_MODES = tuple(m for m in SCALE_MODES if m != ScaleMode.fp32)  # the E8M0 ones
+NVFP4_GLOBAL_DIVISOR = NVFP4_TENSOR_DIVISOR  # old name
+
+
+def resolve_scale_mode(fmt: str, rounding: str, scale_mode: Optional[str]) -> Optional[str]:
+    """The block scale mode actually used: `even` under nearest, `rceil` under SR unless given.
+
+    Which modes a format takes is a column of the format table (OPERAND_FORMATS[fmt].scale_modes).
+    Lives here, not in fp4.quantize, because it is a scale rule: the torch reference and the Triton
+    kernels both resolve it, and neither may import the other's internals.
+    """
+    valid = OPERAND_FORMATS[fmt].scale_modes if fmt in OPERAND_FORMATS else ()
+    if not valid:
+        if scale_mode is not None:
+            raise ValueError(f"scale_mode {scale_mode!r} applies only to the MX formats "
+                             f"{', '.join(MX_FORMATS)}, not to {fmt!r}; pass None")
+        return None
+    if scale_mode is None:
+        return ScaleMode.even.value if rounding == Rounding.nearest else ScaleMode.rceil.value
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"unknown scale_mode {scale_mode!r}; valid choices: {', '.join(SCALE_MODES)}")
+    if scale_mode not in valid:
+        raise ValueError(f"scale_mode {scale_mode!r} is not valid for {fmt!r} (valid: {', '.join(valid)}); "
+                         "for E2M1 elements with FP32 block scales use fmt 'e2m1'")
+    return str(scale_mode)
 
 
 def _div_fp32(num: torch.Tensor, den: float) -> torch.Tensor:
@@ -133,12 +170,21 @@ def nvfp4_scales(blocks: torch.Tensor, global_amax: torch.Tensor, rounding: str 
     """
     global_amax = global_amax.to(torch.float32)
     s_g = _div_fp32(global_amax, NVFP4_GLOBAL_DIVISOR)
-    ratio = _div_fp32(block_amax(blocks.to(torch.float32)), 6.0) / s_g
+    ratio = _div_fp32(block_amax(blocks.to(torch.float32)), E2M1.max) / s_g
     # Rounded in float64: the float32 ratio is exact there, and E4M3 points are float32-exact.
     e4m3_rounding = "up" if rounding == "stochastic" else "nearest"
     s_b = round_to_grid(ratio, E4M3, e4m3_rounding).to(torch.float32)
     s_b = torch.where(s_g == 0, torch.zeros_like(s_b), s_b)
     return s_b.unsqueeze(-1), s_g
+
+
+def fp32_block_scales(blocks: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """float32 scale per block of float32 `blocks` ([..., nblocks, 16]), shaped [..., nblocks, 1]:
+    s = fp32(block_amax / fmt.max), correctly rounded, not rounded further (scale mode "fp32").
+
+    0 for an all-zero block (and for one whose amax / max underflows float32); NaN / +Inf for a
+    block holding NaN / Inf (the caller poisons those blocks)."""
+    return _div_fp32(block_amax(blocks.to(torch.float32)), fmt.max).unsqueeze(-1)
 
 
 def fp8_tensor_scale(x32: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:

@@ -102,10 +102,13 @@ def load_packed(bin_path: Path) -> Optional[PackedTokens]:
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError:
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")  # written little-endian
+        n_tokens = int(meta["n_tokens"])
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("token cache sidecar %s is unreadable (%s: %s); rebuilding", meta_path,
+                    type(err).__name__, err)
         return None
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")  # written little-endian
-    if bin_path.stat().st_size != meta["n_tokens"] * dtype.itemsize:
+    if bin_path.stat().st_size != n_tokens * dtype.itemsize:
         log.warning("token cache %s is truncated (size does not match its sidecar); rebuilding",
                     bin_path)
         return None

@@ -39,6 +39,7 @@ import importlib.resources
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -157,7 +158,7 @@ def iter_jsonl_texts(path) -> Iterator[str]:
     name = str(path)
     with path.open("rb") as raw:
         stream = gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else raw
-        for lineno, line in enumerate(stream, 1):
+        for lineno, line in _lines_naming(stream, name):
             if not line.strip():
                 continue
             try:
@@ -170,6 +171,17 @@ def iter_jsonl_texts(path) -> Iterator[str]:
                 raise ValueError(f"{name}:{lineno}: record has no string 'text' field "
                                  f"(found {keys}); every line must be a JSON object with 'text'")
             yield text
+
+
+def _lines_naming(stream, name: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of `stream`; a truncated or corrupt gzip file fails naming the file."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(stream, 1):
+            yield lineno, line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{name}: not a readable gzip file after line {lineno} "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def _file_identity(paths) -> list[dict]:

@@ -150,10 +150,16 @@ def build_bpe(train_source, vocab_size: int, train_docs: int, cache_dir) -> Text
     name = f"bpe{vocab_size}"
 
     if tok_file.is_file() and meta_file.is_file():
-        text = tok_file.read_text(encoding="utf-8")
-        log.info("tokenizer cache hit: %s", tok_file)
-        return TextTokenizer(Tokenizer.from_str(text), name, _sha(text.encode()),
-                             eos_id=json.loads(meta_file.read_text())["eos_id"])
+        try:
+            text = tok_file.read_text(encoding="utf-8")
+            cached = TextTokenizer(Tokenizer.from_str(text), name, _sha(text.encode()),
+                                   eos_id=int(json.loads(meta_file.read_text())["eos_id"]))
+        except Exception as err:  # a corrupt or cut cache entry is rebuilt, never fatal
+            log.warning("tokenizer cache %s is unreadable (%s: %s); rebuilding it", out,
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        else:
+            log.info("tokenizer cache hit: %s", tok_file)
+            return cached
 
     t0 = time.perf_counter()
     stats = {"docs": 0, "chars": 0}

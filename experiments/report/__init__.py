@@ -13,7 +13,10 @@ Pipeline (each step its own module, each testable on synthetic run directories):
    each stabilizer against plain wgrad (contrasts.csv and a section of report.md).
 4. :mod:`.throughput` attaches the step-throughput gain (measured / modeled on hardware
    profiles / user) and the net speedup = gain / (1 + cost).
-5. :mod:`.tables` and :mod:`.plots` write table.md / table.csv / table.tex and PNGs;
+5. :mod:`.estimator` computes the equivalent-token cost of every finished run -- fixed-budget
+   runs without a target included -- against the FP8 curve of its seed (columns ``eq_cost_*``
+   of the table, its own section, ``eq_cost.csv`` and the cost-versus-tokens plot).
+6. :mod:`.tables` and :mod:`.plots` write table.md / table.csv / table.tex and PNGs;
    ``report.json`` records the provenance (run dirs, their commits and devices, the
    command).  With ``wandb=True`` the table and figures are logged to Weights & Biases
    (honours WANDB_MODE=offline and WANDB_DIR).
@@ -28,8 +31,10 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -39,8 +44,10 @@ import pandas as pd
 from .runs import DEFAULT_RESULTS_DIR, Issue, ReportError, load_runs
 from .stats import MissingBaselineError, summarize
 from .throughput import HardwareProfileError, add_throughput, load_isolated_throughput
-from .tables import atomic_write, to_csv, to_markdown, write_tables
-from .plots import write_plots
+from .tables import atomic_write, has_gains, to_csv, to_markdown, write_tables
+from ..rundir import process_umask
+from .plots import write_eq_plots, write_plots
+from .estimator import DEFAULT_WINDOW, parse_window, attach as attach_eq, estimate, to_csv as eq_csv, to_markdown as eq_markdown
 from .contrasts import contrasts, to_csv as contrasts_csv, to_markdown as contrasts_markdown
 
 __all__ = ["make_report", "Report", "ReportError", "MissingBaselineError", "HardwareProfileError", "NoRunsError",
@@ -104,7 +111,8 @@ def _issue_lines(issues: Sequence[Issue]) -> List[str]:
     running = [i for i in issues if i.incomplete]
     calibration = [i for i in issues if i.calibration]
     if calibration:
-        lines += ["## Calibration runs (no target; read by `fp4-ablate calibrate`, not tabulated)", "",
+        lines += ["## Calibration runs (no target; read by `fp4-ablate calibrate`; not in the tokens-to-target "
+                  "table, used by the equivalent-token estimator)", "",
                   ", ".join(f"`{i.name}`" for i in calibration), ""]
     if bad:
         lines += ["## Excluded run directories", ""] + [f"- `{i.name}`: {i.problem}" for i in bad] + [""]
@@ -122,8 +130,20 @@ def _user_args(step_speedup) -> str:
     return f" {step_speedup:g}"
 
 
+def _eq_only_markdown(eq_runs, issues, est, plot_files, results_dir) -> str:
+    lines = ["# fp4-ablate report", "",
+             f"Results: `{results_dir}` -- no run with a target, {len(eq_runs)} fixed-budget run(s) over "
+             f"{eq_runs['seed'].nunique()} seed(s): no tokens-to-target table, the equivalent-token cost only.", ""]
+    lines.append(eq_markdown(est, heading_level=2))
+    figs = sorted(plot_files)
+    if figs:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figs] + [""]
+    lines += _issue_lines([i for i in issues if not i.calibration])
+    return "\n".join(lines)
+
+
 def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
-              isolated=None, paired=None) -> str:
+              isolated=None, paired=None, est=None) -> str:
     n_seeds = runs["seed"].nunique()
     lines = ["# fp4-ablate report", "",
              f"Results: `{results_dir}` -- {len(runs)} finished runs over {n_seeds} seed(s), "
@@ -138,7 +158,9 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
              "`modeled:<profile>` (datasheet peaks substituted into the measured FP8 step: an upper bound on the "
              "GEMM saving; stabilized rows also pay their stabilizer's *emulated* extra work, which overstates "
              "it off FP4 hardware), "
-             "`user` (--step-speedup" + _user_args(step_speedup) + ").", ""]
+             "`user` (--step-speedup" + _user_args(step_speedup) + "). Equivalent-token cost: see its "
+             "section below (over the same runs as each row; window " +
+             (f"{est.window[0]:g},{est.window[1]:g}" if est is not None else "n/a") + ").", ""]
     shared = int(runs["gpu_shared_by"].max()) if "gpu_shared_by" in runs else 1
     if shared > 1:
         lines += [f"Throughput: runs shared a GPU (up to {shared} at a time, `sweep.jobs_per_gpu`), "
@@ -149,11 +171,26 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
     elif isolated is not None:
         lines += [f"Isolated tokens/s (column `tokens/s alone`, used for the modeled gain): "
                   f"{isolated.describe()}.", ""]
+    if not has_gains(table):
+        if isolated is None and step_speedup is None:
+            why = ("no isolated bench (`--throughput BENCH.json`, from `fp4-ablate bench`) and no "
+                   "`--step-speedup` were given, and the runs' own tokens/s, measured beside whatever "
+                   "else the machine ran, give no step gain (a measured gain needs native GEMMs on an "
+                   "unshared device)")
+        else:
+            why = "no configuration has one (the notes column of table.csv says why per row)"
+        lines += [f"Step gain and net speedup: left out of the table: {why}.", ""]
+    if any(table["baseline_outliers"].astype(bool)) if "baseline_outliers" in table else False:
+        lines += ["Baseline outlier (notes): an FP8 seed whose tokens to target lies more than 2.5 robust z "
+                  "from the other FP8 seeds of the group (z = (x - median of the others) / (1.4826 x their MAD)); "
+                  "every row's cost of that seed is a ratio against it.", ""]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
     lines.append(to_markdown(table, list(profs), heading_level=2))
     if paired is not None and not paired.empty:
         lines.append(contrasts_markdown(paired, heading_level=2))
+    if est is not None:
+        lines.append(eq_markdown(est, heading_level=2))
     figs = sorted(plot_files)
     if figs:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figs] + [""]
@@ -165,6 +202,45 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
             lines.append(f"- {p.name} ({p.vendor}): {peaks} TFLOP/s -- source: {p.source}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _eq_only_report(results_dir: Path, out_dir: Path, eq_runs, issues, est) -> "Report":
+    """Fixed-budget runs only: the estimator's section, eq_cost.csv, its plot and report.json."""
+    _check_out_dir(out_dir)
+    try:
+        staging = _staging_dir(out_dir)
+    except OSError as e:
+        raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+    try:
+        files = {"eq_cost.csv": atomic_write(staging / "eq_cost.csv", eq_csv(est))}
+        plot_files = write_eq_plots(est, staging)
+        files.update(plot_files)
+        markdown = _eq_only_markdown(eq_runs, issues, est, plot_files, results_dir)
+        files["report.md"] = atomic_write(staging / "report.md", markdown)
+        provenance = {
+            "command": shlex.join(sys.argv),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "results_dir": str(results_dir.resolve()), "out_dir": str(out_dir.resolve()),
+            "tool_git_commit": _tool_commit(), "eq_window": list(est.window),
+            "runs": [{k: r.get(k) for k in ("run", "run_dir", "status", "ladder", "stabilizer", "format", "model",
+                                            "data", "seed", "git_commit", "device_name")}
+                     for r in eq_runs.to_dict("records")],
+            "eq_baselines": {Path(d).name: Path(b).name for d, b in sorted(est.baseline_of.items())},
+            "excluded": [{"run_dir": i.run_dir, "problem": i.problem} for i in issues
+                         if not i.incomplete and not i.calibration],
+            "files": sorted(list(files) + ["report.json"]),
+        }
+        atomic_write(staging / "report.json", json.dumps(_jsonable(provenance), indent=2) + "\n")
+        _swap_in(staging, out_dir)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+        raise
+    files = {name: out_dir / name for name in files}
+    files["report.json"] = out_dir / "report.json"
+    return Report(markdown, out_dir=out_dir, files=files, table=est.table, runs=eq_runs, issues=issues,
+                  warnings=[], wandb_dir=None, estimate=est)
 
 
 def _log_wandb(out_dir: Path, csv_text: str, files: Dict[str, Path], markdown: str, provenance: dict):
@@ -193,41 +269,109 @@ def _log_wandb(out_dir: Path, csv_text: str, files: Dict[str, Path], markdown: s
     return str(Path(run_dir).parent) if run_dir else None
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """The report replaces out_dir as a whole, so out_dir must be absent, empty or an earlier report."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ReportError(f"cannot write the report to {out_dir}: it exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not any(
+            (out_dir / f).exists() for f in ("report.json", "report.md")):
+        raise ReportError(f"cannot write the report to {out_dir}: it is a non-empty directory without "
+                          "report.json or report.md (not an earlier report), and the report replaces its "
+                          "output directory as a whole; choose another --out")
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh sibling of out_dir, where the whole report is written before it is swapped in."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.new-"))
+    os.chmod(staging, 0o777 & ~process_umask())
+    return staging
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace out_dir by staging: old aside (rename), new in (rename), old deleted. Nothing of an
+    earlier report survives (a file it had and this one has not would otherwise look current)."""
+    aside = None
+    if out_dir.exists():
+        aside = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        os.rename(out_dir, aside)  # onto the empty directory mkdtemp made: atomic on POSIX
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        if aside is not None:
+            os.rename(aside, out_dir)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x", "b200"),
                 step_speedup: Union[None, float, Mapping[str, float]] = None, wandb: bool = False,
-                throughput=None) -> Report:
+                throughput=None, eq_window=DEFAULT_WINDOW) -> Report:
     """Build the report for the runs under ``results_dir``; returns its Markdown as a :class:`Report`.
 
-    ``out_dir`` defaults to ``<results_dir>/../report`` (``results/report``).  ``profiles``:
+    ``out_dir`` defaults to ``<results_dir>/../report`` (``results/report``); the whole report is
+    written into a fresh sibling directory and then replaces ``out_dir`` (files of an earlier report
+    never survive; a non-empty ``out_dir`` that is not a report is refused).  ``profiles``:
     hardware profile names (configs/hardware/profile/) or YAML paths for the modeled gain.
     ``step_speedup``: a user-measured step-throughput gain (a ratio, 1.20 = +20%) for every
     configuration with an FP4 GEMM, or {label or ladder: ratio}.  ``throughput``: a bench JSON
-    of isolated tokens/s (needed to model the gain of runs that shared a GPU).  Raises ReportError
+    of isolated tokens/s (needed to model the gain of runs that shared a GPU).  ``eq_window``:
+    (a, b), the equivalent-token cost averages each run's evaluations in [a, b] x its tokens
+    (:mod:`.estimator`).  A directory of fixed-budget runs only (no target) gives a report of the
+    equivalent-token cost alone.  Raises ReportError
     subclasses (NoRunsError, MissingBaselineError, HardwareProfileError) with a message.
     """
     results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise ReportError(f"no such directory: {results_dir}")
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(results_dir)
     isolated = load_isolated_throughput(throughput) if throughput is not None else None
     runs, issues = load_runs(results_dir)
-    if runs.empty:
+    eq_runs, _ = load_runs(results_dir, include_completed=True)
+    if eq_runs.empty:
         found = "\n".join(f"  {i.name}: {i.problem}" for i in issues) or "  (no run directories)"
         raise NoRunsError(f"no finished valid runs under {results_dir}:\n{found}")
+    try:
+        eq_window = parse_window(",".join(f"{float(x)!r}" for x in eq_window))
+    except (TypeError, ValueError) as e:
+        raise ReportError(f"eq_window {eq_window!r}: {e}") from None
+    est = estimate(eq_runs, eq_window)
+    if runs.empty:
+        return _eq_only_report(results_dir, out_dir, eq_runs, issues, est)
     stats, warnings, baselines = summarize(runs, issues)
     table, profs = add_throughput(stats, runs, profiles, step_speedup, isolated)
+    table = attach_eq(table, est)
 
     paired = contrasts(runs, baselines)
-    files = write_tables(table, out_dir, list(profs))
-    if not paired.empty:
-        files["contrasts.csv"] = atomic_write(out_dir / "contrasts.csv", contrasts_csv(paired))
-    plot_files = write_plots(table, runs, out_dir)
-    files.update(plot_files)
-    markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
-                         isolated, paired)
-    files["report.md"] = atomic_write(out_dir / "report.md", markdown)
+    _check_out_dir(out_dir)
+    try:
+        staging = _staging_dir(out_dir)
+    except OSError as e:
+        raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+    try:
+        files = write_tables(table, staging, list(profs))
+        if not paired.empty:
+            files["contrasts.csv"] = atomic_write(staging / "contrasts.csv", contrasts_csv(paired))
+        files["eq_cost.csv"] = atomic_write(staging / "eq_cost.csv", eq_csv(est))
+        plot_files = write_plots(table, runs, staging)
+        plot_files.update(write_eq_plots(est, staging))
+        files.update(plot_files)
+        markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
+                             isolated, paired, est)
+        files["report.md"] = atomic_write(staging / "report.md", markdown)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+        raise
 
     run_fields = ("run", "run_dir", "status", "ladder", "stabilizer", "format", "model", "data", "seed",
                   "target_ppl", "tokens_to_target", "git_commit", "git_dirty", "device_name", "hostname",
                   "started_at")
+    several_groups = runs["group_id"].nunique() > 1
+    if several_groups:  # one group: no label, and report.json stays as it was before groups existed
+        run_fields += ("group",)
     provenance = {
         "command": shlex.join(sys.argv),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -248,15 +392,30 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
         "excluded": [{"run_dir": i.run_dir, "problem": i.problem} for i in issues
                      if not i.incomplete and not i.calibration],
         "calibration": [i.run_dir for i in issues if i.calibration],
+        "eq_window": list(est.window),
+        "eq_baselines": {Path(d).name: Path(b).name for d, b in sorted(est.baseline_of.items())},
         "incomplete": [{"run_dir": i.run_dir, "problem": i.problem} for i in issues if i.incomplete],
         "warnings": warnings,
         "files": sorted(list(files) + ["report.json"]),
     }
+    if several_groups:
+        provenance["groups"] = sorted(runs["group"].unique())
+
+    def write_json(where: Path) -> Path:
+        return atomic_write(where / "report.json", json.dumps(_jsonable(provenance), indent=2, sort_keys=False) + "\n")
+
+    try:
+        write_json(staging)
+        _swap_in(staging, out_dir)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+    files = {name: out_dir / name for name in files}
+    files["report.json"] = out_dir / "report.json"
     wandb_dir = None
     if wandb:
         wandb_dir = _log_wandb(out_dir, to_csv(table, list(profs)), files, markdown, provenance)
         provenance["wandb_dir"] = wandb_dir
-    files["report.json"] = atomic_write(out_dir / "report.json",
-                                        json.dumps(_jsonable(provenance), indent=2, sort_keys=False) + "\n")
+        write_json(out_dir)
     return Report(markdown, out_dir=out_dir, files=files, table=table, runs=runs, issues=issues,
-                  warnings=warnings, wandb_dir=wandb_dir)
+                  warnings=warnings, wandb_dir=wandb_dir, estimate=est)

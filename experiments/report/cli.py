@@ -6,6 +6,7 @@ import sys
 from typing import Dict, List, Optional
 
 from . import ReportError, make_report
+from .estimator import parse_window
 from .runs import DEFAULT_RESULTS_DIR
 
 
@@ -50,14 +51,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--throughput", metavar="BENCH.json",
                     help="isolated tokens/s per configuration (an `fp4-ablate bench` JSON) for the "
                          "modeled gain; needed when the runs shared a GPU (sweep.jobs_per_gpu > 1)")
+    ap.add_argument("--eq-window", default="0.5,1.0", metavar="A,B",
+                    help="equivalent-token cost: average each run's evaluations in [A, B] x the tokens it "
+                         "trained, 0 <= A <= B <= 1 (default %(default)s: the last half; 0,1: every "
+                         "evaluation; 0.9,1: the end only; 1,1: the final evaluation only)")
     ap.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
     args = ap.parse_args(argv)
     step_speedup = _parse_step_speedup(ap, args.step_speedup)
     try:
+        eq_window = parse_window(args.eq_window)
+    except ValueError as e:
+        ap.error(f"--eq-window {e}")
+    try:
         report = make_report(args.results_dir, out_dir=args.out,
                              profiles=tuple(args.profiles or ("mi355x", "b200")),
                              step_speedup=step_speedup, wandb=args.wandb,
-                             throughput=args.throughput)
+                             throughput=args.throughput, eq_window=eq_window)
     except ReportError as err:
         print(f"fp4-ablate report: {err}", file=sys.stderr)
         return 2

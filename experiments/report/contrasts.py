@@ -9,7 +9,8 @@ noise and would overlap even for a real difference -- so each contrast is paired
     d_s = tokens_to_target(a, s) / tokens_to_target(b, s) - 1
 
 over the seeds where both a and b reached the target (same model, data, target, seed), with the
-mean and 95% Student-t interval over seeds.  The contrasts are the ladder's steps (fprop vs fp8,
+mean and 95% Student-t interval over seeds, and the seeds its observed spread would need for a
++-2% interval (:func:`.stats.seeds_needed`).  The contrasts are the ladder's steps (fprop vs fp8,
 dgrad vs fprop, wgrad vs dgrad) and every stabilized wgrad row vs plain wgrad, per FP4 format.
 A seed where either side missed the target is listed by name, never silently dropped.  The FP8
 side of the first step is each run's own baseline from the cost table; with several runs of
@@ -23,15 +24,16 @@ from typing import Dict, List, Tuple
 import pandas as pd
 from tabulate import tabulate
 
-from .stats import GROUP_KEYS, config_label, mean_ci
+import numpy as np
 
-# (a, b) as (ladder, stabilizer): a is measured against b.
-LADDER_STEPS = ((("fprop", "none"), ("fp8", "none")),
-                (("dgrad", "none"), ("fprop", "none")),
-                (("wgrad", "none"), ("dgrad", "none")))
-STABILIZERS = ("sr", "rht", "h16")
-CSV_COLUMNS = ("model", "data", "target_ppl", "format", "contrast", "kind", "n", "mean", "lo", "hi",
-               "per_seed", "missed")
+from .stats import GROUP_KEYS, LADDER_ORDER, STABILIZED_ORDER, config_label, mean_ci, seeds_needed
+
+# (a, b) as (ladder, stabilizer): a is measured against b -- each rung from fp8 up against the one below.
+_RUNGS = tuple(r for r in LADDER_ORDER if r != "bf16")
+LADDER_STEPS = tuple(((a, "none"), (b, "none")) for b, a in zip(_RUNGS, _RUNGS[1:]))
+STABILIZERS = STABILIZED_ORDER
+CSV_COLUMNS = ("model", "data", "target_ppl", "group", "format", "contrast", "kind", "n", "mean", "lo", "hi",
+               "seeds_for_2pct", "per_seed", "missed")
 
 
 def _by_seed(runs: pd.DataFrame, ladder: str, stabilizer: str, fmt: str) -> Dict[int, dict]:
@@ -76,9 +78,11 @@ def contrasts(runs: pd.DataFrame, baselines: Dict[str, str]) -> pd.DataFrame:
                     continue
                 per_seed, missed = _contrast(side_a, side_b)
                 ci = mean_ci(per_seed.values())
+                sd = float(np.std(list(per_seed.values()), ddof=1)) if len(per_seed) >= 2 else float("nan")
                 rows.append(dict(zip(GROUP_KEYS, key), format=fmt, kind=kind,
                                  contrast=f"{config_label(la, sa, fmt)} vs {config_label(lb, sb, fmt)}",
-                                 n=ci.n, mean=ci.mean, lo=ci.lo, hi=ci.hi, per_seed=per_seed, missed=missed))
+                                 n=ci.n, mean=ci.mean, lo=ci.lo, hi=ci.hi, seeds_for_2pct=seeds_needed(sd),
+                                 per_seed=per_seed, missed=missed))
     return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
 
 
@@ -99,16 +103,22 @@ def _verdict(r: dict) -> str:
     return "no difference resolved"
 
 
+def _seeds(n) -> str:
+    return "n/a" if n is None or (isinstance(n, float) and not np.isfinite(n)) else str(int(n))
+
+
 def to_markdown(table: pd.DataFrame, heading_level: int = 2) -> str:
     if table.empty:
         return ""
     h = "#" * heading_level
     parts = [f"{h} Paired contrasts (extra tokens of a over b, paired by seed, 95% t-interval)\n"]
     for key, sub in table.groupby(list(GROUP_KEYS) + ["format"], sort=True):
-        model, data, target, fmt = key
-        parts.append(f"model={model}, data={data}, target ppl={target:g}, {fmt}:\n")
+        model, data, target, group, fmt = key
+        parts.append(f"model={model}, data={data}, target ppl={target:g}"
+                     f"{', group ' + group if group else ''}, {fmt}:\n")
         body = [{"contrast (a vs b)": r["contrast"], "kind": r["kind"], "a over b": _cell(r),
-                 "interval": _verdict(r), "seeds not compared": "; ".join(r["missed"])}
+                 "interval": _verdict(r), "seeds for ±2%": _seeds(r["seeds_for_2pct"]),
+                 "seeds not compared": "; ".join(r["missed"])}
                 for r in sub.to_dict("records")]
         parts.append(tabulate(body, headers="keys", tablefmt="github", disable_numparse=True) + "\n")
     return "\n".join(parts)
@@ -120,7 +130,11 @@ def to_csv(table: pd.DataFrame) -> str:
         d = dict(r)
         d["per_seed"] = ";".join(f"{s}:{v:.6g}" for s, v in sorted(r["per_seed"].items()))
         d["missed"] = "; ".join(r["missed"])
+        d["seeds_for_2pct"] = "" if r["seeds_for_2pct"] is None or r["seeds_for_2pct"] != r["seeds_for_2pct"] \
+            else int(r["seeds_for_2pct"])
         flat.append(d)
+    # The group column only when the report has several experiment groups (one group: no label).
+    cols = [c for c in CSV_COLUMNS if c != "group" or table["group"].astype(bool).any()]
     buf = io.StringIO()
-    pd.DataFrame(flat, columns=list(CSV_COLUMNS)).to_csv(buf, index=False)
+    pd.DataFrame(flat, columns=cols).to_csv(buf, index=False)
     return buf.getvalue()

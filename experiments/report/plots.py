@@ -1,6 +1,7 @@
 """Figures of the report (matplotlib, Agg backend, PNG), one set per comparison group.
 
-* ``ppl_<group>.png``: validation perplexity versus tokens for every configuration, the
+* ``ppl_<group>.png`` (``<group>``: model, data, target and, with several experiment
+  groups, ``_g<hash>``): validation perplexity versus tokens for every configuration, the
   target as a dashed horizontal line.  Left: the whole run on a log axis.  Right: a zoom
   on the last ~40% of tokens with the y-axis around the target, as in the paper's figure
   -- the configurations differ by a few percent of tokens, which is invisible on the full
@@ -13,7 +14,13 @@
   of budget before the target, a hollow triangle marks the mean with those seeds counted at
   their bound (tokens seen / FP8 tokens - 1), a lower bound the bar alone would hide.
 
-PNG bytes are rendered into memory and written atomically like every report file.
+* ``eqcost_<model>_<data>[_g<hash>].png``: the equivalent-token cost (:mod:`.estimator`) versus
+  tokens, per configuration the mean over seeds at each evaluation (the seeds whose loss there
+  is inside the FP8 fit's range) with its 95% t band where two or more seeds have a value; the
+  window the table averages is shaded.
+
+PNG bytes are rendered into memory and written atomically like every report file
+(the run-directory contract's writer).
 """
 from __future__ import annotations
 
@@ -32,11 +39,14 @@ import pandas as pd  # noqa: E402
 from .tables import atomic_write, group_title, groups  # noqa: E402
 
 ZOOM_FRACTION = 0.4
+LATE_FROM = 0.2
 
 
 def group_slug(key: tuple) -> str:
-    model, data, target = key
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", f"{model}_{data}_ppl{target:g}")
+    model, data, target, group = key
+    # With several experiment groups the group's hash keeps their file names apart.
+    tail = f"_g{group.split(':')[0]}" if group else ""
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", f"{model}_{data}_ppl{target:g}{tail}")
 
 
 def _save(fig, path: Path) -> Path:
@@ -156,4 +166,70 @@ def write_plots(table: pd.DataFrame, runs: pd.DataFrame, out_dir) -> Dict[str, P
         for name, fn in ((f"ppl_{slug}.png", lambda p: plot_ppl(rows, runs_by_dir, key[2], title, p)),
                          (f"cost_{slug}.png", lambda p: plot_cost(rows, title, p))):
             files[name] = fn(out_dir / name)
+    return files
+
+
+def eq_slug(model: str, data: str, egroup: str) -> str:
+    tail = f"_g{egroup.split(':')[0]}" if egroup else ""
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", f"eqcost_{model}_{data}{tail}")
+
+
+def plot_eq_cost(est, rows: List[dict], title: str, path: Path) -> Path:
+    """Equivalent-token cost vs tokens: mean and 95% band over seeds per configuration."""
+    from .estimator import _target_key, cost_curve
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    tmax = 0.0
+    curves = []
+    for i, row in enumerate(rows):
+        if row["is_baseline"]:
+            continue
+        cc = cost_curve(est, row)
+        if cc.empty:
+            continue
+        color = colors[i % len(colors)]
+        target = _target_key(row["target_ppl"])
+        kind = ", fixed budget" if target is None else f", target {target:g}"
+        if any(r["label"] == row["label"] and r is not row for r in rows):
+            kind = " (fixed budget)" if target is None else " (target run)"
+        ax.plot(cc["tokens"], cc["mean"] * 100, color=color, lw=1.6,
+                label=f"{row['label']}{kind} (n={int(cc['n'].max())})")
+        band = cc[cc["n"] >= 2]
+        ax.fill_between(band["tokens"], band["lo"] * 100, band["hi"] * 100, color=color, alpha=0.15, lw=0)
+        tmax = max(tmax, float(cc["tokens"].max()))
+        curves.append(cc)
+    # The y-range from the later part of training: in the first evaluations the FP8 loss is nearly
+    # flat, D_eq is ill-conditioned there and its huge costs would flatten everything else.
+    late = [v for cc in curves for c in ("mean", "lo", "hi")
+            for v in cc.loc[cc["tokens"] >= LATE_FROM * tmax, c] if np.isfinite(v)]
+    if late:
+        lo, hi = min(min(late), 0.0) * 100, max(late) * 100
+        pad = 0.08 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.text(0.01, 0.01, f"y-range from tokens >= {LATE_FROM:g} x the longest run (earlier, where FP8 loss is "
+                "nearly flat, costs are ill-conditioned and may leave the axes)", transform=ax.transAxes,
+                fontsize=6, va="bottom")
+    a, b = est.window
+    if tmax > 0:
+        ax.axvspan(a * tmax, b * tmax, color="grey", alpha=0.08,
+                   label=f"window {a:g}-{b:g} x tokens trained (longest run)")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("equivalent-token cost vs FP8 (%)  = D / D_eq - 1")
+    ax.set_title(f"{title}\nmean over seeds, 95% t band; evaluations outside the FP8 fit's range left out")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def write_eq_plots(est, out_dir) -> Dict[str, Path]:
+    out_dir = Path(out_dir)
+    files = {}
+    if est is None or est.table.empty:
+        return files
+    for (model, data, eg), sub in est.table.groupby(["model", "data", "egroup"], sort=False):
+        name = eq_slug(model, data, eg) + ".png"
+        title = f"model={model}, data={data}" + (f", group {eg}" if eg else "")
+        files[name] = plot_eq_cost(est, sub.to_dict("records"), title, out_dir / name)
     return files

@@ -1,45 +1,53 @@
-"""Load and validate the run directories a sweep leaves under ``results/runs/``.
+"""Load the run directories a sweep leaves under ``results/runs/`` and sort them into experiments.
 
-The contract is docs/design.md section 2: a finished run has ``summary.json`` (written
-atomically at the end), ``metrics.jsonl`` (one JSON object per line, "train" and "eval"
-records), and usually ``meta.json`` and ``config.yaml``.
-
-Why so strict: the report averages tokens-to-target over seeds and pairs every run with
-an FP8 baseline, so a single half-written or hand-edited run would silently move a mean
-that is only a few percent wide.  Every directory is therefore either
+Reading and checking each directory is the run-directory contract's job
+(:func:`fp4_experiments.rundir.load_run`, docs/design.md section 2); this module decides what
+the *report* can use.  Why so strict: the report averages tokens-to-target over seeds and pairs
+every run with an FP8 baseline, so a single half-written, hand-edited or foreign run would
+silently move a mean that is only a few percent wide.  Every directory is therefore either
 
 * **valid**: a row of the returned DataFrame;
 * **incomplete**: no ``summary.json`` yet (still training, or killed before the end), or
 * **corrupt / unusable**: unparseable or missing files, missing keys, a truncated
-  ``metrics.jsonl`` line, a failed run, a duplicate ...
+  ``metrics.jsonl`` line, a summary whose step count the metrics contradict, a failed run,
+  a duplicate ...
 
 and the last two are returned as :class:`Issue` ``(run_dir, problem)`` pairs that the
-report prints by name, never folded into any statistic.  A truncated last line of
-``metrics.jsonl`` on a run that *has* a summary means the file was damaged after the
-summary was written (the training loop flushes metrics before the summary), so it counts
-as corrupt rather than being skipped.
+report prints by name, never folded into any statistic.
+
+**Experiment groups.**  Runs are only ever compared within one experiment: the run's
+experiment config (config.yaml minus ``fp4_configs.schema.NON_EXPERIMENT_KEYS``) minus what the
+table varies -- the whole ``ladder`` and ``stabilizer`` subtrees and ``seed`` (dropping whole
+subtrees means a key that is a function of the rung or stabilizer, such as ladder.fp4_gemms,
+never splits a group, whether or not a run's config still has it) -- plus the summary's model,
+data label, format and target.  ``format`` is a *group* key, not a varied one: its config node
+also sets the FP8 formats (format.fp8_forward / fp8_backward), which change the FP8 baseline's
+own numerics, so an FP8 run is the baseline only of runs of its own format.  Each group is
+named by a short hash of that dict and, when a results directory holds several, by the keys in
+which the groups differ (e.g. ``3f2a9c1d: train.lr=0.01``); the report makes a table, contrasts
+and plots per group.  Two valid runs of one group, configuration and seed are duplicates: with
+the same run key it is the same experiment twice, otherwise their varied subtrees differ in
+something the table does not show; either way the newest is kept and the other named.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Tuple
 
 import pandas as pd
-import yaml
+
+from ..rundir import (INCOMPLETE, IncompleteRunError, RunDirError, RunRecord, Status, experiment_dict,
+                      load_run as load_run_record, read_config, run_dirs)
 
 DEFAULT_RESULTS_DIR = Path("results") / "runs"
-STATUSES = ("reached", "not_reached", "diverged", "completed", "failed")
-# Keys the statistics cannot do without; the rest of the summary is optional with defaults.
-REQUIRED_SUMMARY_KEYS = (
-    "status", "ladder", "stabilizer", "format", "model", "data", "seed",
-    "target_ppl", "tokens_to_target", "best_ppl", "mean_tokens_per_s",
-)
-RUN_FILES = ("summary.json", "metrics.jsonl", "meta.json", "config.yaml")
-INCOMPLETE = "incomplete"
 CALIBRATION = "calibration run"
+# What the table varies within an experiment group (dropped from the group key, whole subtrees).
+VARIED_KEYS = ("ladder", "stabilizer", "seed")
+MAX_LABEL_KEYS = 4
 
 
 class ReportError(Exception):
@@ -70,215 +78,210 @@ class Issue(NamedTuple):
         return Path(self.run_dir).name
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise RunFormatError(f"{path.name}: unreadable ({e.strerror or e})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RunFormatError(f"{path.name}: invalid JSON ({e.msg} at line {e.lineno})") from None
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
 
 
-def read_metrics(path: Path) -> Tuple[List[dict], List[dict]]:
-    """Parse metrics.jsonl into (train records, eval records); any bad line is an error.
-
-    Blank lines are tolerated (a trailing newline), unknown "kind"s are ignored so the
-    training loop may add record types without breaking old reports.
-    """
-    train, evals = [], []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise RunFormatError(f"metrics.jsonl: unreadable ({e.strerror or e})") from None
-    last = max((i for i, l in enumerate(lines) if l.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            what = "truncated last line" if i == last else "invalid JSON"
-            raise RunFormatError(f"metrics.jsonl line {i + 1}: {what} ({e.msg})") from None
-        if not isinstance(rec, dict) or "kind" not in rec:
-            raise RunFormatError(f"metrics.jsonl line {i + 1}: not an object with a 'kind'")
-        if rec["kind"] == "eval":
-            if not all(_is_number(rec.get(k)) for k in ("tokens", "val_ppl")):
-                raise RunFormatError(f"metrics.jsonl line {i + 1}: eval record without numeric tokens/val_ppl")
-            evals.append(rec)
-        elif rec["kind"] == "train":
-            train.append(rec)
-    return train, evals
+def group_dict(rec: RunRecord) -> Dict[str, Any]:
+    """The experiment a run belongs to, as a flat {dotted key: value} dict (see the module doc)."""
+    exp = experiment_dict(rec.config) if rec.config else {}
+    for k in VARIED_KEYS:
+        exp.pop(k, None)
+    flat = _flatten(exp)
+    s = rec.summary
+    # The summary's identity always counts (a config.yaml may be absent from a hand-made directory).
+    flat.update({"model.name": s.model, "data.label": s.data, "format.name": s.format,
+                 "train.target_ppl": s.target_ppl})
+    return flat
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def group_hash(flat: Dict[str, Any]) -> str:
+    blob = json.dumps(flat, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def _check_summary(s: Any) -> None:
-    if not isinstance(s, dict):
-        raise RunFormatError("summary.json: not a JSON object")
-    missing = [k for k in REQUIRED_SUMMARY_KEYS if k not in s]
-    if missing:
-        raise RunFormatError(f"summary.json: missing required keys {', '.join(missing)}")
-    if s["status"] not in STATUSES:
-        raise RunFormatError(f"summary.json: unknown status {s['status']!r} (expected one of {', '.join(STATUSES)})")
-    if s["status"] == "completed" or s["target_ppl"] is None:
-        raise RunFormatError(f"{CALIBRATION} (no target_ppl, status {s['status']}): no tokens-to-target "
+def _value(v: Any) -> str:
+    return "(absent)" if v is _ABSENT else (json.dumps(v) if isinstance(v, (list, dict)) else f"{v}")
+
+
+_ABSENT = object()
+
+
+def group_labels(dicts: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    """{group hash: label}; "" for everything when there is one group (nothing to tell apart)."""
+    if len(dicts) <= 1:
+        return {h: "" for h in dicts}
+    keys = sorted({k for d in dicts.values() for k in d})
+    differing = [k for k in keys if len({json.dumps(d.get(k, "\0absent"), sort_keys=True, default=str)
+                                         for d in dicts.values()}) > 1]
+    out = {}
+    for h, d in dicts.items():
+        parts = [f"{k}={_value(d.get(k, _ABSENT))}" for k in differing[:MAX_LABEL_KEYS]]
+        more = len(differing) - MAX_LABEL_KEYS
+        out[h] = f"{h}: " + ", ".join(parts) + (f", +{more} more" if more > 0 else "")
+    return out
+
+
+def _row(rec: RunRecord, include_completed: bool = False) -> Dict[str, Any]:
+    """One valid run as a flat dict (a DataFrame row); raises RunFormatError for runs the report
+    cannot use (failed runs; calibration runs unless ``include_completed``: the equivalent-token
+    estimator reads those, with target_ppl NaN)."""
+    s, run_dir = rec.summary, rec.run_dir
+    fixed_budget = s.status == Status.completed or s.target_ppl is None
+    if fixed_budget and not include_completed:
+        raise RunFormatError(f"{CALIBRATION} (no target_ppl, status {s.status}): no tokens-to-target "
                              "to report; `fp4-ablate calibrate` reads it")
-    if s["status"] == "failed":
-        raise RunFormatError(f"failed run: {s.get('error') or 'no error recorded'} (see traceback.txt)")
-    if not isinstance(s["seed"], int) or isinstance(s["seed"], bool):
-        raise RunFormatError(f"summary.json: seed {s['seed']!r} is not an integer")
-    if not _is_number(s["target_ppl"]) or s["target_ppl"] <= 0:
-        raise RunFormatError(f"summary.json: target_ppl {s['target_ppl']!r} is not a positive number")
-    ttt = s["tokens_to_target"]
-    if s["status"] == "reached" and (not _is_number(ttt) or not ttt > 0):
-        raise RunFormatError(f"summary.json: status 'reached' but tokens_to_target is {ttt!r}")
-    for k in ("mean_tokens_per_s", "best_ppl"):
-        v = s[k]
-        if v is not None and not _is_number(v):
-            raise RunFormatError(f"summary.json: {k} {v!r} is not a number")
-    for k in ("gemm_paths", "gemm_flops_per_token"):
-        if s.get(k) is not None and not isinstance(s[k], dict):
-            raise RunFormatError(f"summary.json: {k} is not an object")
-
-
-def load_run(run_dir: Path) -> Dict[str, Any]:
-    """One valid run as a flat dict (a DataFrame row); raises RunFormatError otherwise."""
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    metrics_path = run_dir / "metrics.jsonl"
-    if not summary_path.exists():
-        where = ""
-        if metrics_path.exists():
-            try:
-                _, evals = read_metrics(metrics_path)
-                if evals:
-                    where = f"; last eval at {evals[-1]['tokens']:,.0f} tokens, ppl {evals[-1]['val_ppl']:.4g}"
-            except RunFormatError:
-                pass  # a half-written line is normal while the loop is still writing
-        raise RunFormatError(f"{INCOMPLETE}: no summary.json yet (still running or killed){where}")
-    s = _read_json(summary_path)
-    _check_summary(s)
-    if not metrics_path.exists():
-        raise RunFormatError("metrics.jsonl missing")
-    train, evals = read_metrics(metrics_path)
-
-    meta: Dict[str, Any] = {}
-    if (run_dir / "meta.json").exists():
-        try:
-            m = _read_json(run_dir / "meta.json")
-            meta = m if isinstance(m, dict) else {}
-        except RunFormatError:
-            meta = {}  # provenance only: fall back to the summary's copies of the fields
-    status = s["status"]
-    diverged_at = s.get("diverged_at_tokens")
-    if status == "diverged" and diverged_at is None:
-        diverged_at = s.get("tokens_seen")
-    tps = s["mean_tokens_per_s"]
+    if s.status == Status.failed:
+        raise RunFormatError(f"failed run: {s.error or 'no error recorded'} (see traceback.txt)")
+    meta = rec.meta
+    diverged_at = s.diverged_at_tokens
+    if s.status == Status.diverged and diverged_at is None:
+        diverged_at = s.tokens_seen
+    tps = s.mean_tokens_per_s
+    flat = group_dict(rec)
     return {
         "run": run_dir.name,
         "run_dir": str(run_dir.resolve()),
-        "status": status,
-        "ladder": str(s["ladder"]),
-        "stabilizer": str(s["stabilizer"]),
-        "format": str(s["format"]),
-        "model": str(s["model"]),
-        "data": str(s["data"]),
-        "seed": int(s["seed"]),
-        "target_ppl": float(s["target_ppl"]),
-        "max_tokens": s.get("max_tokens"),
-        "tokens_to_target": float(s["tokens_to_target"]) if status == "reached" else math.nan,
-        "tokens_seen": s.get("tokens_seen"),
-        "best_ppl": float(s["best_ppl"]) if s["best_ppl"] is not None else math.nan,
-        "best_ppl_tokens": s.get("best_ppl_tokens"),
-        "final_ppl": s.get("final_ppl"),
+        "run_key": s.run_key or (meta.run_key if meta else None),
+        "status": s.status.value,
+        "ladder": s.ladder,
+        "stabilizer": s.stabilizer,
+        "format": s.format,
+        "model": s.model,
+        "data": s.data,
+        "seed": int(s.seed),
+        "target_ppl": math.nan if s.target_ppl is None else float(s.target_ppl),
+        "max_tokens": s.max_tokens,
+        "tokens_to_target": float(s.tokens_to_target) if s.status == Status.reached else math.nan,
+        "tokens_seen": s.tokens_seen,
+        "best_ppl": float(s.best_ppl) if s.best_ppl is not None else math.nan,
+        "best_ppl_tokens": s.best_ppl_tokens,
+        "final_ppl": s.final_ppl,
         "diverged_at_tokens": diverged_at,
-        "diverged_reason": s.get("diverged_reason"),
+        "diverged_reason": s.diverged_reason,
         "mean_tokens_per_s": float(tps) if tps is not None and tps > 0 else math.nan,
-        "gpu_shared_by": _gpu_shared_by(s, meta, run_dir),
-        "gemm_paths": dict(s.get("gemm_paths") or {}),
-        "gemm_flops_per_token": dict(s.get("gemm_flops_per_token") or {}),
-        "device_name": s.get("device_name") or meta.get("device_name"),
-        "git_commit": s.get("git_commit") or meta.get("git_commit"),
-        "git_dirty": meta.get("git_dirty"),
-        "hostname": meta.get("hostname"),
-        "started_at": meta.get("started_at"),
-        "argv": meta.get("argv"),
-        "curve": [(float(e["tokens"]), float(e["val_ppl"])) for e in evals],
-        "n_train_records": len(train),
+        "gpu_shared_by": _gpu_shared_by(rec),
+        "gemm_paths": dict(s.gemm_paths or {}),
+        "gemm_flops_per_token": dict(s.gemm_flops_per_token or {}),
+        "device_name": s.device_name or (meta.device_name if meta else None),
+        "git_commit": s.git_commit or (meta.git_commit if meta else None),
+        "git_dirty": meta.git_dirty if meta else None,
+        "hostname": meta.hostname if meta else None,
+        "started_at": meta.started_at if meta else None,
+        "argv": meta.argv if meta else None,
+        "schema_version": s.schema_version,
+        "curve": [(float(e["tokens"]), float(e["val_ppl"])) for e in rec.metrics.evals],
+        # (tokens, val_loss) of every evaluation, for the equivalent-token estimator (.estimator).
+        "loss_curve": [(float(e["tokens"]), float(e["val_loss"]) if isinstance(e.get("val_loss"), (int, float))
+                        else math.nan) for e in rec.metrics.evals],
+        "n_train_records": len(rec.metrics.train),
+        "group_id": group_hash(flat),
+        "group_dict": flat,
     }
 
 
-def _gpu_shared_by(summary: dict, meta: dict, run_dir: Path) -> int:
+def load_run(run_dir: Path, include_completed: bool = False) -> Dict[str, Any]:
+    """One valid run as a flat dict (a DataFrame row); raises RunFormatError otherwise."""
+    try:
+        rec = load_run_record(run_dir)
+    except RunDirError as e:
+        raise RunFormatError(str(e)) from None
+    return _row(rec, include_completed)
+
+
+def _gpu_shared_by(rec: RunRecord) -> int:
     """How many runs shared the run's GPU (1: alone). Runs from before the summary recorded it
     are read from their config: a sweep job on CUDA with sweep.jobs_per_gpu > 1 shared."""
-    if summary.get("gpu_shared_by") is not None:
-        return int(summary["gpu_shared_by"])
-    sweep = (read_config(run_dir) or {}).get("sweep") or {}
-    on_cuda = str(meta.get("device", "")).startswith("cuda")
+    if rec.summary.gpu_shared_by is not None:
+        return int(rec.summary.gpu_shared_by)
+    sweep = (rec.config or {}).get("sweep") or {}
+    on_cuda = str(rec.meta.device if rec.meta else "").startswith("cuda")
     if on_cuda and sweep.get("id") and int(sweep.get("jobs_per_gpu") or 1) > 1:
         return int(sweep["jobs_per_gpu"])
     return 1
 
 
-def read_config(run_dir: Path) -> Optional[dict]:
-    """The run's resolved Hydra config, or None when absent or unparseable."""
-    try:
-        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return cfg if isinstance(cfg, dict) else None
-
-
-IDENTITY = ("ladder", "stabilizer", "format", "model", "data", "target_ppl", "seed")
+CELL = ("group_id", "ladder", "stabilizer", "format", "seed")
 
 
 def _drop_duplicates(rows: List[dict], issues: List[Issue]) -> List[dict]:
-    # Two finished runs of one configuration, target and seed (a re-run after a fix, or a
-    # changed hyperparameter that altered the key hash) must not both count as seeds.
-    # The newest is kept, by started_at and then by the summary's modification time.
+    # Two finished runs of one experiment group, configuration and seed must not both count as
+    # seeds. The newest is kept, by started_at and then by the summary's modification time.
     def newest(r: dict) -> tuple:
         mtime = os.path.getmtime(Path(r["run_dir"]) / "summary.json")
         return (str(r.get("started_at") or ""), mtime, r["run"])
 
-    by_id: Dict[tuple, List[dict]] = {}
+    by_cell: Dict[tuple, List[dict]] = {}
     for r in rows:
-        by_id.setdefault(tuple(r[k] for k in IDENTITY), []).append(r)
+        by_cell.setdefault(tuple(r[k] for k in CELL), []).append(r)
     kept = []
-    for group in by_id.values():
-        group.sort(key=newest)
-        keep = group[-1]
+    for cell in by_cell.values():
+        cell.sort(key=newest)
+        keep = cell[-1]
         kept.append(keep)
-        for r in group[:-1]:
-            issues.append(Issue(r["run_dir"], f"duplicate of {keep['run']} (same configuration, target and "
-                                              f"seed {r['seed']}); the newest run is kept"))
+        for r in cell[:-1]:
+            if r["run_key"] and r["run_key"] == keep["run_key"]:
+                why = (f"duplicate of {keep['run']} (same run key {r['run_key']}: the same experiment twice, "
+                       f"seed {r['seed']}); the newest run is kept")
+            else:
+                other = _differing_config(r, keep)
+                why = (f"duplicate of {keep['run']} (same configuration, experiment group and seed {r['seed']}, "
+                       f"but another run key{': config differs in ' + other if other else ''}); "
+                       "the newest run is kept")
+            issues.append(Issue(r["run_dir"], why))
     return kept
 
 
-def load_runs(results_dir=DEFAULT_RESULTS_DIR) -> Tuple[pd.DataFrame, List[Issue]]:
+def _differing_config(a: dict, b: dict) -> str:
+    ca, cb = (_flatten(experiment_dict(read_config(r["run_dir"]) or {})) for r in (a, b))
+    keys = sorted(k for k in set(ca) | set(cb) if ca.get(k, _ABSENT) != cb.get(k, _ABSENT))
+    return ", ".join(keys[:6]) + (f", +{len(keys) - 6} more" if len(keys) > 6 else "")
+
+
+def load_runs(results_dir=DEFAULT_RESULTS_DIR, include_completed: bool = False) -> Tuple[pd.DataFrame, List[Issue]]:
     """Every run directory under ``results_dir``: (DataFrame of valid runs, issues).
 
     A subdirectory counts as a run directory when it holds any of the run files; others
-    (a stray ``wandb/``, hidden folders) are ignored.  Rows are sorted by run name.
+    (a stray ``wandb/``, hidden folders) are ignored.  Rows are sorted by run name and carry
+    ``group`` (the experiment group's label, "" when there is only one) and ``group_id``.
+    ``include_completed``: fixed-budget runs without a target (status completed, calibration
+    runs) become rows too (target_ppl and tokens_to_target NaN) instead of issues; the
+    equivalent-token estimator uses them, the tokens-to-target table never does.
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
-        raise ReportError(f"results directory {results_dir} does not exist (run `fp4-ablate sweep` first)")
+        raise ReportError(f"no such directory: {results_dir}")
     rows: List[dict] = []
     issues: List[Issue] = []
-    for d in sorted(p for p in results_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-        if not any((d / f).exists() for f in RUN_FILES):
-            continue
+    for d in run_dirs(results_dir):
         try:
-            rows.append(load_run(d))
+            rows.append(load_run(d, include_completed))
         except RunFormatError as e:
             issues.append(Issue(str(d.resolve()), str(e)))
     rows = _drop_duplicates(rows, issues)
+    labels = group_labels({r["group_id"]: r["group_dict"] for r in rows})
+    for r in rows:
+        r["group"] = labels[r["group_id"]]
     df = pd.DataFrame(rows)
     if len(df):
         df = df.sort_values("run", kind="stable").reset_index(drop=True)
     issues.sort(key=lambda i: (i.incomplete, i.name))
     return df, issues
+
+
+def group_warnings(runs: pd.DataFrame) -> List[str]:
+    """One warning when the runs belong to several experiment groups (they are never compared)."""
+    if runs.empty or runs["group_id"].nunique() <= 1:
+        return []
+    parts = [f"{label} ({n} runs)" for label, n in runs.groupby("group", sort=True).size().items()]
+    return [f"the runs belong to {len(parts)} experiment groups, each reported on its own and never compared "
+            "with another (a group: the experiment config minus ladder, stabilizer and seed): " + "; ".join(parts)]

@@ -18,49 +18,68 @@ target, over the seeds that finished:
   i.e. +10.6% (the paper's headline).  Its interval comes from the cost interval with
   the gain held fixed.
 
-The baseline of a run is the ``ladder == "fp8"`` run with the same model, data, target
-and seed (stabilizer "none" preferred, then the same format: an FP8 run has no FP4 GEMM,
-so neither changes its numerics).  A run without one is an error
+The baseline of a run is the ``ladder == "fp8"`` run of the same experiment group (model,
+data, target, format and every other experiment key but ladder, stabilizer and seed) and seed
+(stabilizer "none" preferred: an FP8 run has no FP4 GEMM for it to act on).  A run without one is an error
 (:class:`MissingBaselineError`) naming every missing (model, data, target, seed), because
 a cost against some other seed's baseline would not be paired.  Runs of one model and
 data with different targets are never mixed: each target is its own comparison group and
 a warning names the targets and runs involved.
 
-scipy is not a dependency, so the Student-t quantile is computed here from the
-regularized incomplete beta function (Lentz's continued fraction) and inverted by
-bisection; the tests check it against tabulated values.
+The Student-t quantiles come from scipy.stats; the tests check them against tabulated values.
+
+* **seeds for +-2%** (:func:`seeds_needed`): how many seeds the observed per-seed spread s of a
+  paired cost would need for a 95% interval of +-2 points: the smallest n >= 2 with
+  ``t_{0.975, n-1} * s / sqrt(n) <= 0.02``, found by counting n up (t depends on n).
+* **baseline outliers** (:func:`baseline_outliers`): an FP8 seed whose tokens-to-target lies
+  more than 2.5 robust z from the *other* FP8 seeds of its group -- z = (x - median(others)) /
+  (1.4826 MAD(others)), leave-one-out so the outlier cannot inflate its own yardstick; needs
+  four or more FP8 seeds that reached the target.  Every row paired with such a baseline says
+  so in its notes (``baseline_outliers`` {seed: z}): a ratio against an odd denominator moves
+  that seed's cost of every row at once.
+
+Comparison groups are experiment groups (:mod:`.runs`: the experiment config minus ladder,
+stabilizer and seed), so the baseline search and every table row stay inside one group: an FP8
+run with another train.lr is a different experiment, never a baseline.
 """
 from __future__ import annotations
 
 import math
 import warnings as _warnings
-from statistics import NormalDist
 from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+from scipy.stats import t as _t
 
-from .runs import Issue, ReportError
+from .runs import Issue, ReportError, group_warnings
 
 CONFIG_KEYS = ("ladder", "stabilizer", "format", "model", "data")
-GROUP_KEYS = ("model", "data", "target_ppl")
+GROUP_KEYS = ("model", "data", "target_ppl", "group")
 # The paper's ladder, then the stabilized full-FP4 rungs; anything else sorts after.
-LADDER_ORDER = ("bf16", "fp8", "fprop", "dgrad", "wgrad")
-STABILIZED_ORDER = ("sr", "rht", "h16")
+try:
+    from fp4.names import Ladder, Stabilizer, choices
+    LADDER_ORDER = choices(Ladder)
+    STABILIZED_ORDER = tuple(s for s in choices(Stabilizer) if s != Stabilizer.none)
+except ImportError:  # before fp4/names.py: the same tables from the recipe
+    from fp4.recipe import LADDERS as LADDER_ORDER, STABILIZERS as _STABILIZERS
+    STABILIZED_ORDER = tuple(s for s in _STABILIZERS if s != "none")
 
 
 class MissingBaselineError(ReportError):
-    """Runs with no FP8 baseline of the same model, data, target and seed."""
+    """Runs with no FP8 baseline of the same experiment group (model, data, target, ...) and seed."""
 
     def __init__(self, missing: Sequence[Tuple[str, str, float, int]], needed_by: Dict[tuple, List[str]],
-                 excluded_fp8: Sequence[str] = ()):
+                 excluded_fp8: Sequence[str] = (), groups: Optional[Dict[tuple, List[str]]] = None):
         self.missing = sorted(missing)
         lines = [f"No FP8 baseline run (ladder=fp8) for {len(self.missing)} "
                  f"(model, data, target_ppl, seed) combination(s):"]
         for combo in self.missing:
             model, data, target, seed = combo
             users = ", ".join(sorted(needed_by.get(combo, [])))
-            lines.append(f"  model={model} data={data} target_ppl={target:g} seed={seed}  (needed by {users})")
+            in_group = "".join(f" group {g}" for g in sorted((groups or {}).get(combo, [])) if g)
+            lines.append(f"  model={model} data={data} target_ppl={target:g} seed={seed}{in_group}  "
+                         f"(needed by {users})")
         if excluded_fp8:
             lines.append("Excluded fp8 run directories (see the issues list): " + ", ".join(excluded_fp8))
         lines.append("Run the fp8 rung with the same model, data, target and seed, e.g. "
@@ -79,78 +98,18 @@ class CI(NamedTuple):
     n: int
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    # Continued fraction of the incomplete beta, modified Lentz (Numerical Recipes 6.4).
-    tiny, eps = 1e-300, 1e-15
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 10_000):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_bt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    bt = math.exp(log_bt)
-    # The fraction converges fast only on this side of the mean; use symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return bt * _betacf(a, b, x) / a
-    return 1.0 - bt * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """Student-t cumulative distribution function."""
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t > 0 else tail
-
-
 def t_ppf(p: float, df: float) -> float:
-    """Student-t quantile (inverse CDF), e.g. t_ppf(0.975, 4) = 2.776."""
+    """Student-t quantile (inverse CDF), e.g. t_ppf(0.975, 4) = 2.776 (scipy.stats.t)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1), got {p}")
     if df <= 0:
         raise ValueError(f"df must be positive, got {df}")
-    if df > 1e7:
-        return NormalDist().inv_cdf(p)
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -t_ppf(1.0 - p, df)
-    hi = 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    lo = 0.0
-    for _ in range(200):  # bisection: monotone and robust for every df; 200 halvings is exact to float
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-13 * hi:
-            break
-    return 0.5 * (lo + hi)
+    return float(_t.ppf(p, df))
+
+
+def t_cdf(t: float, df: float) -> float:
+    """Student-t cumulative distribution function (scipy.stats.t)."""
+    return float(_t.cdf(t, df))
 
 
 def mean_ci(values: Iterable[float], level: float = 0.95) -> CI:
@@ -164,6 +123,51 @@ def mean_ci(values: Iterable[float], level: float = 0.95) -> CI:
         return CI(m, math.nan, math.nan, 1)
     half = t_ppf(0.5 + level / 2.0, n - 1) * float(v.std(ddof=1)) / math.sqrt(n)
     return CI(m, m - half, m + half, n)
+
+
+SEEDS_HALF_WIDTH = 0.02
+SEEDS_MAX = 100_000
+
+
+def seeds_needed(sd: float, half_width: float = SEEDS_HALF_WIDTH, level: float = 0.95,
+                 n_max: int = SEEDS_MAX) -> Optional[int]:
+    """Seeds a paired cost with per-seed standard deviation ``sd`` needs for a +-half_width interval:
+    the smallest n >= 2 with t_{(1+level)/2, n-1} * sd / sqrt(n) <= half_width (iterated, since t
+    depends on n). None when sd is unknown (fewer than two seeds) or n would exceed n_max."""
+    if sd is None or not np.isfinite(sd) or sd < 0:
+        return None
+    q = 0.5 + level / 2.0
+    for n in range(2, n_max + 1):
+        if t_ppf(q, n - 1) * sd / math.sqrt(n) <= half_width:
+            return n
+    return None
+
+
+OUTLIER_Z = 2.5
+MAD_SCALE = 1.4826  # MAD of a normal sample x 1.4826 estimates its standard deviation
+
+
+def robust_z(values: Dict[int, float]) -> Dict[int, float]:
+    """Leave-one-out robust z of each seed's value: (x_s - median(others)) / (1.4826 MAD(others)).
+
+    Needs at least three other seeds (else no z for anyone). MAD 0: +-inf where x_s differs from
+    the others' median, 0 where it equals it."""
+    v = {s: float(x) for s, x in values.items() if x is not None and np.isfinite(x)}
+    if len(v) < 4:
+        return {}
+    out = {}
+    for s, x in v.items():
+        others = np.array([y for t, y in v.items() if t != s])
+        med = float(np.median(others))
+        mad = MAD_SCALE * float(np.median(np.abs(others - med)))
+        out[s] = (x - med) / mad if mad > 0 else (0.0 if x == med else math.copysign(math.inf, x - med))
+    return out
+
+
+def baseline_outliers(fp8_tokens: Dict[int, float], z: float = OUTLIER_Z) -> Dict[int, float]:
+    """{seed: robust z} of the FP8 seeds whose tokens-to-target is more than ``z`` robust z from the
+    other FP8 seeds of the group (:func:`robust_z`)."""
+    return {s: v for s, v in robust_z(fp8_tokens).items() if abs(v) > z}
 
 
 def net_speedup(gain: float, cost: float) -> float:
@@ -211,24 +215,26 @@ def target_groups(runs: pd.DataFrame) -> List[str]:
 
 
 def assign_baselines(runs: pd.DataFrame, issues: Sequence[Issue] = ()) -> Dict[str, str]:
-    """run_dir -> the run_dir of its paired FP8 baseline; raises MissingBaselineError."""
+    """run_dir -> the run_dir of its paired FP8 baseline (same experiment group and seed);
+    raises MissingBaselineError."""
     fp8 = runs[runs["ladder"] == "fp8"]
     index: Dict[tuple, List[dict]] = {}
     for r in fp8.to_dict("records"):
-        index.setdefault((r["model"], r["data"], r["target_ppl"], r["seed"]), []).append(r)
-    out, missing, needed_by = {}, set(), {}
+        index.setdefault((r["group_id"], r["seed"]), []).append(r)
+    out, missing, needed_by, groups = {}, set(), {}, {}
     for r in runs.to_dict("records"):
         combo = (r["model"], r["data"], r["target_ppl"], r["seed"])
-        cands = index.get(combo)
+        cands = index.get((r["group_id"], r["seed"]))
         if not cands:
             missing.add(combo)
             needed_by.setdefault(combo, []).append(r["run"])
+            groups.setdefault(combo, set()).add(r["group"])
             continue
         best = min(cands, key=lambda b: (b["stabilizer"] != "none", b["format"] != r["format"], b["run"]))
         out[r["run_dir"]] = best["run_dir"]
     if missing:
         excluded = [i.name for i in issues if i.name.startswith("fp8-")]
-        raise MissingBaselineError(missing, needed_by, excluded)
+        raise MissingBaselineError(missing, needed_by, excluded, groups)
     return out
 
 
@@ -236,8 +242,9 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and math.isfinite(x) and x > 0
 
 
-def _config_row(key: tuple, sub: pd.DataFrame, runs_by_dir: Dict[str, dict], baselines: Dict[str, str]) -> dict:
-    row = dict(zip(CONFIG_KEYS + ("target_ppl",), key))
+def _config_row(key: tuple, sub: pd.DataFrame, runs_by_dir: Dict[str, dict], baselines: Dict[str, str],
+                outliers: Dict[str, float]) -> dict:
+    row = dict(zip(CONFIG_KEYS + ("target_ppl", "group", "group_id"), key))
     row["label"] = config_label(row["ladder"], row["stabilizer"], row["format"])
     row["rank"] = config_rank(row["ladder"], row["stabilizer"], row["format"])
     recs = sub.sort_values("seed").to_dict("records")
@@ -269,6 +276,11 @@ def _config_row(key: tuple, sub: pd.DataFrame, runs_by_dir: Dict[str, dict], bas
     row["cost_mean_bound"] = (float(np.mean(list(per_seed.values()) + list(censored.values())))
                               if censored else math.nan)
     row["baseline_reached"] = sum(runs_by_dir[baselines[r["run_dir"]]]["status"] == "reached" for r in recs)
+    sd = float(np.std(list(per_seed.values()), ddof=1)) if len(per_seed) >= 2 else math.nan
+    row["cost_seeds_for_2pct"] = seeds_needed(sd)
+    # This row's seeds whose FP8 baseline is an outlier among the group's FP8 seeds (robust z).
+    row["baseline_outliers"] = {int(r["seed"]): outliers[baselines[r["run_dir"]]] for r in recs
+                                if baselines[r["run_dir"]] in outliers}
 
     # What the table prints instead of (or next to) a mean when some seeds did not make it.
     nr = [r for r in recs if r["status"] == "not_reached"]
@@ -285,19 +297,36 @@ def _config_row(key: tuple, sub: pd.DataFrame, runs_by_dir: Dict[str, dict], bas
     return row
 
 
+def _baseline_outlier_dirs(runs_by_dir: Dict[str, dict], baselines: Dict[str, str]) -> Dict[str, float]:
+    """{FP8 run_dir: robust z} of the baseline runs that are outliers within their group."""
+    by_group: Dict[str, Dict[int, str]] = {}
+    for d in set(baselines.values()):
+        b = runs_by_dir[d]
+        if b["status"] == "reached":
+            by_group.setdefault(b["group_id"], {})[int(b["seed"])] = d
+    out = {}
+    for seeds in by_group.values():
+        for s, z in baseline_outliers({s: runs_by_dir[d]["tokens_to_target"] for s, d in seeds.items()}).items():
+            out[seeds[s]] = z
+    return out
+
+
 def summarize(runs: pd.DataFrame, issues: Sequence[Issue] = ()) -> Tuple[pd.DataFrame, List[str], Dict[str, str]]:
     """One row per (configuration, target): (stats table, warnings, run_dir -> baseline run_dir).
 
-    Rows are ordered by comparison group (model, data, target) and then along the ladder.
+    Rows are ordered by comparison group (model, data, target, experiment group) and then along
+    the ladder.
     """
     if runs.empty:
         raise ReportError("no finished runs to summarize")
     warnings = target_groups(runs)
     for w in warnings:
         _warnings.warn(w, TargetMismatchWarning, stacklevel=2)
+    warnings += group_warnings(runs)
     baselines = assign_baselines(runs, issues)
     runs_by_dir = {r["run_dir"]: r for r in runs.to_dict("records")}
-    rows = [_config_row(key, sub, runs_by_dir, baselines)
-            for key, sub in runs.groupby(list(CONFIG_KEYS + ("target_ppl",)), sort=False)]
-    rows.sort(key=lambda r: (r["model"], r["data"], r["target_ppl"], r["rank"]))
+    outliers = _baseline_outlier_dirs(runs_by_dir, baselines)
+    rows = [_config_row(key, sub, runs_by_dir, baselines, outliers)
+            for key, sub in runs.groupby(list(CONFIG_KEYS + ("target_ppl", "group", "group_id")), sort=False)]
+    rows.sort(key=lambda r: (r["model"], r["data"], r["target_ppl"], r["group"], r["rank"]))
     return pd.DataFrame(rows), warnings, baselines

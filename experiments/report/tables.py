@@ -11,15 +11,17 @@ that a reader could take for a missing run.  The CSV is for machines: every numb
 unformatted (fractions, not percentages; NaN where undefined) so it can be re-plotted or
 re-tested without parsing strings.
 
-Every file is written atomically (temporary file in the same directory, then
-``os.replace``), so a report being regenerated is never seen half-written.
+Every file is written atomically (the run-directory contract's writer), and the report as a
+whole is built in a fresh directory that replaces the old one (see make_report).  When no
+row has a step-throughput gain (no --throughput bench, no --step-speedup, no valid measured
+gain), the Markdown and LaTeX tables leave the gain and net-speedup columns out; the CSV keeps
+them, empty.  The CSV's ``group`` column appears only when the report has several experiment
+groups.
 """
 from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence, Union
 
@@ -27,31 +29,25 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-GROUP_KEYS = ("model", "data", "target_ppl")
+from ..rundir import atomic_write_bytes
+
+GROUP_KEYS = ("model", "data", "target_ppl", "group")
+GAIN_COLUMNS = ("step gain", "net speedup")
+EQ_COLUMN = "equivalent-token cost"
 DISPLAY_COLUMNS = ("configuration", "seeds finished", "converged", "tokens to target",
-                   "extra tokens vs FP8", "tokens/s", "tokens/s alone", "step gain", "net speedup",
+                   "extra tokens vs FP8", EQ_COLUMN, "tokens/s", "tokens/s alone", "step gain", "net speedup",
                    "notes")
-CSV_COLUMNS = ("model", "data", "target_ppl", "label", "ladder", "stabilizer", "format", "n_runs", "n_reached",
+CSV_COLUMNS = ("model", "data", "target_ppl", "group", "label", "ladder", "stabilizer", "format", "n_runs", "n_reached",
                "n_diverged", "n_not_reached", "seeds", "tokens_mean", "tokens_lo", "tokens_hi", "n_paired",
-               "cost_mean", "cost_lo", "cost_hi", "cost_mean_bound", "tokens_per_s", "gpu_shared_by", "tokens_per_s_isolated", "gain", "gain_source", "net", "net_lo",
+               "cost_mean", "cost_lo", "cost_hi", "cost_mean_bound", "cost_seeds_for_2pct", "eq_cost_mean", "eq_cost_lo",
+               "eq_cost_hi", "eq_n", "eq_seeds_for_2pct", "baseline_outliers", "tokens_per_s", "gpu_shared_by", "tokens_per_s_isolated", "gain", "gain_source", "net", "net_lo",
                "net_hi", "gain_measured", "t_extra_s_per_token", "best_ppl", "best_ppl_tokens", "diverged_at",
                "notes")
 
 
 def atomic_write(path: Union[str, Path], data: Union[str, bytes]) -> Path:
-    """Write data to path through a temporary sibling and os.replace (no torn files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write data to path atomically (the run-directory contract's writer: fsync, umask-respecting mode)."""
+    return atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def _finite(x) -> bool:
@@ -100,8 +96,9 @@ def _is_baseline(row: dict) -> bool:
     return row.get("gain_source") == "baseline"
 
 
-def display_row(row: dict) -> Dict[str, str]:
-    """The human-readable cells of one configuration."""
+def display_row(row: dict, show_gain: bool = True) -> Dict[str, str]:
+    """The human-readable cells of one configuration (show_gain=False: the table has no gain
+    columns, so a row's reason for having no gain is said once in the report text instead)."""
     n, k = row["n_runs"], row["n_reached"]
     notes = []
     if k == 0:
@@ -142,8 +139,13 @@ def display_row(row: dict) -> Dict[str, str]:
                 net += f" [{fmt_ratio_pct(row['net_lo'])}, {fmt_ratio_pct(row['net_hi'])}]"
         else:
             net = "n/a"
+    outl = row.get("baseline_outliers") or {}
+    if outl:
+        notes.append("baseline outlier: " + ", ".join(f"FP8 seed {s} (robust z {z:+.1f})" for s, z in sorted(outl.items())))
     if row.get("gain_note"):
         notes.append(row["gain_note"])
+    if show_gain and row.get("gain_missing"):
+        notes.append(row["gain_missing"])
     # The runs' own mean tokens/s; "shared" when several runs shared the GPU at a time, and then
     # comparable only within one sweep wave. "alone": the isolated measurement (--throughput).
     tps = f"{row['tokens_per_s']:,.0f}" if _finite(row["tokens_per_s"]) else "n/a"
@@ -151,7 +153,13 @@ def display_row(row: dict) -> Dict[str, str]:
         tps += f" (GPU shared by {row['gpu_shared_by']})"
     alone = row.get("tokens_per_s_isolated")
     alone = f"{alone:,.0f}" if _finite(alone) else "n/a"
-    return dict(zip(DISPLAY_COLUMNS, (row["label"], str(n), f"{k}/{n}", tokens, cost, tps, alone, gain,
+    eq_n = row.get("eq_n")
+    if eq_n is None or (isinstance(eq_n, float) and not math.isfinite(eq_n)):
+        eq = "n/a"
+    else:
+        from .estimator import fmt_eq
+        eq = fmt_eq(row["eq_cost_mean"], row["eq_cost_lo"], row["eq_cost_hi"], int(eq_n))
+    return dict(zip(DISPLAY_COLUMNS, (row["label"], str(n), f"{k}/{n}", tokens, cost, eq, tps, alone, gain,
                                       net, "; ".join(notes))))
 
 
@@ -170,8 +178,23 @@ def profile_row(row: dict, profiles: Sequence[str]) -> Dict[str, str]:
 
 
 def group_title(key: tuple) -> str:
-    model, data, target = key
-    return f"model={model}, data={data}, target ppl={target:g}"
+    model, data, target, group = key
+    return f"model={model}, data={data}, target ppl={target:g}" + (f", group {group}" if group else "")
+
+
+def has_gains(table: pd.DataFrame) -> bool:
+    """Whether any non-baseline row has a step-throughput gain (else the gain columns are left out)."""
+    return any(_finite(r.get("gain")) for r in table.to_dict("records") if not _is_baseline(r))
+
+
+def _display_columns(table: pd.DataFrame) -> List[str]:
+    return [c for c in DISPLAY_COLUMNS if (c not in GAIN_COLUMNS or has_gains(table))
+            and (c != EQ_COLUMN or "eq_n" in table.columns)]
+
+
+def _cells(row: dict, cols: Sequence[str]) -> Dict[str, str]:
+    d = display_row(row, show_gain=any(c in cols for c in GAIN_COLUMNS))
+    return {c: d[c] for c in cols}
 
 
 def groups(table: pd.DataFrame):
@@ -185,9 +208,12 @@ def groups(table: pd.DataFrame):
 def to_markdown(table: pd.DataFrame, profiles: Sequence[str] = (), heading_level: int = 2) -> str:
     parts = []
     h = "#" * heading_level
+    cols = _display_columns(table)
+    if not has_gains(table):
+        profiles = ()  # nothing modeled: no per-profile table either
     for key, rows in groups(table):
         parts.append(f"{h} {group_title(key)}\n")
-        parts.append(tabulate([display_row(r) for r in rows], headers="keys", tablefmt="github",
+        parts.append(tabulate([_cells(r, cols) for r in rows], headers="keys", tablefmt="github",
                               disable_numparse=True) + "\n")
         if profiles:
             parts.append(f"Modeled step gain / net speedup per hardware profile (datasheet peaks):\n")
@@ -198,11 +224,17 @@ def to_markdown(table: pd.DataFrame, profiles: Sequence[str] = (), heading_level
 
 def to_csv(table: pd.DataFrame, profiles: Sequence[str] = ()) -> str:
     cols = list(CSV_COLUMNS[:-1]) + [c for p in profiles for c in (f"gain_{p}", f"net_{p}")] + ["notes"]
+    if not table["group"].astype(bool).any():
+        cols.remove("group")
     flat = []
     for r in table.to_dict("records"):
         d = {c: r.get(c) for c in cols}
         d["seeds"] = ";".join(map(str, r["seeds"]))
         d["diverged_at"] = ";".join(str(t) for t in r["diverged_at"])
+        d["baseline_outliers"] = ";".join(f"{s}:{z:.3g}" for s, z in sorted((r.get("baseline_outliers") or {}).items()))
+        for c in ("cost_seeds_for_2pct", "eq_seeds_for_2pct", "eq_n"):
+            v = r.get(c)
+            d[c] = "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else int(v)
         d["notes"] = display_row(r)["notes"]
         flat.append(d)
     buf = io.StringIO()
@@ -221,7 +253,7 @@ def latex_escape(s: str) -> str:
 
 def to_latex(table: pd.DataFrame) -> str:
     """A booktabs tabular (needs \\usepackage{booktabs}); one block per comparison group."""
-    cols = [c for c in DISPLAY_COLUMNS if c != "notes"]
+    cols = [c for c in _display_columns(table) if c != "notes"]
     grouped = groups(table)
     lines = [r"% fp4-ablate report table; requires \usepackage{booktabs}",
              r"\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", r"\toprule",
@@ -232,7 +264,7 @@ def to_latex(table: pd.DataFrame) -> str:
                 lines.append(r"\midrule")
             lines.append(rf"\multicolumn{{{len(cols)}}}{{l}}{{\textit{{{latex_escape(group_title(key))}}}}} \\")
         for r in rows:
-            d = display_row(r)
+            d = _cells(r, cols + ["notes"])
             lines.append(" & ".join(latex_escape(d[c]) for c in cols) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)

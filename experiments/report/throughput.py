@@ -23,9 +23,15 @@ Three sources, each labelled in the table:
     GEMMs the rung moved, bf16 for every GEMM of the bf16 reference; for the usual rungs
     the sum is over the FP4 GEMMs of ``flops_g * (1/peak_fp8 - 1/peak_fp4)``).
     ``t_extra`` is the cost of the stabilizer's extra work (Hadamard transforms, random
-    numbers for SR), measured from the runs themselves:
-    ``max(0, 1/tps(cfg) - 1/tps(same ladder and format, stabilizer none))``, 0 for the
-    unstabilized rungs.
+    numbers for SR), from the isolated bench:
+    ``max(0, 1/tps(cfg) - 1/tps(same ladder, stabilizer none))``, 0 for the unstabilized rungs.
+
+    Every tokens/s of the model comes from an isolated bench (``--throughput BENCH.json``, the
+    eager steps of ``fp4-ablate bench``, one configuration alone on the device), never from the
+    runs' own tokens/s: those were measured beside whatever else the machine ran (on a CPU, or
+    a GPU shared by a sweep), and two identical CPU sweeps gave one stabilizer's modeled gain
+    as -27.1% and -0.3%.  Without a bench nothing is modeled (``NOT_MODELED``); when no row has
+    any gain, the report leaves the gain and net-speedup columns out and says why.
 
     Assumptions that push the GEMM saving *up* (treat it as an upper bound on that saving):
     the FP8 time per token measured on the device the runs used stands in for the target
@@ -43,10 +49,7 @@ Three sources, each labelled in the table:
     configuration with an FP4 GEMM (:class:`HardwareProfileError`).
 
 Runs that shared a GPU (``sweep.jobs_per_gpu`` > 1, recorded as ``gpu_shared_by``) have tokens/s
-that depend on whatever ran beside them, so neither source above may use them: ``measured`` is
-refused, and ``modeled`` takes its tokens/s from an isolated measurement instead, ``--throughput
-BENCH.json`` (the eager steps of ``fp4-ablate bench``, one configuration alone on the GPU), or
-is refused too. The bench rows are MXFP4 (the bench's recipe default) keyed by model, rung and
+that depend on whatever ran beside them, so ``measured`` is refused for them. The bench rows are MXFP4 (the bench's recipe default) keyed by model, rung and
 stabilizer, and the device of that bench is named in the report.
 
 ``user``
@@ -71,16 +74,21 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ..rundir import GemmPath
 from .runs import ReportError
 from .stats import net_speedup
 
-GEMMS = ("fprop", "dgrad", "wgrad")
-LADDER_FP4_GEMMS = {"bf16": (), "fp8": (), "fprop": ("fprop",), "dgrad": ("fprop", "dgrad"),
-                    "wgrad": ("fprop", "dgrad", "wgrad")}
+try:
+    from fp4.names import FP4_GEMMS as _FP4_GEMMS, Gemm, choices
+    GEMMS = choices(Gemm)
+except ImportError:  # before fp4/names.py: the same tables from the recipe
+    from fp4.recipe import FP4_GEMMS as _FP4_GEMMS, GEMMS
+LADDER_FP4_GEMMS = {str(k): tuple(str(g) for g in v) for k, v in _FP4_GEMMS.items()}
 PRECISIONS = ("bf16", "fp8", "fp4")
-_FP4_NAMES = ("fp4", "mxfp4", "nvfp4", "ufp4", "e2m1", "e1m2", "int4")
-_FP8_NAMES = ("fp8", "e4m3", "e5m2")
-_HIGH_NAMES = ("bf16", "fp16", "fp32", "tf32", "high")
+
+
+NOT_MODELED = ("not modeled: no isolated bench (--throughput BENCH.json); a run's own tokens/s were "
+               "measured beside whatever else the machine ran")
 
 
 class HardwareProfileError(ReportError):
@@ -124,24 +132,16 @@ def load_profile(name_or_path: Union[str, Path]) -> HardwareProfile:
                                    f"peak_tflops {{bf16, fp8, fp4}} and source") from None
 
 
-def _path_precision(path: str) -> Optional[str]:
-    head = str(path).strip().lower().split(":")[0].split()[0] if str(path).strip() else ""
-    for names, prec in ((_FP4_NAMES, "fp4"), (_FP8_NAMES, "fp8"), (_HIGH_NAMES, "bf16")):
-        if head in names:
-            return prec
-    return None
-
-
-def gemm_precisions(ladder: str, gemm_paths: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+def gemm_precisions(ladder: str, gemm_paths: Optional[Mapping[str, GemmPath]] = None) -> Dict[str, str]:
     """GEMM -> bf16 | fp8 | fp4 from the run's recorded gemm_paths, else from the ladder rung."""
     fp4 = LADDER_FP4_GEMMS.get(ladder, ())
     default = {g: ("bf16" if ladder == "bf16" else "fp4" if g in fp4 else "fp8") for g in GEMMS}
-    recorded = {g: _path_precision(v) for g, v in (gemm_paths or {}).items() if g in GEMMS}
+    recorded = {g: p.precision for g, p in (gemm_paths or {}).items() if g in GEMMS and p.precision in PRECISIONS}
     return {g: recorded.get(g) or default[g] for g in GEMMS}
 
 
-def is_native(gemm_paths: Optional[Mapping[str, str]]) -> bool:
-    return bool(gemm_paths) and not any("emulated" in str(v).lower() for v in gemm_paths.values())
+def is_native(gemm_paths: Optional[Mapping[str, GemmPath]]) -> bool:
+    return bool(gemm_paths) and all(p.native for p in gemm_paths.values())
 
 
 def extra_time_per_token(tps_cfg: float, tps_unstabilized: float) -> float:
@@ -272,16 +272,7 @@ def _t_extra(row: dict, recs, runs: pd.DataFrame,
             return 0.0, (f"stabilizer overhead assumed 0: --throughput has no isolated "
                          f"{row['model']} {row['ladder']} ({row['stabilizer']} and none) steps")
         return extra_time_per_token(tps_cfg, tps_none), ""
-    sib = runs[(runs.ladder == row["ladder"]) & (runs.format == row["format"]) & (runs.model == row["model"])
-               & (runs.data == row["data"]) & (runs.stabilizer == "none")]
-    devices = {r["device_name"] for r in recs}
-    same_dev = sib[sib.device_name.isin(devices)]
-    sib = same_dev if len(same_dev) else sib
-    tps_none = _mean_tps(sib.to_dict("records"))
-    if not np.isfinite(tps_none):
-        return 0.0, (f"stabilizer overhead assumed 0: no {row['ladder']} ({row['format']}) run "
-                     f"without a stabilizer to measure it against")
-    return extra_time_per_token(_mean_tps(recs), tps_none), ""
+    return math.nan, ""  # not modeled without an isolated bench (see NOT_MODELED)
 
 
 def add_throughput(table: pd.DataFrame, runs: pd.DataFrame, profiles: Sequence[Union[str, HardwareProfile]] = (),
@@ -317,6 +308,9 @@ def add_throughput(table: pd.DataFrame, runs: pd.DataFrame, profiles: Sequence[U
             tps_base = math.nan
             basis_note = (f"GPU shared by {shared} runs: give isolated tokens/s with "
                           f"--throughput BENCH.json")
+        else:
+            tps_base = math.nan
+            basis_note = NOT_MODELED
         t_extra, extra_note = _t_extra(row, recs, runs, isolated)
         row["t_extra_s_per_token"] = t_extra
         notes = [extra_note] if extra_note else []
@@ -348,11 +342,13 @@ def add_throughput(table: pd.DataFrame, runs: pd.DataFrame, profiles: Sequence[U
         if is_baseline:
             candidates.insert(0, (1.0, "baseline"))
         gain, source = candidates[0] if candidates else (math.nan, "")
+        missing = ""
         if not candidates:
             modeled_notes = dict.fromkeys(row[f"note_{n}"] for n in profs if row[f"note_{n}"])
-            notes.append(f"no step-throughput gain: measured not valid ({why_not})"
-                         + "".join(f"; {m}" for m in modeled_notes))
-        row.update(gain=gain, gain_source=source, gain_note="; ".join(n for n in notes if n))
+            missing = (f"no step-throughput gain: measured not valid ({why_not})"
+                       + "".join(f"; {m}" for m in modeled_notes))
+        row.update(gain=gain, gain_source=source, gain_note="; ".join(n for n in notes if n),
+                   gain_missing=missing)
         row["net"] = net_speedup(gain, row["cost_mean"])
         row["net_lo"] = net_speedup(gain, row["cost_hi"])  # a higher cost gives the lower net
         row["net_hi"] = net_speedup(gain, row["cost_lo"])

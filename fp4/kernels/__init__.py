@@ -13,8 +13,8 @@ Modules:
 Shapes. quantize_operand accepts any rank and axis; here x is folded, without copies when it is
 contiguous, into [B, R, C]: axis last -> [1, prod(leading), L] with blocks along C; any other
 axis -> [prod(before), L, prod(after)] with blocks along R (the token axis of Wgrad is axis 0 of
-a [T, features] tensor: B = 1). float64 inputs have no kernel (the reference is float64
-already) and are answered by the torch reference.
+a [T, features] tensor: B = 1). Inputs are float32 / bfloat16 / float16 (KERNEL_DTYPES);
+fp4.quantize answers float64 with the torch reference (which is float64 already).
 
 Importing this package never needs triton; `triton_available` says whether the kernels can run.
 """
@@ -26,14 +26,18 @@ from typing import Optional, Tuple
 
 import torch
 
-from .packing import (decode_scales, dequantize_packed, e2m1_codes, e2m1_decode,
+from ..formats import FP8_DTYPES, MX_ELEMENTS, MX_FORMATS, OPERAND_FORMATS
+from ..names import OperandFormat
+from ..scaling import MX_SCALE_MODES, resolve_scale_mode
+from .packing import (FP4_BLOCK, decode_scales, dequantize_packed, e2m1_codes, e2m1_decode,
                       expand_2d_scales, from_blocked, pack_fp4, to_blocked, unpack_fp4)
 
 __all__ = ["triton_available", "triton_quantize_operand", "triton_quantize_operand_ex",
            "quantize_packed", "pack_fp4", "unpack_fp4", "to_blocked", "from_blocked",
            "dequantize_packed", "decode_scales", "e2m1_codes", "e2m1_decode", "expand_2d_scales"]
 
-_MX_ELEM = {"mxfp4": "e2m1", "e1m2": "e1m2", "int4": "int4"}
+# Input dtypes of the kernels (the bits they read: fp4.kernels.amax.IN_KINDS follows this order).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _triton_importable() -> bool:
@@ -80,21 +84,22 @@ def triton_quantize_operand_ex(x: torch.Tensor, fmt: str, axis: int, rounding: s
                                return_scales: bool = False):
     """(x_dq, tensor_scale, scale_codes): triton_quantize_operand plus, with return_scales, the
     per-block scale bytes (uint8: E8M0 e + 127 for MX, E4M3 code of s_b for NVFP4) shaped
-    [B, R/RB, C/CB] for the folded [B, R, C] view (see packing.py), or None for FP8."""
-    from ..quantize import _validate
+    [B, R/RB, C/CB] for the folded [B, R, C] view (see packing.py), or None for FP8.
 
-    scale_mode = _validate(fmt, rounding, scale_mode, block_2d, hadamard_block, hadamard_signs,
-                           "triton")
+    Arguments are taken as resolved: validating them and choosing between kernel and reference
+    is fp4.quantize's job (the dispatcher). Only what the kernel itself needs is checked here."""
+    scale_mode = resolve_scale_mode(fmt, rounding, scale_mode)
+    if scale_mode is not None and scale_mode not in MX_SCALE_MODES:
+        raise ValueError(f"no Triton kernel for scale_mode={scale_mode!r} (the kernels implement the MX "
+                         f"modes {', '.join(MX_SCALE_MODES)}); use fp4.quantize with backend 'torch'")
     if hadamard_signs is not None and hadamard_signs.shape != (hadamard_block,):
         raise ValueError(f"signs must have shape ({hadamard_block},), got "
                          f"{tuple(hadamard_signs.shape)}")
     if x.numel() == 0:
-        return x.clone(), (None if fmt in _MX_ELEM else torch.ones((), device=x.device)), None
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        from ..quantize import _quantize_torch
-        x_dq, ts = _quantize_torch(x, fmt, axis, rounding, scale_mode, generator, block_2d,
-                                   hadamard_block, hadamard_signs)
-        return x_dq, ts, None
+        return x.clone(), (None if fmt in MX_FORMATS else torch.ones((), device=x.device)), None
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernels take {', '.join(map(str, KERNEL_DTYPES))}, not {x.dtype}; "
+                        "fp4.quantize.quantize_operand sends other dtypes to the torch reference")
     if hadamard_block is not None and hadamard_block > 1:
         hb = hadamard_block
     else:
@@ -103,15 +108,15 @@ def triton_quantize_operand_ex(x: torch.Tensor, fmt: str, axis: int, rounding: s
             x = x * hadamard_signs.to(device=x.device, dtype=x.dtype)
             hadamard_signs = None
     x3, kaxis = _fold(x, axis, block_2d)
-    if fmt in ("e4m3", "e5m2") and hb is None:
+    if fmt in FP8_DTYPES and hb is None:
         from .fp8_quant import fp8_quantize
         q, s, _ = fp8_quantize(x3, fmt, rounding, generator)
         return q.view(x.shape), s, None
     from .mx_quant import KIND_FP8, KIND_MX, KIND_NVFP4, block_quantize
-    if fmt in _MX_ELEM:
-        kind, elem = KIND_MX, _MX_ELEM[fmt]
-    elif fmt == "nvfp4":
-        kind, elem = KIND_NVFP4, "e2m1"
+    if fmt in MX_ELEMENTS:
+        kind, elem = KIND_MX, MX_ELEMENTS[fmt].name
+    elif fmt == OperandFormat.nvfp4:
+        kind, elem = KIND_NVFP4, OPERAND_FORMATS[fmt].element.name
     else:
         kind, elem = KIND_FP8, fmt
     out, ts, scales = block_quantize(x3, kind, elem, kaxis, scale_mode, rounding, generator,
@@ -142,8 +147,8 @@ def quantize_packed(x: torch.Tensor, fmt: str, axis: int = -1, rounding: str = "
     For axis=0 the operand is x^T ([C, R], blocks along R); its codes are packed from the
     transposed x_dq, so x itself is never transposed before quantization.
     """
-    if fmt not in ("mxfp4", "nvfp4") or x.dim() != 2:
-        raise ValueError("quantize_packed takes a 2-D tensor and fmt mxfp4 or nvfp4")
+    if fmt not in FP4_BLOCK or x.dim() != 2:
+        raise ValueError(f"quantize_packed takes a 2-D tensor and fmt {' or '.join(FP4_BLOCK)}")
     x_dq, ts, codes = triton_quantize_operand_ex(x, fmt, axis, rounding, scale_mode, generator,
                                                  block_2d, hadamard_block, hadamard_signs,
                                                  return_scales=True)

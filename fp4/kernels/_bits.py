@@ -39,19 +39,32 @@ import struct
 import triton
 import triton.language as tl
 
+from ..formats import E8M0_MAX, E8M0_MIN, ELEMENT_FORMATS, ElementFormat
+
 ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_UP = 0, 1, 2
 # Globals read inside @triton.jit functions must be constexpr.
 F32_INF_BITS = tl.constexpr(0x7F800000)
 F32_NAN_BITS = tl.constexpr(0x7FC00000)
+E8M0_LO, E8M0_HI = tl.constexpr(E8M0_MIN), tl.constexpr(E8M0_MAX)
 
-#            mbits emin emax maxn maxq  mcap
-FORMATS = {
-    "e2m1": (1, 0, 2, 3, 1, 0x400000),      # max 6     = 3 * 2^1  = 1.5  * 2^2
-    "e1m2": (2, 0, 0, 7, -2, 0x600000),     # max 1.75  = 7 * 2^-2 = 1.75 * 2^0
-    "int4": (2, 2, 2, 7, 0, 0x600000),      # max 7     = 7 * 2^0  = 1.75 * 2^2
-    "e4m3": (3, -6, 8, 7, 6, 0x600000),     # max 448   = 7 * 2^6
-    "e5m2": (2, -14, 15, 7, 13, 0x600000),  # max 57344 = 7 * 2^13
-}
+
+def _kernel_descriptor(fmt: ElementFormat):
+    """(mbits, emin, emax, maxn, maxq, mcap) of an element grid, derived from fp4.formats.
+
+    max = maxn * 2^maxq with maxn odd (so max * 2^e is assembled from integer fields), and mcap is
+    the 23-bit float32 mantissa of max / 2^emax_elem. E.g. e2m1: max 6 = 3 * 2^1 = 1.5 * 2^2 ->
+    (1, 0, 2, 3, 1, 0x400000); e4m3: 448 = 7 * 2^6 = 1.75 * 2^8 -> (3, -6, 8, 7, 6, 0x600000)."""
+    maxn, maxq = fmt.max, 0
+    while maxn != int(maxn):
+        maxn, maxq = maxn * 2, maxq - 1
+    while int(maxn) % 2 == 0:
+        maxn, maxq = maxn / 2, maxq + 1
+    mcap = int((fmt.max / 2.0 ** fmt.emax_elem - 1.0) * 2 ** 23)
+    return fmt.mbits, fmt.emin, fmt.emax_elem, int(maxn), maxq, mcap
+
+
+# Kernel descriptors of every element grid: mbits emin emax maxn maxq mcap.
+FORMATS = {name: _kernel_descriptor(fmt) for name, fmt in ELEMENT_FORMATS.items()}
 
 
 def f32_bits(value: float) -> int:
@@ -156,8 +169,8 @@ def mx_exponent(am, MODE: tl.constexpr, MBITS: tl.constexpr, EMAX: tl.constexpr,
         # Round the amax significand to MBITS bits (RNE); a carry to 2.0 bumps the binade.
         t = M + (1 << (22 - MBITS)) - 1 + ((M >> (23 - MBITS)) & 1)
         e = E + (t >> 23) - EMAX
-    e = tl.minimum(tl.maximum(e, -127), 127)
-    return tl.where(am == 0, -127, e)
+    e = tl.minimum(tl.maximum(e, E8M0_LO), E8M0_HI)
+    return tl.where(am == 0, E8M0_LO, e)
 
 
 @triton.jit

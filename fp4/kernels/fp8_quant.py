@@ -8,7 +8,7 @@ Layout. The tensor is treated as flat (contiguous): each program owns BLOCK cons
 elements, so loads and stores are fully coalesced and vectorised. Pass 1 (`_amax_kernel`) maxes
 the |x| bit patterns of its chunk and atomically maxes one int32 (bit-pattern order is value
 order for finite non-negative floats; NaN/Inf patterns sort above them, so the same int says
-"non-finite"). Pass 2 (`_fp8_kernel`) reads that int, derives s, and writes q in x's dtype and,
+"non-finite"; fp4.kernels.amax). Pass 2 (`_fp8_kernel`) reads that int, derives s, and writes q in x's dtype and,
 optionally, the FP8 byte (sign-magnitude code from integer fields), i.e. the float8 tensor that
 torch._scaled_mm multiplies with s as its per-tensor scale. The tensor scale s is written by
 program 0, so no host round trip sits between the passes.
@@ -27,40 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats import FP8_DTYPES, FP8_MAX
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
-                    encode_minifloat,
-                    fixed_scale_consts, load_bits, round_bits, store_bits)
-from .mx_quant import IN_KINDS, draw_seed
+                    encode_minifloat, fixed_scale_consts, load_bits, round_bits, store_bits)
+from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 
-FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
-FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-# NaN bytes: E4M3FN has only S.1111.111; E5M2 uses exponent 31 with a non-zero mantissa.
+# NaN bytes: E4M3FN has only S.1111.111; E5M2 uses exponent 31 with a non-zero mantissa. (An
+# encoding fact of the float8 byte this kernel writes, checked against torch's casts by the tests.)
 FP8_NAN_CODE = {"e4m3": 0x7F, "e5m2": 0x7E}
-# Launch configuration (bench_kernels --sweep measures alternatives): elements per program and
-# warps of the quantize pass; elements per loop step, steps per program and warps of the amax pass
-# (several steps per program keep the single-address atomics few).
+# Launch configuration of the quantize pass (bench_kernels --sweep measures alternatives): elements
+# per program and warps. The amax pre-pass has its own (fp4.kernels.amax.AMAX_CONFIG).
 FP8_CONFIG = dict(block=4096, num_warps=4)
-AMAX_CONFIG = dict(block=4096, iters=8, num_warps=8)
-
-
-@triton.jit
-def _amax_kernel(x_ptr, amax_ptr, N, IN_KIND: tl.constexpr, BLOCK: tl.constexpr,
-                 ITERS: tl.constexpr):
-    base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
-    acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for i in tl.static_range(ITERS):
-        offs = base + i * BLOCK + tl.arange(0, BLOCK)
-        acc = tl.maximum(acc, load_bits(x_ptr, offs, offs < N, IN_KIND) & 0x7FFFFFFF)
-    tl.atomic_max(amax_ptr, tl.max(acc, axis=0))
-
-
-def global_amax_bits(xv: torch.Tensor, in_kind: int, amax: torch.Tensor) -> None:
-    """amax[0] = max |x| bit pattern over a contiguous x (viewed as int32 / int16 / float16)."""
-    n = xv.numel()
-    cfg = AMAX_CONFIG
-    grid = (triton.cdiv(n, cfg["block"] * cfg["iters"]),)
-    _amax_kernel[grid](xv, amax, n, IN_KIND=in_kind, BLOCK=cfg["block"], ITERS=cfg["iters"],
-                       num_warps=cfg["num_warps"])
 
 
 @triton.jit
@@ -117,7 +94,7 @@ def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator
         raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_MAX)}")
     xc = x.contiguous()
     in_kind = IN_KINDS[xc.dtype]
-    view = {0: torch.int32, 1: torch.int16, 2: torch.float16}[in_kind]
+    view = KIND_VIEWS[in_kind]
     n = xc.numel()
     dev = xc.device
     out = torch.empty_like(xc) if return_dq else torch.empty(1, dtype=xc.dtype, device=dev)

@@ -49,16 +49,22 @@ import torch
 import triton
 import triton.language as tl
 
+from ..formats import E4M3, E8M0_BIAS, MX_BLOCK, NVFP4_BLOCK, NVFP4_TENSOR_DIVISOR
+from ..scaling import MX_SCALE_MODES
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
-                    encode_minifloat,
-                    fixed_scale_consts, f32_bits, load_bits, mul_f32, mx_exponent, pow2_bits,
-                    round_bits, scaled_int_bits, store_bits)
+                    encode_minifloat, fixed_scale_consts, f32_bits, load_bits, mul_f32, mx_exponent,
+                    pow2_bits, round_bits, scaled_int_bits, store_bits)
+from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 
 KIND_MX, KIND_NVFP4, KIND_FP8 = 0, 1, 2
-MODES = {"floor": 0, "ceil": 1, "rceil": 2, "even": 3}
-IN_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# MODE constexpr of _bits.mx_exponent, in fp4.scaling.MX_SCALE_MODES order (floor 0, ceil 1, rceil 2, even 3).
+MODES = {mode: code for code, mode in enumerate(MX_SCALE_MODES)}
+# Format facts reach the kernel as launch constexprs computed here from the one format table in
+# fp4.formats (_scale_constexprs): the NVFP4 tensor divisor (E4M3.max * E2M1.max = 2688), the E4M3
+# fields of the block-scale byte, the E8M0 bias of MX scale bytes. (The element max a block amax is
+# mapped onto is FMT_MAX of _fmt_constexprs.)
 # E4M3 grid constants for the NVFP4 block scale (block exponent 0): qlo, spacing 2^-9, max 448.
-E4M3_QLO, E4M3_QBITS, E4M3_MAXB = (tl.constexpr(v) for v in fixed_scale_consts("e4m3"))
+E4M3_QLO, E4M3_QBITS, E4M3_MAXB = (tl.constexpr(v) for v in fixed_scale_consts(E4M3.name))
 
 
 @triton.jit
@@ -142,7 +148,8 @@ def block_quant_kernel(
         MODE: tl.constexpr, ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
         EMAX: tl.constexpr, MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr,
         NBITS: tl.constexpr, MCAP: tl.constexpr, FMT_MAX: tl.constexpr, FIX_QBITS: tl.constexpr,
-        FIX_MAXB: tl.constexpr, SB_ROUND: tl.constexpr, IN_KIND: tl.constexpr,
+        FIX_MAXB: tl.constexpr, SB_ROUND: tl.constexpr, NV_DIV: tl.constexpr, SB_MBITS: tl.constexpr,
+        SB_EMIN: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
         WRITE_SCALES: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -171,20 +178,20 @@ def block_quant_kernel(
             mag = round_bits(a4, e + (EMIN + 127), pow2_bits(e + (EMIN - MBITS)),
                              scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS), rnd, MBITS, ROUND)
             out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | sign)
-            code = tl.where(am >= F32_INF_BITS, 255, e + 127)
+            code = tl.where(am >= F32_INF_BITS, 255, e + E8M0_B)
         else:
             g = tl.load(amax_ptr)
             finite = g < F32_INF_BITS
             gf = g.to(tl.float32, bitcast=True)
             x = b4.to(tl.float32, bitcast=True)
             if KIND == 1:
-                s_g = div_f32(gf, 2688.0)
+                s_g = div_f32(gf, NV_DIV)
                 if pid_r + pid_c + pid_b == 0:
                     tl.store(tscale_ptr, tl.where(finite, s_g, float("nan")))
                 safe_g = tl.where(s_g > 0, s_g, 1.0)
-                ratio = div_f32(div_f32(am.to(tl.float32, bitcast=True), 6.0), safe_g)
+                ratio = div_f32(div_f32(am.to(tl.float32, bitcast=True), FMT_MAX), safe_g)
                 sb = round_bits(ratio.to(tl.int32, bitcast=True) & 0x7FFFFFFF, E4M3_QLO,
-                                E4M3_QBITS, E4M3_MAXB, am, 3, SB_ROUND)
+                                E4M3_QBITS, E4M3_MAXB, am, SB_MBITS, SB_ROUND)
                 sb = tl.where(s_g > 0, sb, 0)
                 s_b = sb.to(tl.float32, bitcast=True)
                 s = mul_f32(s_b, s_g)
@@ -201,7 +208,7 @@ def block_quant_kernel(
                 # q * s_b is exact in float32 (<= 5 significant bits, far from the subnormals).
                 dq = (q | sign).to(tl.float32, bitcast=True) * s_b
                 out = tl.where(finite, dq.to(tl.int32, bitcast=True), F32_NAN_BITS)
-                code = encode_minifloat(sb, 3, -6, 7)
+                code = encode_minifloat(sb, SB_MBITS, SB_EMIN, 7)
             else:
                 s = div_f32(gf, FMT_MAX)
                 s = tl.where(s == 0, 1.0, s)
@@ -233,15 +240,13 @@ def _fmt_constexprs(elem: str):
                 FMT_MAX=float(maxn) * 2.0 ** maxq, FIX_QBITS=qbits, FIX_MAXB=maxb)
 
 
+def _scale_constexprs():
+    """Scale-encoding constexprs from fp4.formats: NVFP4 s_g divisor, E4M3 block-scale fields, E8M0 bias."""
+    return dict(NV_DIV=float(NVFP4_TENSOR_DIVISOR), SB_MBITS=E4M3.mbits, SB_EMIN=E4M3.emin, E8M0_B=E8M0_BIAS)
+
+
 def _f32_value(v: float) -> float:
     return struct.unpack("<f", struct.pack("<f", v))[0]
-
-
-def draw_seed(generator, device) -> torch.Tensor:
-    """One int32 seed on `device`, drawn from `generator` (torch's global RNG when None)."""
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    seed = torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=gdev, dtype=torch.int64)
-    return seed.to(device=device, dtype=torch.int32)
 
 
 # Launch configuration per (kind is MX, kernel axis, Hadamard block, SR, block_2d):
@@ -287,10 +292,10 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
     assert x3.dim() == 3 and x3.is_contiguous() and axis in (0, 1)
     B, R, C = x3.shape
     in_kind = IN_KINDS[x3.dtype]
-    view = {0: torch.int32, 1: torch.int16, 2: torch.float16}[in_kind]
-    qb = 32 if kind == KIND_MX else 16
+    view = KIND_VIEWS[in_kind]
+    qb = MX_BLOCK if kind == KIND_MX else NVFP4_BLOCK
     if block_2d:
-        rb, cb = 16, 16
+        rb, cb = NVFP4_BLOCK, NVFP4_BLOCK
     else:
         rb, cb = (1, qb) if axis == 1 else (qb, 1)
     hb = hadamard_block or 1
@@ -322,14 +327,13 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
                 MODE=MODES[mode] if mode else 0, ROUND=1 if rounding == "stochastic" else 0,
                 SB_ROUND=2 if rounding == "stochastic" else 0,
                 IN_KIND=in_kind, WRITE_SCALES=write_scales, TR=tr, TC=tc, HMODE=hmode,
-                num_warps=num_warps, **_fmt_constexprs(elem))
+                num_warps=num_warps, **_fmt_constexprs(elem), **_scale_constexprs())
     args = (x3.view(view), out.view(view), signs, amax, tscale, scales, seed, R, C)
     if kind != KIND_MX and x3.numel():
         if hb > 1:
             block_quant_kernel[grid](*args, PASS=0, **meta)
         else:
             # The global amax does not depend on the layout: one flat, vectorised pass.
-            from .fp8_quant import global_amax_bits
             global_amax_bits(x3.view(view), in_kind, amax)
     if x3.numel():
         block_quant_kernel[grid](*args, PASS=1, **meta)

@@ -23,11 +23,17 @@ from __future__ import annotations
 
 import torch
 
+from ..formats import E2M1, E8M0_BIAS, OPERAND_FORMATS
+from ..names import OperandFormat
+
 __all__ = ["E2M1_GRID", "e2m1_codes", "e2m1_decode", "pack_fp4", "unpack_fp4", "decode_scales",
            "dequantize_packed", "to_blocked", "from_blocked", "expand_2d_scales"]
 
-E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-FP4_BLOCK = {"mxfp4": 32, "nvfp4": 16}
+# From the one format table (fp4.formats): the E2M1 magnitudes by code, and the block of each
+# E2M1 operand format that torch._scaled_mm can multiply (MXFP4 E8M0 / 32, NVFP4 E4M3 / 16).
+E2M1_GRID = tuple(E2M1.grid.tolist())
+FP4_BLOCK = {str(f): OPERAND_FORMATS[f].block for f in (OperandFormat.mxfp4, OperandFormat.nvfp4)}
+_E8M0_NAN_CODE = 255
 
 
 def _check_fmt(fmt: str) -> int:
@@ -62,10 +68,10 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
 def decode_scales(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     """float64 block scales from their bytes: 2^(c - 127) (NaN for 0xFF) or the E4M3 value."""
     _check_fmt(fmt)
-    if fmt == "mxfp4":
+    if OPERAND_FORMATS[fmt].block_scale == "e8m0":
         c = codes.to(torch.int64)
-        scale = ((c - 127 + 1023) << 52).view(torch.float64)
-        return torch.where(c == 255, torch.full_like(scale, float("nan")), scale)
+        scale = ((c - E8M0_BIAS + 1023) << 52).view(torch.float64)
+        return torch.where(c == _E8M0_NAN_CODE, torch.full_like(scale, float("nan")), scale)
     return codes.contiguous().view(torch.float8_e4m3fn).to(torch.float64)
 
 
@@ -109,7 +115,7 @@ def dequantize_packed(packed: torch.Tensor, scale_codes: torch.Tensor, fmt: str,
 def expand_2d_scales(tile_codes: torch.Tensor, rows: int) -> torch.Tensor:
     """Per-row scale bytes [rows, C/16] from NVFP4 16x16 tile bytes [R/16, C/16] (a tile's
     scale repeated for each of its 16 rows), the layout a 1-D-block GEMM operand takes."""
-    return tile_codes.repeat_interleave(16, dim=0)[:rows]
+    return tile_codes.repeat_interleave(FP4_BLOCK[OperandFormat.nvfp4], dim=0)[:rows]
 
 
 def to_blocked(scales: torch.Tensor) -> torch.Tensor:

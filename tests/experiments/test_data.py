@@ -356,3 +356,45 @@ def test_loader_warns_past_four_epochs(recwarn):
     assert not [w for w in recwarn if "epochs" in str(w.message)]
     with pytest.raises(ValueError, match="fewer than one window"):
         TrainLoader(np.arange(5, dtype=np.uint16), 7, 2, seed=0)
+
+
+# -- cache robustness and named input errors ----------------------------------------------------
+@pytest.mark.parametrize("damage", ["tokenizer-garbage", "tokenizer-cut", "meta-garbage", "meta-no-eos"])
+def test_corrupt_tokenizer_cache_is_rebuilt_not_fatal(tmp_path, caplog, damage):
+    src = resolve_source(DataCfg(), "train")
+    tok = build_tokenizer(TokCfg(vocab_size=300, train_docs=50), src, tmp_path)
+    (entry,) = (tmp_path / "tokenizers").iterdir()
+    target = entry / ("tokenizer.json" if damage.startswith("tokenizer") else "meta.json")
+    text = target.read_text()
+    target.write_text({"tokenizer-garbage": "{not json", "tokenizer-cut": text[: len(text) // 2],
+                       "meta-garbage": "]", "meta-no-eos": "{}"}[damage])
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    again = build_tokenizer(TokCfg(vocab_size=300, train_docs=50), src, tmp_path)
+    assert "is unreadable" in caplog.text and "rebuilding" in caplog.text and str(entry) in caplog.text
+    assert again.fingerprint == tok.fingerprint  # retrained: the same tokenizer
+    caplog.clear()
+    build_tokenizer(TokCfg(vocab_size=300, train_docs=50), src, tmp_path)
+    assert "tokenizer cache hit" in caplog.text  # the rebuilt entry is whole again
+
+
+def test_corrupt_token_cache_sidecar_is_rebuilt(tmp_path, caplog):
+    src = resolve_source(DataCfg(), "validation")
+    tok = build_tokenizer(TokCfg(vocab_size=300, train_docs=50), resolve_source(DataCfg(), "train"), tmp_path)
+    first = pack_documents(src, tok, tmp_path)
+    sidecar = first.path.with_suffix(".json")
+    for bad in ("{cut", json.dumps({"n_tokens": 3})):
+        sidecar.write_text(bad)
+        caplog.set_level(logging.INFO, logger=LOGGER)
+        caplog.clear()
+        again = pack_documents(src, tok, tmp_path)
+        assert "unreadable" in caplog.text and str(sidecar) in caplog.text
+        assert np.array_equal(np.asarray(again.tokens), np.asarray(first.tokens))
+
+
+def test_truncated_gzip_names_the_file(tmp_path, real_docs):
+    good = write_jsonl(tmp_path / "good.jsonl.gz", real_docs["train"][:60], gz=True)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    src = resolve_source(DataCfg(name="jsonl", path=str(cut), val_path=str(good)), "train")
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz: not a readable gzip file"):
+        list(src.iter_texts())

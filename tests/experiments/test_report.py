@@ -25,9 +25,9 @@ FLOPS = {"fprop": 2e8, "dgrad": 2e8, "wgrad": 2e8}
 
 def write_run(root, ladder, stabilizer, seed, status="reached", tokens=None, tps=1e6, target=TARGET,
               native=False, device="cpu", best_ppl=None, best_at=None, diverged_at=None, fmt="mxfp4",
-              model=MODEL, key="abcd1234", summary=True, shared=None):
+              model=MODEL, key="abcd1234", summary=True, shared=None, config="", name=None):
     """One run directory as the training loop writes it, with a curve consistent with its summary."""
-    d = Path(root) / f"{ladder}-{stabilizer}-{fmt}-{model}-s{seed}-{key}"
+    d = Path(root) / (name or f"{ladder}-{stabilizer}-{fmt}-{model}-s{seed}-{key}")
     d.mkdir(parents=True)
     suffix = "(hipBLASLt)" if native else "(emulated)"
     paths = {g: (f"bf16 (torch.matmul)" if ladder == "bf16" else
@@ -45,7 +45,7 @@ def write_run(root, ladder, stabilizer, seed, status="reached", tokens=None, tps
                          "grad_norm": 1.0, "tokens_per_s": tps, "step_time_s": 0.1})]
     lines += [json.dumps(e) for e in evals]
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    (d / "config.yaml").write_text(f"seed: {seed}\nladder:\n  name: {ladder}\n")
+    (d / "config.yaml").write_text(f"seed: {seed}\nladder:\n  name: {ladder}\n" + config)
     (d / "meta.json").write_text(json.dumps({"run_key": key, "git_commit": "c0ffee", "git_dirty": False,
                                              "device_name": device, "hostname": "h", "seed": seed,
                                              "started_at": "2025-01-01T00:00:00"}))
@@ -165,7 +165,12 @@ def test_modeled_gain_by_hand(tmp_path):
 
 
 def test_modeled_table_and_h100_refuses(sweep, tmp_path):
-    rep = make_report(sweep, out_dir=tmp_path / "rep", profiles=(str(profile_yaml(tmp_path)), "h100"))
+    # The model reads isolated tokens/s (a bench), here equal to the fixture's own tokens/s.
+    bench = _bench_json(tmp_path / "bench.json", [
+        ("fp8", "none", "eager", 1e6), ("wgrad", "none", "eager", 1.25e6), ("wgrad", "h16", "eager", 1 / 8.5e-7),
+        ("bf16", "none", "eager", 5e5), ("fprop", "none", "eager", 1e6), ("dgrad", "none", "eager", 1e6)])
+    rep = make_report(sweep, out_dir=tmp_path / "rep", profiles=(str(profile_yaml(tmp_path)), "h100"),
+                      throughput=bench)
     t = rep.table
     wg, h16 = row(t, "wgrad (mxfp4)"), row(t, "wgrad+h16 (mxfp4)")
     assert wg.gain_source == "modeled:toy" and wg.gain == pytest.approx(1 / 0.7)
@@ -406,7 +411,8 @@ def test_files_written(sweep, tmp_path):
     for f in ("table.md", "table.csv", "table.tex", "report.md", "report.json"):
         assert (out / f).is_file(), f
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == [f"cost_{MODEL}_{DATA}_ppl30.png", f"ppl_{MODEL}_{DATA}_ppl30.png"]
+    assert pngs == [f"cost_{MODEL}_{DATA}_ppl30.png", f"eqcost_{MODEL}_{DATA}.png", f"ppl_{MODEL}_{DATA}_ppl30.png"]
+    assert (out / "eq_cost.csv").is_file()
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     with open(out / "table.csv") as f:
         rows = {r["label"]: r for r in csv.DictReader(f)}
@@ -493,3 +499,122 @@ def test_net_speedup_unbounded_where_the_cost_interval_passes_minus_100_percent(
     assert net_speedup(1.2, -1.0) == math.inf and net_speedup(1.2, -1.5) == math.inf
     from fp4_experiments.report.tables import fmt_ratio_pct
     assert fmt_ratio_pct(math.inf) == "unbounded"
+
+
+# ---------------------------------------------------------------- experiment groups, integrity, outputs
+
+def test_two_experiment_groups_in_one_directory_never_mix(tmp_path):
+    """Runs with another train.lr are another experiment: their FP8 run is never the baseline of
+    the first sweep's rows (before, the newest FP8 run of a seed became everyone's baseline)."""
+    root = tmp_path / "runs"
+    lr_a, lr_b = "train:\n  lr: 0.002\n", "train:\n  lr: 0.01\n"
+    for seed, fp8, wg in ((1, 1000, 1300), (2, 1200, 1500)):
+        write_run(root, "fp8", "none", seed, tokens=fp8, config=lr_a, key="aaaa0000")
+        write_run(root, "wgrad", "none", seed, tokens=wg, config=lr_a, key="aaaa0000")
+    for seed, fp8, wg in ((1, 2000, 2200), (2, 2000, 2400)):
+        d = write_run(root, "fp8", "none", seed, tokens=fp8, config=lr_b, key="bbbb0000")
+        meta = json.loads((d / "meta.json").read_text())
+        (d / "meta.json").write_text(json.dumps(dict(meta, started_at="2025-06-01T00:00:00")))  # newest
+        write_run(root, "wgrad", "none", seed, tokens=wg, config=lr_b, key="bbbb0000")
+    runs, issues = load_runs(root)
+    assert issues == [] and len(runs) == 8 and runs.group_id.nunique() == 2
+    rep = make_report(root, out_dir=tmp_path / "rep", profiles=())
+    wgrad = rep.table[rep.table.label == "wgrad (mxfp4)"].set_index("group")
+    (label_a,) = [g for g in wgrad.index if "train.lr=0.002" in g]
+    (label_b,) = [g for g in wgrad.index if "train.lr=0.01" in g]
+    assert wgrad.loc[label_a].cost_mean == pytest.approx((0.30 + 0.25) / 2)   # 1300/1000, 1500/1200
+    assert wgrad.loc[label_b].cost_mean == pytest.approx((0.10 + 0.20) / 2)   # 2200/2000, 2400/2000
+    prov = json.loads((tmp_path / "rep" / "report.json").read_text())
+    for r in prov["runs"]:  # every baseline is of the run's own group (key8 aaaa/bbbb is the lr here)
+        assert r["baseline"].startswith("fp8-none") and r["baseline"][-8:] == r["run"][-8:]
+    assert sorted(prov["groups"]) == sorted([label_a, label_b])
+    assert f"group {label_a}" in rep and f"group {label_b}" in rep and "2 experiment groups" in rep
+    assert len(list((tmp_path / "rep").glob("ppl_*.png"))) == 2  # one figure per group, not overwritten
+    with open(tmp_path / "rep" / "table.csv") as f:
+        assert {r["group"] for r in csv.DictReader(f)} == {label_a, label_b}
+
+
+def test_true_duplicate_is_named_as_such(sweep):
+    import shutil
+    orig = next(p for p in sweep.iterdir() if p.name.startswith("wgrad-none-mxfp4-tiny_llama-s1"))
+    copy = sweep / (orig.name + "-copy")
+    shutil.copytree(orig, copy)
+    runs, issues = load_runs(sweep)
+    assert len(runs) == 12  # still one run per configuration and seed
+    (issue,) = issues
+    assert issue.name in (orig.name, copy.name)
+    assert "same run key abcd1234: the same experiment twice" in issue.problem
+
+
+def test_summary_contradicted_by_metrics_is_corrupt(sweep):
+    cut = write_run(sweep, "wgrad", "none", 3, tokens=1400, config="train:\n  log_every_steps: 10\n")
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    (cut / "metrics.jsonl").write_text("\n".join(lines[:6]) + "\n")  # records up to step 50 of 100
+    ahead = write_run(sweep, "wgrad", "none", 4, tokens=1400)
+    s = json.loads((ahead / "summary.json").read_text())
+    (ahead / "summary.json").write_text(json.dumps(dict(s, steps=60)))  # metrics go on to step 100
+    runs, issues = load_runs(sweep)
+    by = {i.name: i.problem for i in issues}
+    assert by[cut.name].startswith("summary.json says 100 steps but the last record of metrics.jsonl is at "
+                                   "step 50 (logged every 10)")
+    assert by[ahead.name].startswith("metrics.jsonl reaches step 100, past the 60 steps summary.json says")
+    assert len(runs) == 12
+
+
+def test_report_replaces_its_output_directory(sweep, tmp_path):
+    out = tmp_path / "rep"
+    make_report(sweep, out_dir=out, profiles=())
+    (out / "ppl_an_old_group.png").write_bytes(b"stale")
+    (out / "sub").mkdir()
+    before = sorted(p.name for p in out.iterdir())
+    make_report(sweep, out_dir=out, profiles=())
+    after = sorted(p.name for p in out.iterdir())
+    assert "ppl_an_old_group.png" not in after and "sub" not in after
+    assert set(before) - set(after) == {"ppl_an_old_group.png", "sub"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left over
+    assert json.loads((out / "report.json").read_text())["out_dir"] == str(out.resolve())
+    # A directory that is not a report is never replaced.
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ReportError, match="not an earlier report"):
+        make_report(sweep, out_dir=other, profiles=())
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_missing_or_unwritable_directories_are_one_clear_line(tmp_path, capsys):
+    from fp4_experiments.calibrate import main as calibrate_main
+    from fp4_experiments.report.cli import main as report_main
+    missing = tmp_path / "nope"
+    assert report_main([str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"fp4-ablate report: no such directory: {missing}"
+    assert calibrate_main([str(missing)]) == 2
+    assert capsys.readouterr().err.strip() == f"fp4-ablate calibrate: no such directory: {missing}"
+    root = tmp_path / "runs"
+    write_run(root, "fp8", "none", 1, tokens=1000)
+    (tmp_path / "afile").write_text("")
+    assert report_main([str(root), "--out", str(tmp_path / "afile" / "rep")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fp4-ablate report: cannot write the report to {tmp_path}/afile/rep")
+
+
+def test_no_gain_columns_without_a_bench(sweep, tmp_path):
+    """CPU runs: their own tokens/s are no basis for a step gain, so without --throughput or
+    --step-speedup the gain and net-speedup columns are left out, and the text says why."""
+    rep = make_report(sweep, out_dir=tmp_path / "rep", profiles=(str(profile_yaml(tmp_path)),))
+    header = next(l for l in rep.splitlines() if l.startswith("| configuration"))
+    assert "step gain" not in header and "net speedup" not in header
+    assert "Step gain and net speedup: left out of the table: no isolated bench" in rep
+    assert "Modeled step gain / net speedup per hardware profile" not in rep
+    assert rep.table[rep.table.ladder != "fp8"].gain.isna().all()
+    assert "net speedup" not in (tmp_path / "rep" / "table.tex").read_text()
+    rep = make_report(sweep, out_dir=tmp_path / "rep2", profiles=(), step_speedup=1.2)
+    header = next(l for l in rep.splitlines() if l.startswith("| configuration"))
+    assert "step gain" in header and "net speedup" in header and "left out of the table" not in rep
+
+
+def test_t_quantiles_agree_with_scipy():
+    from scipy import stats
+    for p, df in ((0.975, 1), (0.975, 4), (0.995, 7), (0.9, 30)):
+        assert t_ppf(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-12)
+    assert t_ppf(0.975, 4) == pytest.approx(2.7764451, abs=1e-7)

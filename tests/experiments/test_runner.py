@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fp4_experiments import runner as runner_mod
 from fp4_experiments.rundir import run_dir_for
 from fp4_experiments.runner import run_experiment
-from fp4_experiments.train import interpolate_crossing, lr_at
+from fp4_experiments.training import interpolate_crossing, lr_at
+from fp4_experiments.training import loop as loop_mod
 
 LADDERS = ("bf16", "fp8", "fprop", "dgrad", "wgrad")
 STABILIZERS = ("none", "sr", "rht", "h16")
@@ -52,8 +52,8 @@ def test_every_rung_and_stabilizer_runs(ladder, tiny, compose):
         fp4 = {"bf16": [], "fp8": [], "fprop": ["fprop"], "dgrad": ["fprop", "dgrad"],
                "wgrad": ["fprop", "dgrad", "wgrad"]}[ladder]
         for gemm in ("fprop", "dgrad", "wgrad"):
-            assert paths[gemm].startswith("fp4" if gemm in fp4 else
-                                          ("bf16" if ladder == "bf16" else "fp8")), paths
+            assert paths[gemm]["precision"] == ("fp4" if gemm in fp4 else
+                                                ("bf16" if ladder == "bf16" else "fp8")), paths
 
 
 def test_run_directory_is_self_describing(tiny, compose):
@@ -90,7 +90,7 @@ def test_check_finite_names_layer_gemm_and_operand(tiny, compose, monkeypatch):
         # A NaN gradient enters every layer's backward through the loss.
         return real(model, input_ids, labels) * float("nan")
 
-    monkeypatch.setattr("fp4_experiments.train.causal_lm_loss", poisoned)
+    monkeypatch.setattr("fp4_experiments.training.step.causal_lm_loss", poisoned)
     cfg = compose(tiny("+ladder=wgrad", "train.check_finite=true"))
     s = run_experiment(cfg)
     assert s["status"] == "diverged"
@@ -108,7 +108,7 @@ def test_resume_after_interruption_is_exact(tiny, compose, tmp_path, monkeypatch
     full = run_experiment(compose(tiny(*base, results=tmp_path / "a")))
 
     cfg = compose(tiny(*base, results=tmp_path / "b"))
-    real_save = runner_mod.train.__globals__["save_checkpoint"]
+    real_save = loop_mod.save_checkpoint
     calls = {"n": 0}
 
     def save_then_die(*args, **kwargs):
@@ -117,18 +117,20 @@ def test_resume_after_interruption_is_exact(tiny, compose, tmp_path, monkeypatch
         if calls["n"] == 2:   # after the step-6 checkpoint, mid-run
             raise _Kill()
 
-    monkeypatch.setitem(runner_mod.train.__globals__, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_die)
     with pytest.raises(_Kill):
         run_experiment(cfg)
     run_dir = run_dir_for(cfg)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
     assert (run_dir / "traceback.txt").exists()
-    monkeypatch.setitem(runner_mod.train.__globals__, "save_checkpoint", real_save)
+    assert (run_dir / "checkpoints" / "last.pt").exists()   # an unfinished run keeps it
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
     resumed = run_experiment(cfg)
     assert "resumed from" in (run_dir / "run.log").read_text()
     # The failed attempt's traceback stays, renamed: a finished run has no traceback.txt.
     assert not (run_dir / "traceback.txt").exists()
     assert len(list(run_dir.glob("failed-attempt-*.txt"))) == 1
+    assert not (run_dir / "checkpoints" / "last.pt").exists()   # a finished one does not
 
     strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
     assert strip(_metrics(run_dir)) == strip(_metrics(run_dir_for(

@@ -12,7 +12,7 @@ from torch import nn
 import fp4.linear as linear
 from fp4 import fp8_gemm
 from fp4.transforms import random_signs
-from fp4.linear import (NonFiniteError, QuantLinear, QuantState, gemm_paths, record_gemms,
+from fp4.linear import (ExecutionConfig, NonFiniteError, QuantLinear, QuantState, gemm_paths, record_gemms,
                         swap_linears)
 from fp4.quantize import fake_quantize, quantize_operand
 from fp4.recipe import GemmSpec, HadamardSpec, OperandSpec, Recipe
@@ -349,14 +349,11 @@ def test_real_fp8_path_matches_emulation(monkeypatch):
     emulated = run(layer, x, dy)
     layer.weight.grad = layer.bias.grad = None
     monkeypatch.setattr(fp8_gemm, "fp8_path_available", lambda device: True)
-    linear.configure(real_fp8=True)
+    assert layer.state.execution.real_fp8  # the default ExecutionConfig allows real FP8
     with record_gemms() as records:
         real = run(layer, x, dy)
     assert {r.path for r in records} == {"fp8:e4m3xe4m3 (torch._scaled_mm)", "fp8:e5m2xe4m3 (torch._scaled_mm)"}
     for a, b in zip(real, emulated):
         torch.testing.assert_close(a, b, **close)
-    linear.configure(real_fp8=False)
-    try:
-        assert gemm_paths(Recipe("fp8"), "cuda")["fprop"] == "fp8:e4m3xe4m3 (emulated)"
-    finally:
-        linear.configure(real_fp8=True)
+    assert gemm_paths(Recipe("fp8"), "cuda", ExecutionConfig(real_fp8=False))["fprop"] == "fp8:e4m3xe4m3 (emulated)"
+    assert gemm_paths(Recipe("fp8"), "cuda", ExecutionConfig())["fprop"] == "fp8:e4m3xe4m3 (torch._scaled_mm)"

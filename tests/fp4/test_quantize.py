@@ -205,7 +205,7 @@ def test_operand_scales_are_separate():
 
 
 def test_defaults_and_names():
-    assert FORMATS == ("mxfp4", "nvfp4", "e1m2", "int4", "e4m3", "e5m2")
+    assert FORMATS == ("mxfp4", "nvfp4", "e1m2", "int4", "e4m3", "e5m2", "e2m1")
     assert ROUNDINGS == ("nearest", "stochastic") and SCALE_MODES == ("floor", "ceil", "rceil", "even")
     assert BACKENDS == ("auto", "torch", "triton")
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3)) * 7

@@ -18,8 +18,8 @@ def test_constants_agree_with_the_quantizer():
     assert set(MX_SCALE_MODES) == set(quantize.SCALE_MODES)
     assert set(FP4_FORMATS + FP8_FORMATS) == set(quantize.FORMATS)
     assert LADDERS == ("bf16", "fp8", "fprop", "dgrad", "wgrad")
-    assert STABILIZERS == ("none", "sr", "rht", "h16")
-    assert RECIPE_FORMATS == ("mxfp4", "nvfp4", "ufp4")
+    assert STABILIZERS == ("none", "sr", "rht", "h16", "h16_all")
+    assert RECIPE_FORMATS == ("mxfp4", "nvfp4", "ufp4", "ufp4_e2m1", "ufp4_mx")
 
 
 @pytest.mark.parametrize("ladder", LADDERS)
@@ -79,17 +79,17 @@ def test_stabilizer_on_a_non_fp4_gemm_is_inactive_not_an_error(ladder, stabilize
 
 
 @pytest.mark.parametrize("element", ["e1m2", "int4"])
-def test_ufp4_has_fixed_sign_hadamard_everywhere_and_sr_on_dy(element):
-    specs = Recipe("wgrad", "none", "ufp4", ufp4_element=element).specs
+def test_ufp4_mx_has_fixed_sign_hadamard_everywhere_and_sr_on_dy(element):
+    specs = Recipe("wgrad", "none", "ufp4_mx", ufp4_element=element).specs
     for gemm in GEMMS:
         assert specs[gemm].hadamard == HadamardSpec(16, "fixed")
         for name, op in specs[gemm].operands.items():
             assert op.fmt == element
             assert op.rounding == ("stochastic" if name == "dy" else "nearest")
     # h16 replaces the transform on its GEMM only; FP8 GEMMs of a lower rung get none of ufp4's extras.
-    specs = Recipe("wgrad", "h16", "ufp4").specs
+    specs = Recipe("wgrad", "h16", "ufp4_mx").specs
     assert specs["wgrad"].hadamard.signs == "none" and specs["fprop"].hadamard.signs == "fixed"
-    specs = Recipe("fprop", "none", "ufp4").specs
+    specs = Recipe("fprop", "none", "ufp4_mx").specs
     assert specs["dgrad"].hadamard is None and specs["dgrad"].a == OperandSpec("e5m2")
 
 
@@ -139,7 +139,7 @@ def test_describe_is_json_and_complete_for_every_combination():
             entry = described["gemms"][gemm]
             for name in OPERANDS[gemm]:
                 assert entry[name]["fmt"] == recipe.specs[gemm].operands[name].fmt
-    described = Recipe("wgrad", "rht", "ufp4").describe()
+    described = Recipe("wgrad", "rht", "ufp4_mx").describe()
     assert described["gemms"]["wgrad"]["hadamard"] == {"block": 16, "signs": "step"}
     assert described["gemms"]["fprop"]["hadamard"] == {"block": 16, "signs": "fixed"}
     assert described["gemms"]["wgrad"]["dy"]["scale_mode"] == "rceil"
@@ -161,5 +161,5 @@ def test_random_draws_names_what_a_step_draws():
     assert Recipe("wgrad", "sr", sr_operands="all").random_draws == ("sr:wgrad.dy", "sr:wgrad.x")
     assert Recipe("wgrad", "rht").random_draws == ("signs:wgrad:step",)
     assert Recipe("wgrad", "h16", hadamard_signs="fixed").random_draws == ("signs:wgrad:fixed",)
-    ufp4 = Recipe("wgrad", format="ufp4").random_draws
+    ufp4 = Recipe("wgrad", format="ufp4_mx").random_draws
     assert "sr:wgrad.dy" in ufp4 and "signs:fprop:fixed" in ufp4

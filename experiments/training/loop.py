@@ -1,0 +1,120 @@
+"""The training loop: steps until the token budget, the target or a divergence ends it.
+
+`train()` wires the parts together and nothing else: `setup_training` (optimizer, autocast,
+compiled forward, resume), `TrainStep` (one optimizer step), `evaluate` + `record_evaluation`
+(validation loss and the target crossing), `DivergenceCheck` (when a run has diverged),
+`save_checkpoint`, `TrainLog` (metrics.jsonl, tracker, progress bar). A data-parallel or
+compiled variant replaces a part, not the loop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from fp4.linear import NonFiniteError, QuantState
+from .checkpoint import save_checkpoint
+from .divergence import DivergenceCheck
+from .evaluate import evaluate, perplexity, record_evaluation
+from .metrics import TrainLog
+from .setup import setup_training
+from .state import LoopState, Outcome
+from .step import TrainStep, advance_clock, lr_at
+
+
+class Trainer:
+    def __init__(self, *, cfg, model, loader, val: torch.Tensor, vocab_size: int,
+                 quant_state: QuantState, device, run_dir: Path, resume: bool,
+                 on_metrics: Callable[[dict], None], progress=None):
+        tc = self.tc = cfg.train
+        self.model, self.loader, self.val, self.vocab_size = model, loader, val, vocab_size
+        self.quant_state, self.device = quant_state, device
+        self.setup = setup_training(cfg, model, loader, quant_state, device, run_dir, resume)
+        self.loop: LoopState = self.setup.loop
+        self.log = TrainLog(run_dir, self.loop, on_metrics, progress, tc.log_every_steps)
+        micro = tc.micro_batch_size or tc.batch_size
+        self.step = TrainStep(model=model, step_model=self.setup.step_model,
+                              optimizer=self.setup.optimizer, loader=loader,
+                              quant_state=quant_state, autocast=self.setup.autocast,
+                              device=device, n_micro=tc.batch_size // micro,
+                              grad_clip=tc.grad_clip)
+        self.divergence = DivergenceCheck.from_config(tc, vocab_size)
+        self.tokens_per_step = tc.batch_size * cfg.model.seq_len
+        # Once the crossing is recorded (and training goes on with stop_at_target=false) it is
+        # not looked for again; the crossing is part of the checkpointed loop state.
+        self.target = tc.target_ppl if self.loop.tokens_to_target is None else None
+
+    def run(self) -> Outcome:
+        try:
+            outcome = self._steps()
+        except NonFiniteError as err:
+            outcome = Outcome("diverged", diverged_at_tokens=self.loop.tokens,
+                              diverged_reason=str(err))
+        finally:
+            self.log.close()
+        if outcome is None:
+            outcome = self._budget_spent()
+        if self.tc.keep_final_checkpoint:
+            self.save()
+        return outcome
+
+    def _steps(self) -> Optional[Outcome]:
+        tc, loop = self.tc, self.loop
+        next_eval = (loop.tokens // tc.eval_every_tokens + 1) * tc.eval_every_tokens
+        self.model.train()
+        while loop.tokens < tc.max_tokens:
+            r = self.step(lr_at(loop.tokens, tc))
+            advance_clock(loop, self.tokens_per_step, r.dt)
+            self.log.step(loop, r, self.tokens_per_step, self.target)
+            outcome = self.divergence.after_step(loop, r.loss, r.grad_norm)
+            if outcome is not None:
+                return outcome
+            self.log.train_record(loop, self.loader.epoch, r, self.tokens_per_step)
+            if loop.tokens >= next_eval or loop.tokens >= tc.max_tokens:
+                next_eval += tc.eval_every_tokens
+                outcome = self._evaluate()
+                if outcome is not None and outcome.status == "reached" and not tc.stop_at_target:
+                    outcome, self.target = None, None
+                if outcome is not None:
+                    return outcome
+            if loop.step % tc.checkpoint_every_steps == 0:
+                self.save()
+        return None
+
+    def _evaluate(self) -> Optional[Outcome]:
+        """Evaluate, check the validation rules of divergence, look for the target crossing."""
+        loop, s = self.loop, self.setup
+        val_loss = evaluate(s.step_model, self.val, self.tc.eval_batch_size, self.device,
+                            s.autocast)
+        ppl = perplexity(val_loss)
+        self.log.eval_record(loop, self.loader.epoch, val_loss, ppl)
+        outcome = self.divergence.after_eval(loop, val_loss)
+        if outcome is not None:
+            return outcome
+        crossed = record_evaluation(loop, ppl, self.target, self.vocab_size)
+        self.log.eval_progress(loop, self.target)
+        if crossed is None:
+            return None
+        loop.tokens_to_target = crossed
+        return Outcome("reached", tokens_to_target=crossed)
+
+    def _budget_spent(self) -> Outcome:
+        if self.loop.tokens_to_target is not None:
+            return Outcome("reached", tokens_to_target=self.loop.tokens_to_target)
+        # Without a target (calibration runs) spending the budget is the plan, not a miss.
+        return Outcome("not_reached" if self.tc.target_ppl is not None else "completed")
+
+    def save(self) -> None:
+        save_checkpoint(self.setup.ckpt_path, self.model, self.setup.optimizer, self.loop,
+                        self.loader, self.quant_state, self.device)
+
+
+def train(*, cfg, model, loader, val: torch.Tensor, vocab_size: int, quant_state: QuantState,
+          device, run_dir: Path, resume: bool, on_metrics: Callable[[dict], None],
+          progress=None) -> tuple[Outcome, LoopState]:
+    """Train `model` to the target (or the budget); the outcome and the final loop state."""
+    trainer = Trainer(cfg=cfg, model=model, loader=loader, val=val, vocab_size=vocab_size,
+                      quant_state=quant_state, device=device, run_dir=run_dir, resume=resume,
+                      on_metrics=on_metrics, progress=progress)
+    return trainer.run(), trainer.loop

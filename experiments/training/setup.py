@@ -1,0 +1,59 @@
+"""Before the first step: optimizer, autocast context, compiled forward, resumed loop state."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager
+
+import torch
+
+from fp4.linear import QuantState
+from ..rundir import CHECKPOINT
+from .checkpoint import load_checkpoint
+from .state import LoopState
+
+log = logging.getLogger("fp4_experiments.train")
+
+
+def make_optimizer(model, train_cfg, device) -> torch.optim.Optimizer:
+    # No weight decay on norms and biases (1-D parameters), as in Llama's recipe.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
+                             eps=train_cfg.eps, fused=fused)
+
+
+def autocast_for(device, dtype_name: str) -> Callable[[], ContextManager]:
+    """A factory of autocast contexts: `dtype_name` on CUDA, none (float32) on the CPU."""
+    if device.type == "cuda":
+        dtype = getattr(torch, dtype_name)
+        return lambda: torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext
+
+
+@dataclass
+class TrainSetup:
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], ContextManager]
+    step_model: torch.nn.Module   # the forward the steps and evaluations run (maybe compiled)
+    loop: LoopState
+    ckpt_path: Path
+
+
+def setup_training(cfg, model, loader, quant_state: QuantState, device, run_dir: Path,
+                   resume: bool) -> TrainSetup:
+    optimizer = make_optimizer(model, cfg.train, device)
+    autocast = autocast_for(device, cfg.hardware.autocast_dtype)
+    step_model = torch.compile(model) if cfg.hardware.compile else model
+    ckpt_path = Path(run_dir) / CHECKPOINT
+    loop = LoopState()
+    if resume and ckpt_path.exists():
+        loop = load_checkpoint(ckpt_path, model, optimizer, loader, quant_state, device)
+        log.info("resumed from %s at step %d (%d tokens)", ckpt_path, loop.step, loop.tokens)
+    quant_state.check_finite = bool(cfg.train.check_finite)
+    return TrainSetup(optimizer, autocast, step_model, loop, ckpt_path)

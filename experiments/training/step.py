@@ -1,0 +1,81 @@
+"""One optimizer step: learning rate, micro-batches, gradient clipping, step, quantization clock.
+
+The learning-rate schedule (linear warmup, then cosine to `min_lr_ratio * lr` at
+`max_tokens`) depends only on tokens seen and `max_tokens`, never on the target, so every
+rung of the ladder follows the same schedule and stopping early changes nothing before the
+stop.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fp4.linear import QuantState
+from ..model import causal_lm_loss
+from .state import LoopState
+
+
+def lr_at(tokens: float, train_cfg) -> float:
+    peak, floor = train_cfg.lr, train_cfg.lr * train_cfg.min_lr_ratio
+    if tokens < train_cfg.warmup_tokens:
+        return peak * (tokens + 1) / max(train_cfg.warmup_tokens, 1)
+    span = max(train_cfg.max_tokens - train_cfg.warmup_tokens, 1)
+    progress = min((tokens - train_cfg.warmup_tokens) / span, 1.0)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepResult:
+    loss: float        # mean over the micro-batches
+    grad_norm: float   # before clipping
+    lr: float
+    dt: float          # seconds, synchronized on CUDA
+
+
+class TrainStep:
+    """Callable: one optimizer step over `batch_size // micro_batch_size` micro-batches.
+
+    `model` owns the parameters (clipping, optimizer); `step_model` runs the forward (the same
+    module, or its torch.compile wrapper). A data-parallel wrapper would take its place here.
+    """
+
+    def __init__(self, *, model, step_model, optimizer, loader, quant_state: QuantState,
+                 autocast, device, n_micro: int, grad_clip: float):
+        self.model, self.step_model, self.optimizer = model, step_model, optimizer
+        self.loader, self.quant_state, self.autocast = loader, quant_state, autocast
+        self.device, self.n_micro, self.grad_clip = device, n_micro, grad_clip
+
+    def __call__(self, lr: float) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(self.n_micro):
+            input_ids, labels = self.loader.next_batch()
+            input_ids = input_ids.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with self.autocast():
+                loss = causal_lm_loss(self.step_model, input_ids, labels) / self.n_micro
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        loss_value, grad_value = float(loss_sum), float(grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.quant_state.advance_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepResult(loss_value, grad_value, lr, time.perf_counter() - t0)
+
+
+def advance_clock(loop: LoopState, tokens_per_step: int, dt: float) -> None:
+    """Count one finished step: step, tokens, time (throughput skips the untimed first steps)."""
+    loop.step += 1
+    loop.tokens += tokens_per_step
+    loop.train_time_s += dt
+    if loop.step > loop.untimed_steps:
+        loop.timed_tokens += tokens_per_step
+        loop.timed_time_s += dt

@@ -1,0 +1,174 @@
+"""Per-model state of the quantized linears: how GEMMs execute, where the step is, what was recorded.
+
+Nothing here is process-wide. Two models built in one process with different settings each do what
+they were built with, because every setting a GEMM reads travels with the model:
+
+    ExecutionConfig   *how* the numerics are executed, never *what* they are: the quantization
+                      backend (Triton kernels or the torch reference, bit-identical for RNE) and
+                      whether FP8 GEMMs may run on FP8 tensor cores (torch._scaled_mm). Frozen, like
+                      torchao's Float8LinearConfig carrying `emulate`.
+    QuantState        shared by all QuantLinears of one model: seed, optimizer step, per-step call
+                      counters, check_finite, the ExecutionConfig, and an optional GEMM recorder.
+
+Reproducible randomness: every random draw (stochastic rounding, Hadamard signs) is seeded by
+derive_seed(identity of the draw), a hash stable across processes and platforms, so a run resumed
+at QuantState.step reproduces the same bits (fp4/linear.py lists the identities).
+
+Recording. `record_gemms()` collects a GemmRecord per operand of every GEMM run inside the block,
+for every model (a debugging aid); `state.record_gemms()` collects only that model's. Both are
+observers: they never change what a GEMM computes. The process-wide sink is a plain module global
+rather than a contextvars.ContextVar on purpose: autograd runs CUDA backward passes on its own
+device threads, which do not see the caller's context variables, so a ContextVar would silently
+drop the Dgrad / Wgrad records.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Iterator, List, Optional
+
+import torch
+
+from .names import QuantBackend, choices
+
+__all__ = ["ExecutionConfig", "QuantState", "GemmRecord", "record_gemms", "derive_seed", "generator"]
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How one model's GEMMs are executed (not what they compute).
+
+    quant_backend: fp4.quantize.quantize_operand's backend, "auto" | "torch" | "triton".
+    real_fp8: allow torch._scaled_mm for GEMMs whose operands are both FP8 (it is used only where the
+        device has FP8 tensor cores and the shapes fit; otherwise the same GEMM is emulated).
+    """
+
+    quant_backend: QuantBackend = QuantBackend.auto
+    real_fp8: bool = True
+
+    def __post_init__(self):
+        if self.quant_backend not in choices(QuantBackend):
+            raise ValueError(f"unknown quant_backend {self.quant_backend!r}; "
+                             f"valid: {', '.join(choices(QuantBackend))}")
+        # Normalized to the member (a word and a member give equal configs) and a real bool.
+        object.__setattr__(self, "quant_backend", QuantBackend(str(self.quant_backend)))
+        object.__setattr__(self, "real_fp8", bool(self.real_fp8))
+
+
+@dataclass(frozen=True)
+class GemmRecord:
+    """One operand of one GEMM call, as actually executed (see record_gemms)."""
+
+    layer: str
+    layer_index: int
+    gemm: str                 # "fprop" | "dgrad" | "wgrad"
+    operand: str              # "x" | "w" | "dy"
+    fmt: Optional[str]        # None = high precision
+    rounding: str
+    scale_mode: Optional[str]
+    block_2d: bool
+    axis: int                 # the operand's dim that was blocked (its GEMM's reduction axis)
+    hadamard: Optional[str]   # "16:step" etc., None without transform
+    path: str                 # as gemm_paths() words it
+    step: int
+    call: int
+    quant_backend: str = QuantBackend.auto.value  # the ExecutionConfig the call ran under
+
+
+_RECORDS: Optional[List[GemmRecord]] = None  # set by record_gemms(); None = recording off, zero cost
+
+
+@contextlib.contextmanager
+def record_gemms() -> Iterator[List[GemmRecord]]:
+    """Collect a GemmRecord per operand of every GEMM run inside the block, for every model."""
+    global _RECORDS
+    previous, records = _RECORDS, []
+    _RECORDS = records
+    try:
+        yield records
+    finally:
+        _RECORDS = previous
+
+
+class QuantState:
+    """Shared mutable state of all QuantLinears of a model: seed, optimizer step, per-step call counters,
+    plus the model's ExecutionConfig (fixed for its life: build another model to change it)."""
+
+    def __init__(self, seed: int = 0, step: int = 0, check_finite: bool = False,
+                 execution: Optional[ExecutionConfig] = None):
+        self.seed = int(seed)
+        self.check_finite = bool(check_finite)
+        self.execution = execution if execution is not None else ExecutionConfig()
+        if not isinstance(self.execution, ExecutionConfig):
+            raise TypeError(f"execution must be an ExecutionConfig, got {type(self.execution).__name__}")
+        self._step, self._calls = int(step), {}
+        self._records: Optional[List[GemmRecord]] = None
+        # fp4.probe: called with a GemmObservation after every quantized GEMM; None = off, zero cost.
+        # An observer only (never changes a GEMM); snapshotted at each layer's forward, as the recorder.
+        self.probe: Optional[Callable] = None
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step, self._calls = int(value), {}
+
+    def advance_step(self) -> None:
+        """Called by the training loop after each optimizer step."""
+        self.step = self._step + 1
+
+    def next_call(self, layer_index: int) -> int:
+        call = self._calls.get(layer_index, 0)
+        self._calls[layer_index] = call + 1
+        return call
+
+    def record_sinks(self) -> List[List[GemmRecord]]:
+        """The record lists a GEMM call started now appends to (snapshotted at its forward)."""
+        return [r for r in (_RECORDS, self._records) if r is not None]
+
+    @contextlib.contextmanager
+    def record_gemms(self) -> Iterator[List[GemmRecord]]:
+        """Like the module-level record_gemms(), for this model's GEMMs only."""
+        previous, records = self._records, []
+        self._records = records
+        try:
+            yield records
+        finally:
+            self._records = previous
+
+    @contextlib.contextmanager
+    def probe_gemms(self, probe: Callable) -> Iterator[Callable]:
+        """Set `probe` (fp4.probe) for the GEMMs of forwards started inside the block."""
+        previous, self.probe = self.probe, probe
+        try:
+            yield probe
+        finally:
+            self.probe = previous
+
+    # The ExecutionConfig is not training state: a checkpoint resumes on whatever hardware runs it.
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self._step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self.step = int(state["step"])
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from the identity of a random draw (stable across processes and platforms)."""
+    # Enum members enter as their plain value: the seed of a draw must not depend on whether a caller
+    # wrote Gemm.wgrad or "wgrad" (repr() of a member differs from repr() of its value).
+    parts = tuple(p.value if isinstance(p, Enum) else p for p in parts)
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def generator(device: torch.device, *parts) -> torch.Generator:
+    """A torch.Generator on `device` seeded by derive_seed(*parts)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(*parts))
+    return gen
