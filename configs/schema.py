@@ -98,7 +98,7 @@ class FormatConfig:
     name: RecipeFormat = RecipeFormat.mxfp4
     # MX shared-exponent rule (mxfp4, ufp4): floor | ceil | rceil | even; null = the format
     # default (even; rceil under stochastic rounding). Refused with nvfp4 (E4M3 block scales).
-    scale_mode: Optional[ScaleMode] = ScaleMode.even
+    scale_mode: Optional[ScaleMode] = None
     # nvfp4 only (refused otherwise): 16x16 weight tiles.
     nvfp4_2d_weights: bool = False
     # ufp4 only (refused otherwise): e1m2 | int4; null = e1m2.
@@ -217,6 +217,33 @@ class SweepConfig:
     id: Optional[str] = None
 
 
+class ParallelMode(_Name):
+    """none: one process; ddp: DistributedDataParallel; fsdp2: torch.distributed.fsdp.fully_shard
+    per decoder layer and on the root (experiments/distributed.py)."""
+    none = "none"
+    ddp = "ddp"
+    fsdp2 = "fsdp2"
+
+
+@dataclass
+class ParallelConfig:
+    # How one run spreads over the processes torchrun starts (WORLD_SIZE, RANK, LOCAL_RANK).
+    # Not an experiment key: train.batch_size stays the global batch and each rank takes its
+    # micro-batches (train.micro_batch_size, per rank) from the one-process order, so a run
+    # resumes on any number of ranks and finds the same run directory. What it can change in the
+    # numbers is listed in experiments/distributed.py (reduction order; SR draws of a micro-batch
+    # stay the same; with a null micro_batch_size each rank's micro-batch is batch_size / N).
+    name: ParallelMode = ParallelMode.none
+    # Process-group timeout: a rank stuck in a collective fails the run after this many seconds.
+    timeout_s: int = 600
+    # Recompute each decoder layer's activations in backward (torch.utils.checkpoint).
+    activation_checkpointing: bool = False
+    # fsdp2 only: the dtype parameters are all-gathered and computed in. null: the
+    # hardware.autocast_dtype on CUDA, float32 on the CPU. Gradients are reduced in float32 and
+    # master weights stay float32 either way.
+    param_dtype: Optional[AutocastDtype] = None
+
+
 @dataclass
 class ExperimentConfig:
     seed: int = 0
@@ -232,12 +259,13 @@ class ExperimentConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # Keys that do not change what an experiment computes: left out of the run key, so a sweep
 # re-run with other logging or output options finds the same runs.
 NON_EXPERIMENT_KEYS = (
-    "results_dir", "cache_dir", "logger", "hardware", "sweep",
+    "results_dir", "cache_dir", "logger", "hardware", "sweep", "parallel",
     "train.checkpoint_every_steps", "train.log_every_steps", "train.progress_bar",
     "train.eval_batch_size", "train.check_finite", "train.keep_final_checkpoint",
 )

@@ -64,6 +64,7 @@ DATA = "data.json"
 CHECKPOINT = "checkpoints/last.pt"
 TRACEBACK = "traceback.txt"
 RUN_LOG = "run.log"
+LOCK = "run.lock"
 
 # Every file of a run directory, in the order it is written, with what it holds.
 RUN_FILES: Dict[str, str] = {
@@ -74,7 +75,9 @@ RUN_FILES: Dict[str, str] = {
     RECIPE: "the GEMM recipe (`Recipe.describe()`)",
     RUN_LOG: "the run's log lines",
     METRICS: "one JSON object per line, each with a \"kind\" (record keys below); append-only",
-    CHECKPOINT: "the last checkpoint (every `train.checkpoint_every_steps`), to resume from",
+    CHECKPOINT: ("the last checkpoint (every `train.checkpoint_every_steps`), to resume from; deleted "
+                 "once the summary is written unless `train.keep_final_checkpoint=true`"),
+    LOCK: "an advisory `fcntl` lock held while a process trains the run (holder's pid, host, start)",
     SUMMARY: "the outcome, a `Summary` object (keys below); written last, absent while running",
     TRACEBACK: "failed runs only: the traceback (a retried run renames it failed-attempt-<time>.txt)",
 }

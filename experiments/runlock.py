@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-LOCK = "run.lock"
+from .rundir import LOCK
+
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from fp4.linear import QuantState, gemm_paths
 from fp4.recipe import Recipe
 from .data import TrainLoader, prepare_data
 from .model import build_llama
-from .rundir import (CHECKPOINT, SUMMARY, GemmPath, Status, Summary, atomic_write_json,
+from .rundir import (CHECKPOINT, FINISHED, SUMMARY, GemmPath, Status, Summary, atomic_write_json,
                      atomic_write_text, read_json, run_key, run_name, write_run_files)
 from .tracking import make_tracker
 from .runlock import LOCK, run_lock
@@ -36,7 +36,6 @@ from .validate import check_data, validate_config
 
 log = logging.getLogger("fp4_experiments.runner")
 
-FINISHED = ("reached", "not_reached", "diverged", "completed")
 
 
 def recipe_from_config(cfg) -> Recipe:

@@ -97,8 +97,9 @@ class QuantState:
     plus the model's ExecutionConfig (fixed for its life: build another model to change it)."""
 
     def __init__(self, seed: int = 0, step: int = 0, check_finite: bool = False,
-                 execution: Optional[ExecutionConfig] = None):
+                 execution: Optional[ExecutionConfig] = None, rank: int = 0, world_size: int = 1):
         self.seed = int(seed)
+        self.set_rank(rank, world_size)
         self.check_finite = bool(check_finite)
         self.execution = execution if execution is not None else ExecutionConfig()
         if not isinstance(self.execution, ExecutionConfig):
@@ -121,10 +122,32 @@ class QuantState:
         """Called by the training loop after each optimizer step."""
         self.step = self._step + 1
 
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """Data-parallel position of this process (experiments/distributed.py): it enters the
+        identity of every draw through the call index (next_call), never the seed."""
+        rank, world_size = int(rank), int(world_size)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.rank, self.world_size = rank, world_size
+
     def next_call(self, layer_index: int) -> int:
+        """The call index of the layer's next forward in this step: its local count when
+        world_size == 1 (so a one-process run keeps its seeds); with N ranks, the local count c on
+        rank r is the *global* index c * N + r, that of the micro-batch the single-process loader
+        would have given as the (c * N + r)-th of the step (experiments/data/loader.py deals
+        micro-batch c * N + r to rank r). So SR uniforms (and "call" signs) differ per rank and a
+        micro-batch gets the draws it would get in one process with the same micro-batch size;
+        "fixed" / "step" signs have no call index and agree on every rank."""
         call = self._calls.get(layer_index, 0)
         self._calls[layer_index] = call + 1
-        return call
+        return call * self.world_size + self.rank if self.world_size > 1 else call
+
+    def call_counts(self) -> dict:
+        """A copy of the per-layer call counters (restore with restore_call_counts)."""
+        return dict(self._calls)
+
+    def restore_call_counts(self, counts: dict) -> None:
+        self._calls = dict(counts)
 
     def record_sinks(self) -> List[List[GemmRecord]]:
         """The record lists a GEMM call started now appends to (snapshotted at its forward)."""

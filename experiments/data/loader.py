@@ -39,12 +39,24 @@ STATE_VERSION = 1
 
 
 class TrainLoader:
-    """Infinite iterator of ``(input_ids, labels)`` int64 batches, shape [batch, seq_len]."""
+    """Infinite iterator of ``(input_ids, labels)`` int64 batches, shape [batch, seq_len].
 
-    def __init__(self, tokens_memmap, seq_len: int, batch_size: int, seed: int):
+    With ``world_size`` N > 1 (data parallelism, experiments/distributed.py) every rank walks
+    the same order, ``batch_size`` (the per-rank micro-batch m) x N windows per call, and keeps
+    chunk ``rank`` of them: rank r's c-th micro-batch of a step is the (c * N + r)-th micro-batch
+    the one-process loader with batch size m would give. So the ranks read disjoint slices that
+    together are the one-process global batch, grouped into the same m-row micro-batches, and the
+    position (epoch, pos) is the same on every rank and the one-process loader's at every step
+    boundary: a checkpoint's loader state resumes on any number of ranks."""
+
+    def __init__(self, tokens_memmap, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
         if int(seq_len) < 1 or int(batch_size) < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got seq_len={seq_len!r}, "
                              f"batch_size={batch_size!r}")
+        if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"rank={rank!r} must be in [0, world_size={world_size!r})")
+        self.rank, self.world_size = int(rank), int(world_size)
         self.tokens = tokens_memmap
         self.seq_len = int(seq_len)
         self.batch_size = int(batch_size)
@@ -68,7 +80,7 @@ class TrainLoader:
         return self._perm
 
     def _next_indices(self) -> np.ndarray:
-        parts, need = [], self.batch_size
+        parts, need = [], self.batch_size * self.world_size
         while need:
             if self._pos == self.n_windows:  # epoch exhausted: the next one is reshuffled
                 self._epoch += 1
@@ -77,7 +89,10 @@ class TrainLoader:
             parts.append(self._permutation(self._epoch)[self._pos:self._pos + take])
             self._pos += take
             need -= take
-        return np.concatenate(parts)
+        idx = np.concatenate(parts)
+        if self.world_size > 1:
+            idx = idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return idx
 
     def _maybe_warn(self) -> None:
         if self._warned or self.epoch <= EPOCH_WARNING_THRESHOLD:
@@ -118,7 +133,7 @@ class TrainLoader:
 
     @property
     def steps_per_epoch(self) -> float:
-        return self.n_windows / self.batch_size
+        return self.n_windows / (self.batch_size * self.world_size)
 
     # -- resume ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

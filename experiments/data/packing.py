@@ -31,13 +31,14 @@ import itertools
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
+
+from ..rundir import atomic_save
 
 log = logging.getLogger("fp4_experiments.data")
 
@@ -138,38 +139,32 @@ def pack_documents(source, tokenizer, cache_dir, max_tokens: Optional[int] = Non
     log.info("tokenizing %s split from %s with %s -> %s", source.split, source.location,
              tokenizer.name, bin_path)
     t0 = time.perf_counter()
-    n_tokens = n_docs = 0
-    exhausted = True
     if max_tokens is not None:  # small chunks: read little past the cap (e.g. from the hub)
         chunk_docs = min(chunk_docs, 256)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=bin_path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for texts in _chunks(source.iter_texts(), chunk_docs, chunk_chars):
-                arr = _pack_chunk(tokenizer.encode_batch(texts), tokenizer.eos_id, dtype)
-                arr.astype("<" + dtype.str[1:], copy=False).tofile(f)  # fixed little-endian
-                n_tokens += arr.size
-                n_docs += len(texts)
-                if max_tokens is not None and n_tokens >= max_tokens:
-                    exhausted = False
-                    break
-        if n_docs == 0:
+    counts = {"tokens": 0, "docs": 0, "exhausted": True}
+
+    def write_tokens(f) -> None:
+        for texts in _chunks(source.iter_texts(), chunk_docs, chunk_chars):
+            arr = _pack_chunk(tokenizer.encode_batch(texts), tokenizer.eos_id, dtype)
+            arr.astype("<" + dtype.str[1:], copy=False).tofile(f)  # fixed little-endian
+            counts["tokens"] += arr.size
+            counts["docs"] += len(texts)
+            if max_tokens is not None and counts["tokens"] >= max_tokens:
+                counts["exhausted"] = False
+                break
+        if counts["docs"] == 0:
             raise ValueError(f"the {source.split} source {source.location!r} yielded no documents")
-        os.replace(tmp, bin_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    # The shared cache is read by colleagues: the one atomic writer keeps the umask's mode.
+    atomic_save(bin_path, write_tokens)
+    n_tokens, n_docs, exhausted = counts["tokens"], counts["docs"], counts["exhausted"]
     elapsed = time.perf_counter() - t0
     meta = {"version": PACK_VERSION, "key": key, "split": source.split, "n_tokens": n_tokens,
             "n_docs": n_docs, "dtype": dtype.name, "eos_id": tokenizer.eos_id,
             "max_tokens": max_tokens, "exhausted": exhausted, "source": source.describe(),
             "tokenizer": tokenizer.describe(), "build_s": round(elapsed, 3)}
     meta_path = bin_path.with_suffix(".json")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=meta_path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, default=str)
-    os.replace(tmp, meta_path)
+    atomic_save(meta_path, lambda f: f.write(json.dumps(meta, indent=1, default=str).encode()))
     log.info("packed %s split: %d docs -> %d tokens in %.1fs (%.2f M tokens/s)", source.split,
              n_docs, n_tokens, elapsed, n_tokens / max(elapsed, 1e-9) / 1e6)
     packed = load_packed(bin_path)

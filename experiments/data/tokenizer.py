@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -96,15 +95,9 @@ def _sha(data: bytes) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # The shared token cache is read by colleagues: the one atomic writer keeps the umask's mode.
+    from ..rundir import atomic_write_text
+    atomic_write_text(path, text)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int):

@@ -37,19 +37,56 @@ def set_rng_state(state: Dict[str, Any], device) -> None:
 
 
 def save_checkpoint(path: Path, model, optimizer, loop: LoopState, loader,
-                    quant_state: QuantState, device) -> None:
+                    quant_state: QuantState, device, dist=None) -> None:
+    """One process: `path` (last.pt). Under ddp / fsdp2 (`dist` with a process group): sharded,
+    torch.distributed.checkpoint in last.dcp/ beside it (experiments/distributed.py)."""
+    if dist is not None and dist.enabled:
+        from ..distributed import save_sharded
+        extra = {"loop": loop.__dict__, "loader": loader.state_dict(),
+                 "quant_state": quant_state.state_dict(), "rng": rng_state(device),
+                 "world_size": dist.world_size, "parallel": dist.mode}
+        save_sharded(path, model, optimizer, extra, dist)
+        return
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "loop": loop.__dict__, "loader": loader.state_dict(),
         "quant_state": quant_state.state_dict(), "rng": rng_state(device),
     }
     atomic_save(path, lambda f: torch.save(state, f))
+    _remove_sharded(path)  # a sharded one of an earlier multi-process attempt is stale now
+
+
+def has_checkpoint(path: Path) -> bool:
+    """last.pt or a sharded last.dcp/ beside it."""
+    from ..distributed import EXTRA, dcp_path
+    return Path(path).exists() or (dcp_path(path) / EXTRA).exists()
+
+
+def _remove_sharded(path: Path) -> None:
+    from ..distributed import dcp_path
+    sharded = dcp_path(path)
+    if sharded.exists():
+        import shutil
+        shutil.rmtree(sharded, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, optimizer, loader, quant_state: QuantState,
-                    device) -> LoopState:
+                    device, dist=None) -> LoopState:
+    """Whichever of last.pt / last.dcp/ is there (a save removes the other), on any number of
+    ranks: DCP reshards; a one-process last.pt loads under ddp (full state on every rank)."""
+    from ..distributed import unwrap
+    if not Path(path).exists():
+        from ..distributed import load_sharded
+        ckpt = load_sharded(path, model, optimizer, device)
+        loader.load_state_dict(ckpt["loader"])
+        quant_state.load_state_dict(ckpt["quant_state"])
+        set_rng_state(ckpt["rng"], device)
+        return LoopState(**ckpt["loop"])
+    if dist is not None and dist.mode == "fsdp2":
+        raise RuntimeError(f"{path} is a one-process checkpoint; resume it with parallel=none or "
+                           "parallel=ddp (fsdp2 resumes sharded checkpoints only)")
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(ckpt["model"])
+    unwrap(model).load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     loader.load_state_dict(ckpt["loader"])
     quant_state.load_state_dict(ckpt["quant_state"])
@@ -60,8 +97,9 @@ def load_checkpoint(path: Path, model, optimizer, loader, quant_state: QuantStat
 def delete_checkpoint(path: Path) -> bool:
     """Remove the checkpoint (and its directory when that is left empty); True if one was there."""
     path = Path(path)
-    existed = path.exists()
+    existed = has_checkpoint(path)
     path.unlink(missing_ok=True)
+    _remove_sharded(path)
     try:
         path.parent.rmdir()
     except OSError:  # not empty (a temporary file of a save in flight) or already gone

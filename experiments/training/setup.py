@@ -5,13 +5,13 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Optional
 
 import torch
 
 from fp4.linear import QuantState
 from ..rundir import CHECKPOINT
-from .checkpoint import load_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint
 from .state import LoopState
 
 log = logging.getLogger("fp4_experiments.train")
@@ -43,17 +43,25 @@ class TrainSetup:
     step_model: torch.nn.Module   # the forward the steps and evaluations run (maybe compiled)
     loop: LoopState
     ckpt_path: Path
+    # The forward evaluations run: step_model, or under ddp the module inside the wrapper.
+    eval_model: Optional[torch.nn.Module] = None
 
 
 def setup_training(cfg, model, loader, quant_state: QuantState, device, run_dir: Path,
-                   resume: bool) -> TrainSetup:
+                   resume: bool, dist=None) -> TrainSetup:
+    """`model` is the module the steps train: under ddp its DistributedDataParallel wrapper,
+    under fsdp2 the fully_shard-ed module (experiments/distributed.py wrap_model)."""
     optimizer = make_optimizer(model, cfg.train, device)
     autocast = autocast_for(device, cfg.hardware.autocast_dtype)
     step_model = torch.compile(model) if cfg.hardware.compile else model
+    eval_model = step_model
+    if dist is not None and dist.mode == "ddp":
+        inner = model.module
+        eval_model = torch.compile(inner) if cfg.hardware.compile else inner
     ckpt_path = Path(run_dir) / CHECKPOINT
     loop = LoopState()
-    if resume and ckpt_path.exists():
-        loop = load_checkpoint(ckpt_path, model, optimizer, loader, quant_state, device)
+    if resume and has_checkpoint(ckpt_path):
+        loop = load_checkpoint(ckpt_path, model, optimizer, loader, quant_state, device, dist)
         log.info("resumed from %s at step %d (%d tokens)", ckpt_path, loop.step, loop.tokens)
     quant_state.check_finite = bool(cfg.train.check_finite)
-    return TrainSetup(optimizer, autocast, step_model, loop, ckpt_path)
+    return TrainSetup(optimizer, autocast, step_model, loop, ckpt_path, eval_model)

@@ -398,3 +398,20 @@ def test_truncated_gzip_names_the_file(tmp_path, real_docs):
     src = resolve_source(DataCfg(name="jsonl", path=str(cut), val_path=str(good)), "train")
     with pytest.raises(ValueError, match=r"cut\.jsonl\.gz: not a readable gzip file"):
         list(src.iter_texts())
+
+
+def test_shared_cache_files_follow_the_umask(tmp_path, real_docs):
+    """Colleagues on a shared cluster read one token cache: files are 0o666 & ~umask, not 0600."""
+    train = write_jsonl(tmp_path / "tr.jsonl", real_docs["train"][:20], gz=False)
+    val = write_jsonl(tmp_path / "va.jsonl", real_docs["validation"][:4], gz=False)
+    cache = tmp_path / "cache"
+    old = os.umask(0o022)
+    try:
+        prepare_data(DataCfg(name="jsonl", path=str(train), val_path=str(val)),
+                     TokCfg(vocab_size=300, train_docs=20), 32, cache)
+    finally:
+        os.umask(old)
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".bin" for p in files) and any(p.name.endswith(".json") for p in files)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o644)}, \
+        {p.name: oct(p.stat().st_mode & 0o777) for p in files}

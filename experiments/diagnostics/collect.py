@@ -1,0 +1,92 @@
+"""The probe callback of the diagnostics: one flat record per observed GEMM, plus error consistency.
+
+`Collector(layers=...)` is an fp4 probe (fp4/probe.py): install it with
+`quant_state.probe_gemms(collector)`. For each GEMM of a selected layer it appends a record
+
+    {"step", "layer", "layer_index", "gemm", "call", "path",
+     "<operand>.<metric>" for both operands (operand metrics, experiments/diagnostics/metrics.py),
+     "out.cos", "out.rel_err", "out.bias"}
+
+With `consistency=True` it also feeds an ErrorConsistency with the two fixed-shape errors:
+("wgrad", layer): the Wgrad output error dW - dW* (summed over a step's micro-batches), and
+("w", layer): the Fprop weight-operand error Q(W) - W (the step's first forward only).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+from .metrics import ErrorConsistency, operand_metrics, output_metrics
+
+OPERAND_KEYS = ("rel_err", "sqnr_db", "bias", "flushed", "clipped", "log2_scale_min", "log2_scale_median",
+                "log2_scale_max")
+OUTPUT_KEYS = ("cos", "rel_err", "bias")
+
+
+def layer_selector(layers: Optional[Sequence[Union[str, int]]]):
+    """None / empty: every layer. Else a layer is selected when its layer_index is one of the ints
+    or its qualified name contains one of the strings (e.g. "mlp", "layers.0.", "q_proj")."""
+    if not layers:
+        return lambda name, index: True
+    indices = {int(v) for v in layers if isinstance(v, int) or (isinstance(v, str) and v.isdigit())}
+    parts = [str(v) for v in layers if not (isinstance(v, int) or (isinstance(v, str) and v.isdigit()))]
+    return lambda name, index: index in indices or any(p in name for p in parts)
+
+
+class Collector:
+    def __init__(self, layers: Optional[Sequence[Union[str, int]]] = None, consistency: bool = False,
+                 e8m0_hist: bool = False):
+        self.selected = layer_selector(layers)
+        self.records: List[Dict[str, object]] = []
+        self.consistency = ErrorConsistency() if consistency else None
+        self.e8m0_hist = e8m0_hist
+
+    def __call__(self, obs) -> None:
+        if not self.selected(obs.layer, obs.layer_index):
+            return
+        rec: Dict[str, object] = {"step": obs.step, "layer": obs.layer, "layer_index": obs.layer_index,
+                                  "gemm": obs.gemm, "call": obs.call, "path": obs.path}
+        ops = (obs.spec.a, obs.spec.b)
+        for name, x, q, op, axis in zip(obs.operands, obs.quantized_from, obs.quantized, ops, obs.axes):
+            m = operand_metrics(x, q, op, axis)
+            for key in OPERAND_KEYS:
+                rec[f"{name}.{key}"] = m[key]
+            if self.e8m0_hist and "e8m0_hist" in m:
+                rec[f"{name}.e8m0_hist"] = m["e8m0_hist"]
+        exact = obs.exact()
+        for key, value in output_metrics(obs.output, exact).items():
+            rec[f"out.{key}"] = value
+        if self.consistency is not None:
+            if obs.gemm == "wgrad":
+                self.consistency.add(("wgrad", obs.layer), obs.output.double() - exact)
+            elif obs.gemm == "fprop" and obs.call == 0:
+                self.consistency.add(("w", obs.layer), obs.quantized[1].double() - obs.quantized_from[1].double())
+        self.records.append(rec)
+
+    def end_step(self) -> None:
+        if self.consistency is not None:
+            self.consistency.end_step()
+
+    def take(self) -> List[Dict[str, object]]:
+        records, self.records = self.records, []
+        return records
+
+
+def mean_by(records: Sequence[Dict[str, object]], keys: Sequence[str]) -> List[Dict[str, object]]:
+    """Group records by `keys` and average every numeric column (None values skipped), in first-seen
+    order; each row gets n = the number of records averaged."""
+    groups: Dict[tuple, List[Dict[str, object]]] = {}
+    for r in records:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    rows = []
+    for group, recs in groups.items():
+        row: Dict[str, object] = dict(zip(keys, group))
+        columns = [c for c in recs[0] if c not in keys]
+        for c in columns:
+            values = [r.get(c) for r in recs if isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)]
+            if values and c not in ("step", "layer_index", "call"):
+                row[c] = sum(values) / len(values)
+            elif c == "path":
+                row[c] = recs[0][c]
+        row["n"] = len(recs)
+        rows.append(row)
+    return rows

@@ -1,0 +1,203 @@
+"""Quantization-error metrics of one GEMM operand, one GEMM output, and of errors across steps.
+
+Everything is computed in float64 from the tensors given (the probe's, fp4/probe.py); nothing here
+changes a tensor or draws a random number.
+
+Operand x and the values q the GEMM multiplied (grid values x tensor scale)
+---------------------------------------------------------------------------
+    rel_err    ||q - x|| / ||x||
+    sqnr_db    10 log10(||x||^2 / ||q - x||^2)             (None when q == x exactly)
+    bias       <x, q> / <x, x> - 1                         magnitude bias: the projection of q on x
+                                                           minus one. Negative = shrinkage, e.g.
+                                                           E2M1's clipping at 6 and its coarse top
+                                                           binade pull large values in
+    flushed    #(x != 0 and q == 0) / #(x != 0)            nonzero values rounded to zero
+    clipped    #(|x| > M * s) / #(x)                       values past the top of their block's grid:
+                                                           M the element maximum (E2M1: 6), s the
+                                                           decoded scale of the element's block
+                                                           (block scale x tensor scale, recomputed
+                                                           from x by the rule the quantizer used), so
+                                                           q saturates at +-M * s. The floor / even
+                                                           E8M0 rules can clip, rceil cannot
+    log2_scale_min / _median / _max   log2 of the decoded per-block scale over the blocks
+                                      (MX: the E8M0 exponent e of 2^e; NVFP4: s_b * s_g; FP8: the
+                                      tensor scale); e8m0_hist: {e: #blocks} for MX formats
+For a high-precision operand (fmt None) the last four are None.
+
+GEMM output y against the exact product y* (float64, untransformed operands)
+---------------------------------------------------------------------------
+    cos        <y, y*> / (||y|| ||y*||)
+    rel_err    ||y - y*|| / ||y*||
+    bias       <e, y*> / <y*, y*>,  e = y - y*             the error's component along the exact
+                                                           direction (negative: the output shrinks)
+
+Error consistency across steps (ErrorConsistency)
+-------------------------------------------------
+Only meaningful for a tensor of a fixed shape across steps whose elements keep their meaning: the
+Wgrad output dW ([out, in], whatever the batch) and the weight operand W. (X, dY and the Fprop /
+Dgrad outputs are per token and change with the batch.) For errors e_1..e_k of k steps:
+
+    step_corr  mean over t of the Pearson correlation corr(e_t, e_{t+1})
+    coherence  ||sum_t e_t|| / sum_t ||e_t||   ~1: the same error every step (it accumulates into
+               the weights linearly in k); ~1/sqrt(k): independent errors (they average out)
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional
+
+import torch
+
+from fp4.formats import ELEMENT_FORMATS, FP32_BLOCK, FP8_ELEMENTS, MX_BLOCK, MX_ELEMENTS, NVFP4_BLOCK
+from fp4.names import ScaleMode
+from fp4.quantize import split_tiles
+from fp4.scaling import fp32_block_scales, fp8_tensor_scale, mx_scales, nvfp4_scales, resolve_scale_mode
+from fp4.transforms import split_blocks
+
+__all__ = ["operand_metrics", "output_metrics", "block_scales", "ErrorConsistency", "step_correlation",
+           "coherence"]
+
+
+def _finite_or_none(v: float) -> Optional[float]:
+    return v if math.isfinite(v) else None
+
+
+def _ratio(num: float, den: float) -> Optional[float]:
+    return _finite_or_none(num / den) if den > 0 else None
+
+
+def block_scales(x: torch.Tensor, op, axis: int):
+    """(per-element decoded scale, float64, x's shape; per-block scales, 1-D) of operand spec `op`
+    (fp4.recipe.OperandSpec) for x (what was quantized), by the rule fp4.quantize applies."""
+    fmt = op.fmt
+    if fmt in FP8_ELEMENTS:
+        s = fp8_tensor_scale(x.to(torch.float32), FP8_ELEMENTS[fmt]).to(torch.float64)
+        return s.expand(x.shape), s.reshape(1)
+    mode = resolve_scale_mode(fmt, op.rounding, op.scale_mode)
+    if mode == ScaleMode.fp32:
+        blocks, restore = split_blocks(x.to(torch.float32), axis, FP32_BLOCK)
+        s = fp32_block_scales(blocks, MX_ELEMENTS[fmt]).to(torch.float64)
+    elif fmt in MX_ELEMENTS:
+        blocks, restore = split_blocks(x.to(torch.float64), axis, MX_BLOCK)
+        s = mx_scales(blocks, MX_ELEMENTS[fmt], mode)
+    elif fmt == "nvfp4":
+        x32 = x.to(torch.float32)
+        split = split_tiles if op.block_2d else split_blocks
+        blocks, restore = split(x32, axis, NVFP4_BLOCK)
+        s_b, s_g = nvfp4_scales(blocks, x32.abs().amax(), op.rounding)
+        s = (s_b * s_g).to(torch.float64)
+    else:
+        raise ValueError(f"no block scale rule for operand format {fmt!r}")
+    return restore(s.expand(blocks.shape)), s.reshape(-1)
+
+
+def _element_max(fmt: str) -> float:
+    if fmt == "nvfp4":
+        return ELEMENT_FORMATS["e2m1"].max
+    return (MX_ELEMENTS.get(fmt) or FP8_ELEMENTS[fmt]).max
+
+
+@torch.no_grad()
+def operand_metrics(x: torch.Tensor, q: torch.Tensor, op=None, axis: int = -1) -> Dict[str, object]:
+    """The operand metrics of the module docstring; `op` (OperandSpec) and `axis` are needed for the
+    clipping and block-scale entries (None / fmt None: they are None)."""
+    x64, q64 = x.detach().to(torch.float64), q.detach().to(torch.float64)
+    e = q64 - x64
+    xx, ee = float((x64 * x64).sum()), float((e * e).sum())
+    nonzero = x64 != 0
+    n_nonzero = int(nonzero.sum())
+    out: Dict[str, object] = {
+        "rel_err": _ratio(math.sqrt(ee), math.sqrt(xx)),
+        "sqnr_db": _finite_or_none(10 * math.log10(xx / ee)) if ee > 0 and xx > 0 else None,
+        "bias": _finite_or_none(float((x64 * q64).sum()) / xx - 1) if xx > 0 else None,
+        "flushed": (int((nonzero & (q64 == 0)).sum()) / n_nonzero) if n_nonzero else 0.0,
+        "clipped": None, "log2_scale_min": None, "log2_scale_median": None, "log2_scale_max": None,
+    }
+    if op is None or op.fmt is None:
+        return out
+    per_element, per_block = block_scales(x64, op, axis)
+    limit = _element_max(op.fmt) * per_element
+    out["clipped"] = int((x64.abs() > limit).sum()) / max(x64.numel(), 1)
+    usable = per_block[torch.isfinite(per_block) & (per_block > 0)]
+    if usable.numel():
+        log2 = torch.log2(usable)
+        out["log2_scale_min"], out["log2_scale_max"] = float(log2.min()), float(log2.max())
+        out["log2_scale_median"] = float(log2.median())
+        if op.fmt in MX_ELEMENTS and resolve_scale_mode(op.fmt, op.rounding, op.scale_mode) != ScaleMode.fp32:
+            exps, counts = torch.unique(log2.round().to(torch.int64), return_counts=True)
+            out["e8m0_hist"] = {int(k): int(c) for k, c in zip(exps.tolist(), counts.tolist())}
+    return out
+
+
+@torch.no_grad()
+def output_metrics(y: torch.Tensor, exact: torch.Tensor) -> Dict[str, Optional[float]]:
+    """cos, rel_err, bias of a GEMM output y against the exact product (module docstring)."""
+    y64, ex = y.detach().to(torch.float64), exact.detach().to(torch.float64)
+    e = y64 - ex
+    yy, xx = float((y64 * y64).sum()), float((ex * ex).sum())
+    return {"cos": _ratio(float((y64 * ex).sum()), math.sqrt(yy * xx)),
+            "rel_err": _ratio(math.sqrt(float((e * e).sum())), math.sqrt(xx)),
+            "bias": _ratio(float((e * ex).sum()), xx)}
+
+
+def step_correlation(e1: torch.Tensor, e2: torch.Tensor) -> Optional[float]:
+    """Pearson correlation of two error tensors (flattened, float64); None if one is constant."""
+    a, b = e1.detach().to(torch.float64).flatten(), e2.detach().to(torch.float64).flatten()
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return _ratio(float((a * b).sum()), den)
+
+
+def coherence(errors: Iterable[torch.Tensor]) -> Optional[float]:
+    """||sum e_t|| / sum ||e_t|| over the errors of k steps (1: coherent, ~1/sqrt(k): independent)."""
+    total, norms = None, 0.0
+    for e in errors:
+        e = e.detach().to(torch.float64)
+        total = e.clone() if total is None else total + e
+        norms += float(e.norm())
+    return None if total is None else _ratio(float(total.norm()), norms)
+
+
+class ErrorConsistency:
+    """Streaming step_corr and coherence per key (e.g. ("wgrad", layer)): holds the running sum, the
+    sum of norms and the previous step's error of each key, not the whole history.
+
+    Within a step `add` accumulates (the error of a gradient accumulated over micro-batches is the sum
+    of theirs); `end_step` closes the step."""
+
+    def __init__(self):
+        self._current: Dict[object, torch.Tensor] = {}
+        self._sum: Dict[object, torch.Tensor] = {}
+        self._norms: Dict[object, float] = {}
+        self._prev: Dict[object, torch.Tensor] = {}
+        self._corrs: Dict[object, list] = {}
+        self._steps: Dict[object, int] = {}
+
+    def add(self, key, error: torch.Tensor) -> None:
+        e = error.detach().to(torch.float64)
+        self._current[key] = e.clone() if key not in self._current else self._current[key] + e
+
+    def end_step(self) -> None:
+        for key, e in self._current.items():
+            self._sum[key] = e if key not in self._sum else self._sum[key] + e
+            self._norms[key] = self._norms.get(key, 0.0) + float(e.norm())
+            self._steps[key] = self._steps.get(key, 0) + 1
+            if key in self._prev:
+                self._corrs.setdefault(key, []).append(step_correlation(self._prev[key], e))
+            self._prev[key] = e
+        self._current = {}
+
+    def keys(self):
+        return list(self._sum)
+
+    def steps(self, key) -> int:
+        return self._steps.get(key, 0)
+
+    def step_corr(self, key) -> Optional[float]:
+        values = [c for c in self._corrs.get(key, []) if c is not None]
+        return sum(values) / len(values) if values else None
+
+    def coherence(self, key) -> Optional[float]:
+        if key not in self._sum:
+            return None
+        return _ratio(float(self._sum[key].norm()), self._norms[key])
