@@ -5,6 +5,7 @@
     fp4-ablate report [RESULTS_DIR]   the token-cost table, CSV, LaTeX and plots
     fp4-ablate calibrate [RESULTS_DIR] the target perplexity from FP8 runs without a target
     fp4-ablate bench                  quantization kernels and training steps on a CUDA GPU
+    fp4-ablate diagnose [OPTIONS] [OVERRIDES]  GEMM quantization errors of every config, side by side
 """
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from typing import List, Optional, Sequence
 from . import hydra_app
 
 USAGE = __doc__.split("\n", 2)[2]
-SUBCOMMANDS = ("run", "sweep", "report", "calibrate", "bench")
+SUBCOMMANDS = ("run", "sweep", "report", "calibrate", "bench", "diagnose")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: fp4-ablate {run,sweep,report,calibrate,bench} ...\n\n" + USAGE)
+        print("usage: fp4-ablate {run,sweep,report,calibrate,bench,diagnose} ...\n\n" + USAGE)
         return 0
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
@@ -30,7 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     handler = {"run": run_command, "sweep": sweep_command, "report": report_command,
-               "calibrate": calibrate_command, "bench": bench_command}[command]
+               "calibrate": calibrate_command, "bench": bench_command,
+               "diagnose": diagnose_command}[command]
     code = handler(rest)
     return int(code or 0)
 
@@ -66,7 +68,8 @@ def run_command(argv: List[str]) -> int:
         except RunLocked as err:  # another process is training this run now: exit 3
             print(f"fp4-ablate run: {err}", file=sys.stderr, flush=True)
             raise SystemExit(3)
-        print(one_line(summary), flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 speaks for the run
+            print(one_line(summary), flush=True)
 
     hydra_app.run_hydra(task, argv, "fp4-ablate run")
     return 0
@@ -147,6 +150,11 @@ def calibrate_command(argv: List[str]) -> int:
 def bench_command(argv: List[str]) -> int:
     from fp4_experiments.bench import main as bench_main
     return bench_main(argv)
+
+
+def diagnose_command(argv: List[str]) -> int:
+    from fp4_experiments.diagnostics.diagnose import main as diagnose_main
+    return diagnose_main(argv)
 
 
 if __name__ == "__main__":

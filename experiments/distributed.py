@@ -25,6 +25,10 @@ copy of the float32 master weight (a second rounding; parallel.param_dtype=float
 Loss and gradient norm are global (all-reduced); evaluation splits the validation batches over the
 ranks and all-reduces the loss sums (the per-batch losses are those of one process).
 
+Activation checkpointing (parallel.activation_checkpointing, any mode): the recomputed forward runs
+under QuantState.replaying, so it reuses its call index and draws the same SR uniforms and signs:
+gradients are bit-identical to a run without it (tested on the CPU, also with SR of X and W).
+
 Checkpoints: under ddp and fsdp2 `torch.distributed.checkpoint` (sharded, `checkpoints/last.dcp/`)
 plus the loop, loader, quantization and RNG state from rank 0 (`extra.pt`); they load on any
 number of ranks and in a one-process run (DCP reshards). Only rank 0 writes the run directory
@@ -34,6 +38,7 @@ records the run as `failed`; a rank stuck in a collective fails after `parallel.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -46,6 +51,8 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
+
+from fp4.linear import QuantLinear
 
 log = logging.getLogger("fp4_experiments.distributed")
 
@@ -106,7 +113,16 @@ class Dist:
 
 
 def torchrun_env() -> Optional[tuple[int, int, int]]:
-    """(rank, world_size, local_rank) from torchrun's environment, None outside torchrun."""
+    """(rank, world_size, local_rank) from torchrun's environment, None outside torchrun.
+
+    A SLURM job step of several tasks (hydra-submitit-launcher's tasks_per_node=K) is read as
+    torchrun would set it: submitit's TorchDistributedEnvironment exports RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT from the SLURM variables.
+    """
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+            and "SLURM_PROCID" in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+        TorchDistributedEnvironment().export()
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
     return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
@@ -149,9 +165,12 @@ def init_distributed(cfg, device: torch.device) -> tuple[Dist, torch.device]:
                                       timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     dist = Dist(mode, rank, world, local, backend, timeout_s)
     if world > 1:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        _PREVIOUS_SIGTERM[:] = [signal.signal(signal.SIGTERM, _raise_terminated)]
     log.info("rank %d of %d (%s, %s on %s)", rank, world, mode, backend, device)
     return dist, device
+
+
+_PREVIOUS_SIGTERM: list = []
 
 
 def _raise_terminated(signum, frame):
@@ -162,8 +181,8 @@ def _raise_terminated(signum, frame):
 def shutdown(dist: Dist) -> None:
     if dist.enabled and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
-    if dist.world_size > 1:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if dist.world_size > 1 and _PREVIOUS_SIGTERM:
+        signal.signal(signal.SIGTERM, _PREVIOUS_SIGTERM.pop())
 
 
 def param_dtype(cfg, device) -> Optional[torch.dtype]:
@@ -182,7 +201,23 @@ def decoder_layers(model) -> List[torch.nn.Module]:
 def wrap_model(model, cfg, dist: Dist, device):
     """Activation checkpointing (any mode), then DDP or fully_shard per decoder layer and root."""
     if cfg.parallel.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The recomputation replays the QuantLinears' call indices (QuantState.replaying): the
+        # same SR draws and signs as the forward it repeats, so the gradients are unchanged.
+        states = {id(m.state): m.state for m in model.modules() if isinstance(m, QuantLinear)}
+        replays = [s.replaying for s in states.values()]
+
+        @contextlib.contextmanager
+        def recompute():
+            with contextlib.ExitStack() as stack:
+                for replaying in replays:
+                    stack.enter_context(replaying())
+                yield
+
+        def context_fn():
+            return contextlib.nullcontext(), recompute()
+
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": context_fn})
     if dist.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"

@@ -341,6 +341,13 @@ class Summary:
     recipe: Optional[Dict[str, Any]] = _doc("Recipe.describe()", default=None)
     wall_time_s: Optional[float] = _doc("wall time of this attempt", default=None)
     error: Optional[str] = _doc("failed runs only: the exception", default=None)
+    world_size: Optional[int] = _doc("processes that trained the run (torchrun); null in older runs: 1",
+                                     default=None)
+    parallel: Optional[str] = _doc("none | ddp | fsdp2 (parallel.name); null in older runs: none",
+                                   default=None)
+    micro_batch_per_rank: Optional[int] = _doc("rows per micro-batch on each rank", default=None)
+    allreduce_dtype: Optional[str] = _doc("dtype gradients were all-reduced in; null: one process",
+                                          default=None)
     schema_version: int = _doc("2; absent (= 1) in runs written before", default=SCHEMA_VERSION)
 
     # Keys a version-1 or version-2 summary of a finished run must have (a failed run: status only).

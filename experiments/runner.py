@@ -11,6 +11,7 @@ is written, unless `train.keep_final_checkpoint=true`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -29,9 +30,11 @@ from .data import TrainLoader, prepare_data
 from .model import build_llama
 from .rundir import (CHECKPOINT, FINISHED, SUMMARY, GemmPath, Status, Summary, atomic_write_json,
                      atomic_write_text, read_json, run_key, run_name, write_run_files)
-from .tracking import make_tracker
+from .distributed import Dist, allreduce_dtype, init_distributed, shutdown, wrap_model
+from .tracking import NullTracker, make_tracker
 from .runlock import LOCK, run_lock
 from .training import delete_checkpoint, train
+from .training.checkpoint import has_checkpoint
 from .validate import check_data, validate_config
 
 log = logging.getLogger("fp4_experiments.runner")
@@ -89,24 +92,43 @@ def run_experiment(cfg, overrides: Sequence[str] = (), wait: bool = False) -> Di
     While it trains, the run directory is locked (runlock.py): a second process on the same run
     raises `RunLocked` naming the holder, or with `wait=True` (sweep jobs) waits for it, then
     finds the run finished and skips it.
+
+    Under torchrun (parallel=ddp|fsdp2, experiments/distributed.py) every rank calls this: rank 0
+    prepares the data first, takes the lock, decides (skip, resume) for all and writes the run
+    directory; the others train beside it.
     """
     validate_config(cfg)
+    dist, device = init_distributed(cfg, pick_device(cfg.hardware.device))
+    try:
+        return _run_experiment(cfg, overrides, wait, dist, device)
+    finally:
+        shutdown(dist)
+
+
+def _run_experiment(cfg, overrides, wait: bool, dist: Dist, device) -> Dict[str, Any]:
     # Data preparation (cached) before the run directory: bad input data leaves no run behind.
-    check_data(cfg)
+    # Rank 0 fills the caches, the others then read them.
+    if dist.is_main:
+        check_data(cfg)
+    dist.barrier()
+    if not dist.is_main:
+        check_data(cfg)
     key = run_key(cfg)
     name = run_name(cfg, key)
     run_dir = Path(cfg.results_dir) / name
-    previous = _finished(cfg, name, run_dir)
+    previous = dist.broadcast_object(_finished(cfg, name, run_dir) if dist.is_main else None)
     if previous is not None:
         return previous
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir, wait=wait):
+    with run_lock(run_dir, wait=wait) if dist.is_main else contextlib.nullcontext():
         # Checked again under the lock: the process this one waited for may have finished it.
-        previous = _finished(cfg, name, run_dir)
+        previous = dist.broadcast_object(_finished(cfg, name, run_dir) if dist.is_main else None)
         if previous is not None:
             return previous
-        _prepare_run_dir(cfg, run_dir)
-        return _attempt(cfg, key, name, run_dir, list(overrides))
+        if dist.is_main:
+            _prepare_run_dir(cfg, run_dir)
+        dist.barrier()
+        return _attempt(cfg, key, name, run_dir, list(overrides), dist, device)
 
 
 def _finished(cfg, name: str, run_dir: Path):
@@ -131,25 +153,46 @@ def _prepare_run_dir(cfg, run_dir: Path) -> None:
         # Kept, under a name that cannot be read as this attempt's outcome.
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(old_traceback.stat().st_mtime))
         old_traceback.replace(run_dir / f"failed-attempt-{stamp}.txt")
+    for rank_traceback in run_dir.glob("traceback.rank*.txt"):  # other ranks' (distributed.py)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(rank_traceback.stat().st_mtime))
+        rank_traceback.replace(run_dir / f"failed-attempt-{stamp}.{rank_traceback.name[10:]}")
 
 
-def _attempt(cfg, key: str, name: str, run_dir: Path, overrides) -> Dict[str, Any]:
-    """One attempt at the run: its summary; a crash is recorded (failed summary, traceback)."""
-    handler = _file_logger(run_dir)
+def _attempt(cfg, key: str, name: str, run_dir: Path, overrides, dist: Dist,
+             device) -> Dict[str, Any]:
+    """One attempt at the run: its summary; a crash is recorded (failed summary, traceback).
+    A rank other than 0 records only its traceback (traceback.rank<r>.txt)."""
+    handler = _file_logger(run_dir) if dist.is_main else None
     started = time.time()
     try:
-        return _run(cfg, key, name, run_dir, overrides, started)
+        return _run(cfg, key, name, run_dir, overrides, started, dist, device)
     except BaseException as err:
         tb = traceback.format_exc()
+        if not dist.is_main:
+            atomic_write_text(run_dir / f"traceback.rank{dist.rank}.txt", tb)
+            raise
         atomic_write_text(run_dir / "traceback.txt", tb)
+        error = f"{type(err).__name__}: {err}" + _other_ranks_errors(run_dir, started)
         atomic_write_json(run_dir / SUMMARY, Summary(
-            **_identity(cfg, key), status=Status.failed, error=f"{type(err).__name__}: {err}",
+            **_identity(cfg, key), status=Status.failed, error=error,
             wall_time_s=time.time() - started).to_dict())
         log.error("%s failed: %s (traceback in %s)", name, err, run_dir / "traceback.txt")
         raise
     finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _other_ranks_errors(run_dir: Path, started: float) -> str:
+    """'; rank r: <its exception line>' for each rank that failed in this attempt (distributed.py)."""
+    found = []
+    for path in sorted(run_dir.glob("traceback.rank*.txt")):
+        if path.stat().st_mtime >= started - 1:
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            found.append(f"; rank {path.name[len('traceback.rank'):-4]}: "
+                         f"{lines[-1] if lines else '?'}")
+    return "".join(found)
 
 
 def _identity(cfg, key: str) -> Dict[str, Any]:
@@ -167,17 +210,23 @@ def _data_label(cfg) -> str:
     return d.name
 
 
-def _run(cfg, key, name, run_dir: Path, overrides, started) -> Dict[str, Any]:
-    """setup and build, train, summarize."""
-    b = _build(cfg, name)
-    meta = _write_inputs(cfg, key, run_dir, b, overrides)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    tracker = make_tracker(cfg.logger, run_dir, key, name, resolved)
-    outcome, loop = _train(cfg, run_dir, b, tracker)
+def _run(cfg, key, name, run_dir: Path, overrides, started, dist: Dist,
+         device) -> Dict[str, Any]:
+    """setup and build, train, summarize (only rank 0 writes)."""
+    b = _build(cfg, name, dist, device)
+    if dist.is_main:
+        meta = _write_inputs(cfg, key, run_dir, b, overrides)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved.pop("hydra", None)
+        tracker = make_tracker(cfg.logger, run_dir, key, name, resolved)
+    else:
+        meta = {"device_name": None, "git_commit": None, "git_dirty": None}
+        tracker = NullTracker()
+    outcome, loop = _train(cfg, run_dir, b, tracker, dist)
     summary = _summary(cfg, key, outcome, loop, b.loader, b.device, b.info, meta, b.paths,
-                       b.recipe, started)
-    _finish(cfg, name, run_dir, summary, b.loader, tracker)
+                       b.recipe, started, dist)
+    if dist.is_main:
+        _finish(cfg, name, run_dir, summary, b.loader, tracker)
     return summary
 
 
@@ -194,24 +243,29 @@ class _Built:
     loader: TrainLoader
 
 
-def _build(cfg, name: str) -> _Built:
-    device = pick_device(cfg.hardware.device)
+def _build(cfg, name: str, dist: Dist, device) -> _Built:
     torch.manual_seed(cfg.seed)
     bundle = prepare_data(cfg.data, cfg.tokenizer, cfg.model.seq_len, Path(cfg.cache_dir))
     recipe = recipe_from_config(cfg)
-    quant_state = QuantState(seed=int(cfg.seed), execution=_configure_backends(cfg, device))
+    quant_state = QuantState(seed=int(cfg.seed), execution=_configure_backends(cfg, device),
+                             rank=dist.rank, world_size=dist.world_size)
     torch.manual_seed(cfg.seed)  # model init depends on the seed only, not on data preparation
     model, info = build_llama(cfg.model, bundle.tokenizer.vocab_size, recipe, quant_state,
                               eos_id=bundle.tokenizer.eos_id)
     model.to(device)
+    # ddp: the DistributedDataParallel wrapper; fsdp2: sharded in place (after the seeded init,
+    # so every rank starts from the same weights).
+    model = wrap_model(model, cfg, dist, device)
     paths = gemm_paths(recipe, device, quant_state.execution)
     log.info("%s: %s parameters (%s in %d quantized linears); GEMM paths: %s",
              name, f"{info.param_count:,}", f"{info.linear_param_count:,}",
              info.quantized_linears, paths)
-    print(f"model {cfg.model.name}: {info.param_count:,} parameters "
-          f"({info.linear_param_count:,} in quantized linears)", flush=True)
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size
-    loader = TrainLoader(bundle.train_tokens, cfg.model.seq_len, micro, int(cfg.seed))
+    if dist.is_main:
+        print(f"model {cfg.model.name}: {info.param_count:,} parameters "
+              f"({info.linear_param_count:,} in quantized linears)", flush=True)
+    micro = _micro_per_rank(cfg, dist)
+    loader = TrainLoader(bundle.train_tokens, cfg.model.seq_len, micro, int(cfg.seed),
+                         rank=dist.rank, world_size=dist.world_size)
     return _Built(device, bundle, recipe, quant_state, model, info, paths, loader)
 
 
@@ -223,22 +277,27 @@ def _write_inputs(cfg, key: str, run_dir: Path, b: _Built, overrides) -> dict:
     return meta
 
 
-def _train(cfg, run_dir: Path, b: _Built, tracker):
+def _micro_per_rank(cfg, dist: Dist) -> int:
+    """train.micro_batch_size (per rank); null: this rank's share of the global batch."""
+    return int(cfg.train.micro_batch_size or cfg.train.batch_size // dist.world_size)
+
+
+def _train(cfg, run_dir: Path, b: _Built, tracker, dist: Dist):
     """The training loop (resumed from the run's checkpoint if it has one): outcome, loop state."""
-    resume = (run_dir / CHECKPOINT).exists()
-    progress = _progress(cfg)
+    resume = dist.broadcast_object(has_checkpoint(run_dir / CHECKPOINT))
+    progress = _progress(cfg) if dist.is_main else None
     try:
         return train(cfg=cfg, model=b.model, loader=b.loader, val=b.bundle.val,
                      vocab_size=b.bundle.tokenizer.vocab_size, quant_state=b.quant_state,
                      device=b.device, run_dir=run_dir, resume=resume,
-                     on_metrics=tracker.log, progress=progress)
+                     on_metrics=tracker.log, progress=progress, dist=dist)
     finally:
         if progress is not None:
             progress.close()
 
 
 def _summary(cfg, key, outcome, loop, loader, device, info, meta, paths, recipe,
-             started) -> Dict[str, Any]:
+             started, dist: Dist) -> Dict[str, Any]:
     timed_tokens = loop.timed_tokens or loop.tokens
     timed_time = loop.timed_time_s or loop.train_time_s
     summary = Summary(
@@ -270,6 +329,10 @@ def _summary(cfg, key, outcome, loop, loader, device, info, meta, paths, recipe,
         gemm_paths={g: GemmPath.from_text(t) for g, t in paths.items()},
         recipe=recipe.describe(),
         wall_time_s=time.time() - started,
+        world_size=dist.world_size,
+        parallel=dist.mode,
+        micro_batch_per_rank=_micro_per_rank(cfg, dist),
+        allreduce_dtype=allreduce_dtype(dist),
     ).to_dict()
     return summary
 

@@ -148,6 +148,7 @@ def validate_config(cfg, *, environment: bool = True, devices: bool = True) -> N
     _check_data(p, cfg)
     _check_model(p, cfg.model)
     _check_train(p, cfg)
+    _check_parallel(p, cfg)
     if int(cfg.seed) < 0:
         p.append(f"seed={cfg.seed} must be >= 0")
     device = str(cfg.hardware.device)
@@ -290,6 +291,26 @@ def _check_train(p: List[str], cfg) -> None:
                  "best smoothed loss)")
     if t.warmup_tokens < 0 or t.warmup_tokens >= t.max_tokens:
         p.append(f"train.warmup_tokens={t.warmup_tokens} must be in [0, train.max_tokens)")
+
+
+def _check_parallel(p: List[str], cfg) -> None:
+    """parallel.*: the global batch splits over torchrun's WORLD_SIZE ranks in whole micro-batches."""
+    from fp4_experiments.distributed import env_world_size
+    par, t = cfg.parallel, cfg.train
+    world = env_world_size()
+    _positive(p, "parallel.timeout_s", par.timeout_s)
+    if str(par.name) == "none" and world > 1:
+        p.append(f"torchrun started {world} processes but parallel=none: choose parallel=ddp or "
+                 "parallel=fsdp2")
+    if world > 1:
+        micro = t.micro_batch_size or t.batch_size // world
+        if t.batch_size % world or t.batch_size % (micro * world):
+            p.append(f"train.batch_size={t.batch_size} (the global batch) must split into "
+                     f"WORLD_SIZE={world} ranks x whole micro-batches of "
+                     f"train.micro_batch_size={t.micro_batch_size} (per rank)")
+    if par.param_dtype is not None and str(par.name) != "fsdp2":
+        p.append(f"parallel.param_dtype={par.param_dtype} has no effect with parallel={par.name} "
+                 "(fsdp2 only); leave it null")
 
 
 # -- the environment ----------------------------------------------------------------------------

@@ -48,6 +48,16 @@ from the global RNG, so a run resumed at QuantState.step reproduces the same bit
 "call" counts the layer's forwards within the step (reset by advance_step), so gradient-accumulation
 micro-batches get distinct SR noise. (Activation recomputation would count a second call.)
 
+Data parallelism (experiments/distributed.py). Under DDP every rank holds the whole weight. Under
+FSDP2 (fully_shard per decoder layer) the layer's pre-forward hook all-gathers the parameters and
+registers the unsharded tensors before QuantLinear.forward reads self.weight, so W is quantized
+from the full weight, never a shard (in parallel.param_dtype: a bf16 copy of the fp32 master weight
+on CUDA by default); backward re-gathers it before this layer's backward runs. Each rank's Wgrad
+quantizes its *local* dY and X along its local tokens (its micro-batch), exactly as one process with
+that micro-batch would; dW is then averaged over the ranks (all-reduce / reduce-scatter in fp32)
+after quantization, so the reduction across ranks is high precision. QuantState.next_call gives
+rank r's c-th call of a step the index c * N + r (the same micro-batch's index in one process).
+
 The bf16 recipe is F.linear itself: outputs and gradients are bit-identical to nn.Linear's.
 Debugging: QuantState.check_finite raises NonFiniteError naming layer, GEMM and operand;
 record_gemms() (every model) or state.record_gemms() (one model) lists what every GEMM did.

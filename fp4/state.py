@@ -100,11 +100,12 @@ class QuantState:
                  execution: Optional[ExecutionConfig] = None, rank: int = 0, world_size: int = 1):
         self.seed = int(seed)
         self.set_rank(rank, world_size)
+        self._replay = False
         self.check_finite = bool(check_finite)
         self.execution = execution if execution is not None else ExecutionConfig()
         if not isinstance(self.execution, ExecutionConfig):
             raise TypeError(f"execution must be an ExecutionConfig, got {type(self.execution).__name__}")
-        self._step, self._calls = int(step), {}
+        self._step, self._calls, self._offsets = int(step), {}, {}
         self._records: Optional[List[GemmRecord]] = None
         # fp4.probe: called with a GemmObservation after every quantized GEMM; None = off, zero cost.
         # An observer only (never changes a GEMM); snapshotted at each layer's forward, as the recorder.
@@ -116,7 +117,7 @@ class QuantState:
 
     @step.setter
     def step(self, value: int) -> None:
-        self._step, self._calls = int(value), {}
+        self._step, self._calls, self._offsets = int(value), {}, {}
 
     def advance_step(self) -> None:
         """Called by the training loop after each optimizer step."""
@@ -138,16 +139,44 @@ class QuantState:
         micro-batch c * N + r to rank r). So SR uniforms (and "call" signs) differ per rank and a
         micro-batch gets the draws it would get in one process with the same micro-batch size;
         "fixed" / "step" signs have no call index and agree on every rank."""
-        call = self._calls.get(layer_index, 0)
-        self._calls[layer_index] = call + 1
-        return call * self.world_size + self.rank if self.world_size > 1 else call
+        if self._replay:  # recomputing the last forward (activation checkpointing): its index
+            call = self._calls.get(layer_index, 1) - 1
+        else:
+            call = self._calls.get(layer_index, 0)
+            self._calls[layer_index] = call + 1
+        offset = self._offsets.get(layer_index, 0)  # calls counted for all ranks (skip_calls)
+        return offset + (call * self.world_size + self.rank if self.world_size > 1 else call)
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Inside: a layer's forward reuses the call index of its last forward instead of counting a
+        new call, so an activation-checkpointing recomputation (which runs right after the forward
+        it repeats, in that micro-batch's backward) draws the same SR uniforms and signs and
+        reproduces the forward exactly (torch.utils.checkpoint's context_fn, distributed.py)."""
+        previous, self._replay = self._replay, True
+        try:
+            yield
+        finally:
+            self._replay = previous
 
     def call_counts(self) -> dict:
-        """A copy of the per-layer call counters (restore with restore_call_counts)."""
+        """A copy of this process's per-layer call counters (restore with restore_call_counts)."""
         return dict(self._calls)
 
     def restore_call_counts(self, counts: dict) -> None:
         self._calls = dict(counts)
+
+    def skip_calls(self, counts: dict) -> None:
+        """Count {layer_index: n} calls of this step as made, on behalf of all ranks together (an
+        evaluation split over the ranks makes, in all, the calls one process would make)."""
+        for layer, n in counts.items():
+            self._offsets[int(layer)] = self._offsets.get(int(layer), 0) + int(n)
+
+    def _calls_made(self) -> dict:
+        """Per layer, the calls of this step so far as one process counts them (all ranks)."""
+        layers = set(self._calls) | set(self._offsets)
+        return {l: self._offsets.get(l, 0) + self._calls.get(l, 0) * self.world_size
+                for l in sorted(layers)}
 
     def record_sinks(self) -> List[List[GemmRecord]]:
         """The record lists a GEMM call started now appends to (snapshotted at its forward)."""
@@ -173,12 +202,19 @@ class QuantState:
             self.probe = previous
 
     # The ExecutionConfig is not training state: a checkpoint resumes on whatever hardware runs it.
+    # The calls already made in the step (an evaluation after the step's update makes some) are
+    # kept, so a resumed run numbers the next calls as the uninterrupted one; rank-independent.
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self._step}
+        state = {"seed": self.seed, "step": self._step}
+        calls = self._calls_made()
+        if calls:
+            state["calls"] = calls
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = int(state["seed"])
         self.step = int(state["step"])
+        self.skip_calls(state.get("calls", {}))
 
 
 def derive_seed(*parts) -> int:

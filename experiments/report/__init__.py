@@ -49,6 +49,7 @@ from ..rundir import process_umask
 from .plots import write_eq_plots, write_plots
 from .estimator import DEFAULT_WINDOW, parse_window, attach as attach_eq, estimate, to_csv as eq_csv, to_markdown as eq_markdown
 from .contrasts import contrasts, to_csv as contrasts_csv, to_markdown as contrasts_markdown
+from ..diagnostics.summary import diagnostics_summary
 
 __all__ = ["make_report", "Report", "ReportError", "MissingBaselineError", "HardwareProfileError", "NoRunsError",
            "load_runs", "Issue"]
@@ -359,6 +360,9 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
         files.update(plot_files)
         markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
                              isolated, paired, est)
+        diag_markdown, diag_files = diagnostics_summary(runs, staging)  # runs' diagnostics.jsonl, if any
+        markdown += "\n" + diag_markdown if diag_markdown else ""
+        files.update(diag_files)
         files["report.md"] = atomic_write(staging / "report.md", markdown)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)

@@ -21,8 +21,16 @@ from .state import LoopState
 
 
 @torch.no_grad()
-def evaluate(model, val: torch.Tensor, batch_size: int, device, autocast) -> float:
-    """Mean next-token loss over the fixed validation sequences (identical for every run)."""
+def evaluate(model, val: torch.Tensor, batch_size: int, device, autocast, dist=None) -> float:
+    """Mean next-token loss over the fixed validation sequences (identical for every run).
+
+    Under ddp / fsdp2 (`dist`) rank r evaluates batches r, r + N, ... and the loss sums are
+    all-reduced in float64: each batch's loss is the one-process one, only the summation order
+    differs. Every rank runs the same number of forwards (FSDP2 all-gathers are collective): one
+    with fewer batches repeats its first one and counts it zero times.
+    """
+    if dist is not None and dist.enabled:
+        return _evaluate_split(model, val, batch_size, device, autocast, dist)
     model.eval()
     total, count = 0.0, 0
     for i in range(0, val.size(0), batch_size):
@@ -33,6 +41,25 @@ def evaluate(model, val: torch.Tensor, batch_size: int, device, autocast) -> flo
         total += loss.item() * n
         count += n
     model.train()
+    return total / count
+
+
+def _evaluate_split(model, val: torch.Tensor, batch_size: int, device, autocast, dist) -> float:
+    starts = list(range(0, val.size(0), batch_size))
+    mine = starts[dist.rank::dist.world_size]
+    rounds = -(-len(starts) // dist.world_size)
+    model.eval()
+    total, count = 0.0, 0
+    for k in range(rounds):
+        start, weight = (mine[k], 1) if k < len(mine) else (starts[0], 0)
+        chunk = val[start:start + batch_size].to(device, non_blocking=True)
+        with autocast():
+            loss = causal_lm_loss(model, chunk[:, :-1], chunk[:, 1:])
+        n = chunk[:, 1:].numel() * weight
+        total += loss.item() * n
+        count += n
+    model.train()
+    total, count = dist.all_reduce_sum([total, count], device)
     return total / count
 
 

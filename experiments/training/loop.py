@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from fp4.linear import NonFiniteError, QuantState
+from ..diagnostics.training import TrainingDiagnostics
 from .checkpoint import save_checkpoint
 from .divergence import DivergenceCheck
 from .evaluate import evaluate, perplexity, record_evaluation
@@ -26,19 +27,26 @@ from .step import TrainStep, advance_clock, lr_at
 class Trainer:
     def __init__(self, *, cfg, model, loader, val: torch.Tensor, vocab_size: int,
                  quant_state: QuantState, device, run_dir: Path, resume: bool,
-                 on_metrics: Callable[[dict], None], progress=None):
+                 on_metrics: Callable[[dict], None], progress=None, dist=None):
         tc = self.tc = cfg.train
+        self.dist = dist
         self.model, self.loader, self.val, self.vocab_size = model, loader, val, vocab_size
         self.quant_state, self.device = quant_state, device
-        self.setup = setup_training(cfg, model, loader, quant_state, device, run_dir, resume)
+        self.setup = setup_training(cfg, model, loader, quant_state, device, run_dir, resume,
+                                    dist)
         self.loop: LoopState = self.setup.loop
-        self.log = TrainLog(run_dir, self.loop, on_metrics, progress, tc.log_every_steps)
-        micro = tc.micro_batch_size or tc.batch_size
+        self.log = TrainLog(run_dir, self.loop, on_metrics, progress, tc.log_every_steps,
+                            write=dist is None or dist.is_main)
+        # GEMM diagnostics every diagnostics.every_steps steps (off by default; an observer only).
+        self.diagnostics = TrainingDiagnostics(getattr(cfg, "diagnostics", None) if dist is None or dist.is_main
+                                               else None, quant_state, run_dir, self.loop.step)
+        world = dist.world_size if dist is not None else 1
+        micro = tc.micro_batch_size or tc.batch_size // world
         self.step = TrainStep(model=model, step_model=self.setup.step_model,
                               optimizer=self.setup.optimizer, loader=loader,
                               quant_state=quant_state, autocast=self.setup.autocast,
-                              device=device, n_micro=tc.batch_size // micro,
-                              grad_clip=tc.grad_clip)
+                              device=device, n_micro=tc.batch_size // (micro * world),
+                              grad_clip=tc.grad_clip, dist=dist)
         self.divergence = DivergenceCheck.from_config(tc, vocab_size)
         self.tokens_per_step = tc.batch_size * cfg.model.seq_len
         # Once the crossing is recorded (and training goes on with stop_at_target=false) it is
@@ -49,10 +57,13 @@ class Trainer:
         try:
             outcome = self._steps()
         except NonFiniteError as err:
+            if self.dist is not None and self.dist.world_size > 1:
+                raise  # found on this rank only: the others cannot stop with it (run fails)
             outcome = Outcome("diverged", diverged_at_tokens=self.loop.tokens,
                               diverged_reason=str(err))
         finally:
             self.log.close()
+            self.diagnostics.close()
         if outcome is None:
             outcome = self._budget_spent()
         if self.tc.keep_final_checkpoint:
@@ -64,7 +75,8 @@ class Trainer:
         next_eval = (loop.tokens // tc.eval_every_tokens + 1) * tc.eval_every_tokens
         self.model.train()
         while loop.tokens < tc.max_tokens:
-            r = self.step(lr_at(loop.tokens, tc))
+            with self.diagnostics.observe(loop):
+                r = self.step(lr_at(loop.tokens, tc))
             advance_clock(loop, self.tokens_per_step, r.dt)
             self.log.step(loop, r, self.tokens_per_step, self.target)
             outcome = self.divergence.after_step(loop, r.loss, r.grad_norm)
@@ -85,8 +97,21 @@ class Trainer:
     def _evaluate(self) -> Optional[Outcome]:
         """Evaluate, check the validation rules of divergence, look for the target crossing."""
         loop, s = self.loop, self.setup
-        val_loss = evaluate(s.step_model, self.val, self.tc.eval_batch_size, self.device,
-                            s.autocast)
+        if self.dist is None or not self.dist.enabled:
+            val_loss = evaluate(s.step_model, self.val, self.tc.eval_batch_size, self.device,
+                                s.autocast)
+        else:
+            # Split over the ranks, the evaluation's calls are counted as one process makes them
+            # (one per batch and layer), so the next step's call indices (SR identities) stay
+            # those of the one-process run.
+            before = self.quant_state.call_counts()
+            val_loss = evaluate(s.eval_model, self.val, self.tc.eval_batch_size, self.device,
+                                s.autocast, self.dist)
+            after = self.quant_state.call_counts()
+            self.quant_state.restore_call_counts(before)
+            n_batches = -(-self.val.size(0) // self.tc.eval_batch_size)
+            self.quant_state.skip_calls({layer: n_batches for layer in after
+                                         if after[layer] != before.get(layer, 0)})
         ppl = perplexity(val_loss)
         self.log.eval_record(loop, self.loader.epoch, val_loss, ppl)
         outcome = self.divergence.after_eval(loop, val_loss)
@@ -107,14 +132,14 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.setup.ckpt_path, self.model, self.setup.optimizer, self.loop,
-                        self.loader, self.quant_state, self.device)
+                        self.loader, self.quant_state, self.device, self.dist)
 
 
 def train(*, cfg, model, loader, val: torch.Tensor, vocab_size: int, quant_state: QuantState,
           device, run_dir: Path, resume: bool, on_metrics: Callable[[dict], None],
-          progress=None) -> tuple[Outcome, LoopState]:
+          progress=None, dist=None) -> tuple[Outcome, LoopState]:
     """Train `model` to the target (or the budget); the outcome and the final loop state."""
     trainer = Trainer(cfg=cfg, model=model, loader=loader, val=val, vocab_size=vocab_size,
                       quant_state=quant_state, device=device, run_dir=run_dir, resume=resume,
-                      on_metrics=on_metrics, progress=progress)
+                      on_metrics=on_metrics, progress=progress, dist=dist)
     return trainer.run(), trainer.loop

@@ -13,15 +13,18 @@ class TrainLog:
     """metrics.jsonl (cut back to the resumed step), `on_metrics` and an optional tqdm bar."""
 
     def __init__(self, run_dir: Path, loop: LoopState, on_metrics: Callable[[dict], None],
-                 progress=None, log_every_steps: int = 10):
+                 progress=None, log_every_steps: int = 10, write: bool = True):
+        # write=False (ranks other than 0 of a multi-process run): no metrics.jsonl.
         self.metrics = MetricsWriter(Path(run_dir) / METRICS,
-                                     truncate_after_step=loop.step if loop.step else None)
+                                     truncate_after_step=loop.step if loop.step else None) \
+            if write else None
         self.on_metrics, self.progress, self.log_every_steps = on_metrics, progress, log_every_steps
         if progress is not None:
             progress.update(loop.tokens)
 
     def emit(self, record: dict) -> None:
-        self.metrics.write(record)
+        if self.metrics is not None:
+            self.metrics.write(record)
         self.on_metrics(record)
 
     def step(self, loop: LoopState, r: StepResult, tokens_per_step: int,
@@ -50,7 +53,8 @@ class TrainLog:
             self.progress.set_postfix_str(postfix(loop, target), refresh=False)
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def postfix(loop: LoopState, target: Optional[float]) -> str:

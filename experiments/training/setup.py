@@ -62,6 +62,8 @@ def setup_training(cfg, model, loader, quant_state: QuantState, device, run_dir:
     loop = LoopState()
     if resume and has_checkpoint(ckpt_path):
         loop = load_checkpoint(ckpt_path, model, optimizer, loader, quant_state, device, dist)
-        log.info("resumed from %s at step %d (%d tokens)", ckpt_path, loop.step, loop.tokens)
+        from ..distributed import dcp_path
+        where = ckpt_path if ckpt_path.exists() else dcp_path(ckpt_path)
+        log.info("resumed from %s at step %d (%d tokens)", where, loop.step, loop.tokens)
     quant_state.check_finite = bool(cfg.train.check_finite)
     return TrainSetup(optimizer, autocast, step_model, loop, ckpt_path, eval_model)

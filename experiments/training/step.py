@@ -7,6 +7,7 @@ stop.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -39,29 +40,54 @@ class TrainStep:
     """Callable: one optimizer step over `batch_size // micro_batch_size` micro-batches.
 
     `model` owns the parameters (clipping, optimizer); `step_model` runs the forward (the same
-    module, or its torch.compile wrapper). A data-parallel wrapper would take its place here.
+    module, or its torch.compile wrapper). Under ddp / fsdp2 (`dist`, experiments/distributed.py)
+    `model` is the wrapped module and `n_micro` this rank's micro-batches: gradients are reduced
+    (averaged over the ranks) on the last micro-batch only, the reported loss is the mean over the
+    ranks, and the gradient norm is the global one (DDP's reduced gradients; FSDP2's sharded
+    DTensor norm).
     """
 
     def __init__(self, *, model, step_model, optimizer, loader, quant_state: QuantState,
-                 autocast, device, n_micro: int, grad_clip: float):
+                 autocast, device, n_micro: int, grad_clip: float, dist=None):
         self.model, self.step_model, self.optimizer = model, step_model, optimizer
         self.loader, self.quant_state, self.autocast = loader, quant_state, autocast
         self.device, self.n_micro, self.grad_clip = device, n_micro, grad_clip
+        self.dist = dist if dist is not None and dist.enabled else None
+
+    def _sync(self, last: bool):
+        """A context for one micro-batch's backward: reduce gradients only on the last one."""
+        mode = self.dist.mode if self.dist is not None else "none"
+        if mode == "ddp" and not last:
+            return self.model.no_sync()
+        if mode == "fsdp2":
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
     def __call__(self, lr: float) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
         loss_sum = 0.0
-        for _ in range(self.n_micro):
+        for i in range(self.n_micro):
             input_ids, labels = self.loader.next_batch()
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with self.autocast():
-                loss = causal_lm_loss(self.step_model, input_ids, labels) / self.n_micro
-            loss.backward()
+            if self.dist is None:
+                with self.autocast():
+                    loss = causal_lm_loss(self.step_model, input_ids, labels) / self.n_micro
+                loss.backward()
+            else:
+                with self._sync(i == self.n_micro - 1):
+                    with self.autocast():
+                        loss = causal_lm_loss(self.step_model, input_ids, labels) / self.n_micro
+                    loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.dist is not None:
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (already the global norm)
+                grad_norm = grad_norm.full_tensor()
+            loss_sum = self.dist.all_reduce_mean_(torch.as_tensor(loss_sum, dtype=torch.float32,
+                                                                  device=self.device).clone())
         loss_value, grad_value = float(loss_sum), float(grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -99,3 +99,100 @@ def test_consistency_identical_and_independent_errors():
         same.add("w", e)
         same.end_step()
     assert same.coherence("w") == pytest.approx(1.0) and same.step_corr("w") == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- training, diagnose, report
+
+def _train_records(run_dir):
+    import json
+    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if r["kind"] == "train"] + \
+        [(r["step"], r["val_loss"]) for r in recs if r["kind"] == "eval"]
+
+
+def test_training_diagnostics_observe_only_and_write_jsonl(tiny, compose, tmp_path):
+    import json
+    from pathlib import Path
+    from fp4_experiments.runner import run_experiment
+    from fp4_experiments.rundir import run_key
+    plain = compose(tiny("+ladder=wgrad", "+stabilizer=sr", results=tmp_path / "a"))
+    probed = compose(tiny("+ladder=wgrad", "+stabilizer=sr", "diagnostics.every_steps=3",
+                          "diagnostics.layers=[mlp]", results=tmp_path / "b"))
+    assert run_key(plain) == run_key(probed)  # diagnostics is not an experiment key
+    sa, sb = run_experiment(plain), run_experiment(probed)
+    da, db = next(Path(tmp_path / "a").iterdir()), next(Path(tmp_path / "b").iterdir())
+    # Bit for bit the same training (losses, gradient norms, validation losses).
+    assert _train_records(da) == _train_records(db)
+    assert sa["best_ppl"] == sb["best_ppl"] and sa["steps"] == sb["steps"] == 10
+    assert not (da / "diagnostics.jsonl").exists()
+    recs = [json.loads(l) for l in (db / "diagnostics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in recs}) == [3, 6, 9]
+    # layers=[mlp]: gate/up/down of the one layer, three GEMMs each, once per step (no accumulation).
+    assert {r["layer"] for r in recs} == {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+                                          "model.layers.0.mlp.down_proj"}
+    assert len(recs) == 3 * 3 * 3
+    for r in recs:
+        assert 0 < r["out.rel_err"] < 1 and 0.5 < r["out.cos"] <= 1
+        a, b = {"fprop": ("x", "w"), "dgrad": ("dy", "w"), "wgrad": ("dy", "x")}[r["gemm"]]
+        assert r[f"{a}.rel_err"] > 0 and r[f"{b}.clipped"] is not None
+
+
+def test_training_diagnostics_cut_back_on_resume(tmp_path):
+    import json
+    from types import SimpleNamespace
+    from fp4.linear import QuantState
+    from fp4_experiments.diagnostics.training import DIAGNOSTICS, TrainingDiagnostics
+    path = tmp_path / DIAGNOSTICS
+    path.write_text("".join(json.dumps({"kind": "gemm", "step": s}) + "\n" for s in (2, 4, 6)))
+    cfg = SimpleNamespace(every_steps=2, layers=None)
+    hook = TrainingDiagnostics(cfg, QuantState(), tmp_path, start_step=4)  # resumed at step 4
+    hook.close()
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [2, 4]
+    assert not TrainingDiagnostics(SimpleNamespace(every_steps=None, layers=None), QuantState(), tmp_path, 0).due(2)
+    TrainingDiagnostics(cfg, QuantState(), tmp_path, start_step=0).close()  # a fresh run starts over
+    assert path.read_text() == ""
+
+
+def test_report_has_a_diagnostics_section(tiny, compose, tmp_path):
+    from fp4_experiments.report import make_report
+    from fp4_experiments.runner import run_experiment
+    results = tmp_path / "runs"
+    for extra in ((), ("+ladder=wgrad", "diagnostics.every_steps=2"),
+                  ("+ladder=wgrad", "+stabilizer=rht", "diagnostics.every_steps=2")):
+        run_experiment(compose(tiny(*extra, "train.target_ppl=1e9", results=results)))
+    report = make_report(results, tmp_path / "report", profiles=())
+    text = report.markdown
+    assert "## GEMM quantization diagnostics" in text
+    rows = [l for l in text.splitlines() if l.startswith("| wgrad/")]
+    assert len(rows) == 6  # 2 configurations x 3 GEMMs; the fp8 run has no diagnostics
+    assert (tmp_path / "report" / "diagnostics.csv").exists() and (tmp_path / "report" / "diagnostics.png").exists()
+
+
+def test_diagnose_end_to_end_on_the_demo_model(tmp_path, cache_dir):
+    """`fp4-ablate diagnose` through the CLI entry point on the demo model (one layer), CPU."""
+    import csv
+    import time
+    from fp4_ablate.main import main
+    out = tmp_path / "diag"
+    t0 = time.perf_counter()
+    code = main(["diagnose", "--configs", "fp8,wgrad,wgrad_sr,wgrad_h16", "--steps", "3", "--out", str(out),
+                 "hardware=cpu", "model.num_layers=1", "train.batch_size=4", f"cache_dir={cache_dir}"])
+    assert code == 0
+    assert time.perf_counter() - t0 < 60
+    for f in ("diagnose.md", "diagnose_gemms.csv", "diagnose_configs.csv", "diagnose.json", "diagnose.png"):
+        assert (out / f).stat().st_size > 0, f
+    gemms = list(csv.DictReader(open(out / "diagnose_gemms.csv")))
+    assert [(r["config"], r["gemm"]) for r in gemms] == [
+        (c, g) for c in ("fp8", "wgrad", "wgrad_sr", "wgrad_h16") for g in ("fprop", "dgrad", "wgrad")]
+    by = {(r["config"], r["gemm"]): r for r in gemms}
+    # FP4 Wgrad is far less accurate than FP8 Wgrad on the same weights and batches.
+    assert float(by["wgrad", "wgrad"]["out.rel_err"]) > 1.5 * float(by["fp8", "wgrad"]["out.rel_err"])
+    assert by["wgrad", "wgrad"]["path"].startswith("fp4") and by["fp8", "wgrad"]["path"].startswith("fp8")
+    # SR on dY: the dY operand of Wgrad loses its magnitude bias (unbiased rounding), RNE keeps one.
+    assert abs(float(by["wgrad_sr", "wgrad"]["a.bias"])) < abs(float(by["wgrad", "wgrad"]["a.bias"]))
+    configs = {r["config"]: r for r in csv.DictReader(open(out / "diagnose_configs.csv"))}
+    assert set(configs) == {"fp8", "wgrad", "wgrad_sr", "wgrad_h16"}
+    for r in configs.values():
+        assert 0 < float(r["weight_drift"]) and 0 < float(r["dW_err_coherence"]) <= 1
+    # More FP4 GEMMs: further from the exact-gradient trajectory than FP8.
+    assert float(configs["wgrad"]["weight_drift"]) > float(configs["fp8"]["weight_drift"])
