@@ -20,7 +20,7 @@ sys.exit(main())
 EOF
 TORCHRUN="python3 -m torch.distributed.run --standalone --nproc_per_node=1"
 # 16 x 1024 tokens per step, 40 steps; evaluations at steps 20 and 40.
-C4="data=c4_local data.path=.carry/data/c4 tokenizer.vocab_size=8192 cache_dir=/tmp/cache"
+C4="data=jsonl data.path=.carry/mix/c4-train.00000-of-00001.json.gz data.val_path=.carry/c4val tokenizer.vocab_size=8192 cache_dir=/tmp/cache"
 SHORT="train=gpu hardware=auto train.batch_size=16 train.micro_batch_size=8 train.max_tokens=655360
   train.warmup_tokens=65536 train.eval_every_tokens=327680 train.eval_batch_size=16
   train.log_every_steps=5 train.target_ppl=null train.progress_bar=false"
