@@ -174,8 +174,17 @@ _PREVIOUS_SIGTERM: list = []
 
 
 def _raise_terminated(signum, frame):
+    # Once: a second SIGTERM must not interrupt the failure being recorded (rank 0's summary).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise RankTerminated(f"rank {os.environ.get('RANK', '?')} terminated by signal {signum} "
                          "(torchrun stops every rank when one fails: see traceback.rank*.txt)")
+
+
+def hold_termination(dist: Dist) -> None:
+    """While a rank records its failure: torchrun's SIGTERM (sent when another rank failed first)
+    must not cut the failed summary short, so it is ignored from here to shutdown()."""
+    if dist.world_size > 1 and _PREVIOUS_SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def shutdown(dist: Dist) -> None:

@@ -30,7 +30,8 @@ from .data import TrainLoader, prepare_data
 from .model import build_llama
 from .rundir import (CHECKPOINT, FINISHED, SUMMARY, GemmPath, Status, Summary, atomic_write_json,
                      atomic_write_text, read_json, run_key, run_name, write_run_files)
-from .distributed import Dist, allreduce_dtype, init_distributed, shutdown, wrap_model
+from .distributed import (Dist, allreduce_dtype, hold_termination, init_distributed, shutdown,
+                          wrap_model)
 from .tracking import NullTracker, make_tracker
 from .runlock import LOCK, run_lock
 from .training import delete_checkpoint, train
@@ -167,6 +168,7 @@ def _attempt(cfg, key: str, name: str, run_dir: Path, overrides, dist: Dist,
     try:
         return _run(cfg, key, name, run_dir, overrides, started, dist, device)
     except BaseException as err:
+        hold_termination(dist)
         tb = traceback.format_exc()
         if not dist.is_main:
             atomic_write_text(run_dir / f"traceback.rank{dist.rank}.txt", tb)
