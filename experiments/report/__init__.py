@@ -205,13 +205,18 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
     return "\n".join(lines)
 
 
-def _eq_only_report(results_dir: Path, out_dir: Path, eq_runs, issues, est) -> "Report":
-    """Fixed-budget runs only: the estimator's section, eq_cost.csv, its plot and report.json."""
+def _open_staging(out_dir: Path) -> Path:
+    """The fresh sibling directory the whole report is written into, then swapped in."""
     _check_out_dir(out_dir)
     try:
-        staging = _staging_dir(out_dir)
+        return _staging_dir(out_dir)
     except OSError as e:
         raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+
+
+def _eq_only_report(results_dir: Path, out_dir: Path, eq_runs, issues, est) -> "Report":
+    """Fixed-budget runs only: the estimator's section, eq_cost.csv, its plot and report.json."""
+    staging = _open_staging(out_dir)
     try:
         files = {"eq_cost.csv": atomic_write(staging / "eq_cost.csv", eq_csv(est))}
         plot_files = write_eq_plots(est, staging)
@@ -345,11 +350,7 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
     table = attach_eq(table, est)
 
     paired = contrasts(runs, baselines)
-    _check_out_dir(out_dir)
-    try:
-        staging = _staging_dir(out_dir)
-    except OSError as e:
-        raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+    staging = _open_staging(out_dir)
     try:
         files = write_tables(table, staging, list(profs))
         if not paired.empty:
