@@ -329,10 +329,47 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
     subclasses (NoRunsError, MissingBaselineError, HardwareProfileError) with a message.
     """
     results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise ReportError(f"no such directory: {results_dir}")
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(results_dir)
     isolated = load_isolated_throughput(throughput) if throughput is not None else None
+    runs, eq_runs, issues, est = _load_inputs(results_dir, eq_window)
+    if runs.empty:
+        return _eq_only_report(results_dir, out_dir, eq_runs, issues, est)
+    stats, warnings, baselines = summarize(runs, issues)
+    table, profs = add_throughput(stats, runs, profiles, step_speedup, isolated)
+    table = attach_eq(table, est)
+    paired = contrasts(runs, baselines)
+    staging = _open_staging(out_dir)
+    try:
+        files, markdown = _write_outputs(staging, table, runs, issues, warnings, profs, results_dir,
+                                         step_speedup, isolated, paired, est)
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+        raise
+    provenance = _provenance(runs, issues, warnings, baselines, profs, files, est, results_dir,
+                             out_dir, step_speedup, isolated)
+    try:
+        _write_json(staging, provenance)
+        _swap_in(staging, out_dir)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
+    files = {name: out_dir / name for name in files}
+    files["report.json"] = out_dir / "report.json"
+    wandb_dir = None
+    if wandb:
+        wandb_dir = _log_wandb(out_dir, to_csv(table, list(profs)), files, markdown, provenance)
+        provenance["wandb_dir"] = wandb_dir
+        _write_json(out_dir, provenance)
+    return Report(markdown, out_dir=out_dir, files=files, table=table, runs=runs, issues=issues,
+                  warnings=warnings, wandb_dir=wandb_dir, estimate=est)
+
+
+def _load_inputs(results_dir: Path, eq_window):
+    """(runs with a target, every finished run for the estimator, issues, the estimate)."""
+    if not results_dir.is_dir():
+        raise ReportError(f"no such directory: {results_dir}")
     runs, issues = load_runs(results_dir)
     eq_runs, _ = load_runs(results_dir, include_completed=True)
     if eq_runs.empty:
@@ -342,35 +379,35 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
         eq_window = parse_window(",".join(f"{float(x)!r}" for x in eq_window))
     except (TypeError, ValueError) as e:
         raise ReportError(f"eq_window {eq_window!r}: {e}") from None
-    est = estimate(eq_runs, eq_window)
-    if runs.empty:
-        return _eq_only_report(results_dir, out_dir, eq_runs, issues, est)
-    stats, warnings, baselines = summarize(runs, issues)
-    table, profs = add_throughput(stats, runs, profiles, step_speedup, isolated)
-    table = attach_eq(table, est)
+    return runs, eq_runs, issues, estimate(eq_runs, eq_window)
 
-    paired = contrasts(runs, baselines)
-    staging = _open_staging(out_dir)
-    try:
-        files = write_tables(table, staging, list(profs))
-        if not paired.empty:
-            files["contrasts.csv"] = atomic_write(staging / "contrasts.csv", contrasts_csv(paired))
-        files["eq_cost.csv"] = atomic_write(staging / "eq_cost.csv", eq_csv(est))
-        plot_files = write_plots(table, runs, staging)
-        plot_files.update(write_eq_plots(est, staging))
-        files.update(plot_files)
-        markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
-                             isolated, paired, est)
-        diag_markdown, diag_files = diagnostics_summary(runs, staging)  # runs' diagnostics.jsonl, if any
-        markdown += "\n" + diag_markdown if diag_markdown else ""
-        files.update(diag_files)
-        files["report.md"] = atomic_write(staging / "report.md", markdown)
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
-        raise
 
+def _write_outputs(staging: Path, table, runs, issues, warnings, profs, results_dir, step_speedup,
+                   isolated, paired, est):
+    """Tables, CSVs, plots and report.md into the staging directory: ({name: path}, markdown)."""
+    files = write_tables(table, staging, list(profs))
+    if not paired.empty:
+        files["contrasts.csv"] = atomic_write(staging / "contrasts.csv", contrasts_csv(paired))
+    files["eq_cost.csv"] = atomic_write(staging / "eq_cost.csv", eq_csv(est))
+    plot_files = write_plots(table, runs, staging)
+    plot_files.update(write_eq_plots(est, staging))
+    files.update(plot_files)
+    markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
+                         isolated, paired, est)
+    diag_markdown, diag_files = diagnostics_summary(runs, staging)  # runs' diagnostics.jsonl, if any
+    markdown += "\n" + diag_markdown if diag_markdown else ""
+    files.update(diag_files)
+    files["report.md"] = atomic_write(staging / "report.md", markdown)
+    return files, markdown
+
+
+def _write_json(where: Path, provenance: dict) -> Path:
+    return atomic_write(where / "report.json", json.dumps(_jsonable(provenance), indent=2, sort_keys=False) + "\n")
+
+
+def _provenance(runs, issues, warnings, baselines, profs, files, est, results_dir, out_dir,
+                step_speedup, isolated) -> dict:
+    """report.json: what the report was made from and how (command, commits, runs, exclusions)."""
     run_fields = ("run", "run_dir", "status", "ladder", "stabilizer", "format", "model", "data", "seed",
                   "target_ppl", "tokens_to_target", "git_commit", "git_dirty", "device_name", "hostname",
                   "started_at")
@@ -405,22 +442,4 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
     }
     if several_groups:
         provenance["groups"] = sorted(runs["group"].unique())
-
-    def write_json(where: Path) -> Path:
-        return atomic_write(where / "report.json", json.dumps(_jsonable(provenance), indent=2, sort_keys=False) + "\n")
-
-    try:
-        write_json(staging)
-        _swap_in(staging, out_dir)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
-    files = {name: out_dir / name for name in files}
-    files["report.json"] = out_dir / "report.json"
-    wandb_dir = None
-    if wandb:
-        wandb_dir = _log_wandb(out_dir, to_csv(table, list(profs)), files, markdown, provenance)
-        provenance["wandb_dir"] = wandb_dir
-        write_json(out_dir)
-    return Report(markdown, out_dir=out_dir, files=files, table=table, runs=runs, issues=issues,
-                  warnings=warnings, wandb_dir=wandb_dir, estimate=est)
+    return provenance
