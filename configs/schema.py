@@ -23,26 +23,15 @@ stabilizer is appended with `+ladder=wgrad +stabilizer=h16`, as the command line
 paper's ablation reads.
 """
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from fp4.names import (Fp8Format, Gemm, Ladder, QuantBackend, RecipeFormat, ScaleMode, SignCadence,
-                       SrOperands, Stabilizer, UfpElement)
+from fp4.names import (Fp8Format, Gemm, Ladder, NameEnum, QuantBackend, RecipeFormat, ScaleMode,
+                       SignCadence, SrOperands, Stabilizer, UfpElement)
 
 
-class _Name(str, Enum):
-    """A config choice whose str() / format() / json form is its plain value (as fp4.names)."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-class DataSource(_Name):
+class DataSource(NameEnum):
     """embedded: the C4 sample in the package; c4_local: a C4 shard directory; c4: the hub;
     jsonl: any JSON-lines corpus."""
     embedded = "embedded"
@@ -51,17 +40,17 @@ class DataSource(_Name):
     jsonl = "jsonl"
 
 
-class TokenizerKind(_Name):
+class TokenizerKind(NameEnum):
     bpe = "bpe"
     pretrained = "pretrained"
 
 
-class LoggerKind(_Name):
+class LoggerKind(NameEnum):
     none = "none"
     wandb = "wandb"
 
 
-class AutocastDtype(_Name):
+class AutocastDtype(NameEnum):
     bfloat16 = "bfloat16"
     float16 = "float16"
     float32 = "float32"
@@ -217,7 +206,7 @@ class SweepConfig:
     id: Optional[str] = None
 
 
-class ParallelMode(_Name):
+class ParallelMode(NameEnum):
     """none: one process; ddp: DistributedDataParallel; fsdp2: torch.distributed.fsdp.fully_shard
     per decoder layer and on the root (experiments/distributed.py)."""
     none = "none"

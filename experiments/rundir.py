@@ -48,9 +48,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Tuple
+
+from fp4.names import NameEnum
 
 SCHEMA_VERSION = 2
 
@@ -89,7 +90,7 @@ TRAIN_RECORD_KEYS = ("kind", "step", "tokens", "epoch", "loss", "lr", "grad_norm
 EVAL_RECORD_KEYS = ("kind", "step", "tokens", "epoch", "val_loss", "val_ppl")
 
 
-class Status(str, Enum):
+class Status(NameEnum):
     """How a run ended. `completed`: no target was set (calibration runs) and the budget ran out."""
 
     reached = "reached"
@@ -97,12 +98,6 @@ class Status(str, Enum):
     diverged = "diverged"
     completed = "completed"
     failed = "failed"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
 
 
 FINISHED = frozenset({Status.reached, Status.not_reached, Status.diverged, Status.completed})

@@ -18,13 +18,14 @@ from __future__ import annotations
 from enum import Enum
 from typing import Dict, Tuple, Type
 
-__all__ = ["Gemm", "Operand", "Ladder", "Stabilizer", "RecipeFormat", "OperandFormat", "Fp8Format",
+__all__ = ["NameEnum", "Gemm", "Operand", "Ladder", "Stabilizer", "RecipeFormat", "OperandFormat", "Fp8Format",
            "UfpElement", "ScaleMode", "Rounding", "SignCadence", "SrOperands", "QuantBackend",
            "FP4_GEMMS", "GEMM_OPERANDS", "GEMM_TITLES", "GEMM_REDUCTION", "choices"]
 
 
-class _Name(str, Enum):
-    """A name whose str() / format() / json form is its plain value."""
+class NameEnum(str, Enum):
+    """A name whose str() / format() / json form is its plain value (the base of every choice
+    Enum of the project, here and in the experiment layer)."""
 
     def __str__(self) -> str:
         return self.value
@@ -33,21 +34,21 @@ class _Name(str, Enum):
         return format(self.value, spec)
 
 
-class Gemm(_Name):
+class Gemm(NameEnum):
     """The three GEMMs of a linear layer: Fprop Y = X.W^T, Dgrad dX = dY.W, Wgrad dW = dY^T.X."""
     fprop = "fprop"
     dgrad = "dgrad"
     wgrad = "wgrad"
 
 
-class Operand(_Name):
+class Operand(NameEnum):
     """GEMM operands: activations X, weight W, output gradient dY."""
     x = "x"
     w = "w"
     dy = "dy"
 
 
-class Ladder(_Name):
+class Ladder(NameEnum):
     """Rungs of the FP8 -> FP4 ladder (which GEMMs run in FP4: FP4_GEMMS)."""
     bf16 = "bf16"
     fp8 = "fp8"
@@ -56,7 +57,7 @@ class Ladder(_Name):
     wgrad = "wgrad"
 
 
-class Stabilizer(_Name):
+class Stabilizer(NameEnum):
     """none: RNE everywhere; sr: stochastic rounding; rht: random Hadamard (signs per step);
     h16: deterministic Hadamard-16 (no signs) on the targeted GEMMs (default Wgrad);
     h16_all: the same transform on every FP4 GEMM (the MXFP4 paper's final recipe)."""
@@ -67,7 +68,7 @@ class Stabilizer(_Name):
     h16_all = "h16_all"
 
 
-class RecipeFormat(_Name):
+class RecipeFormat(NameEnum):
     """FP4 family of a recipe (fp4/recipe.py): mxfp4, nvfp4; ufp4 = the UFP4 paper's recipe (uniform
     E1M2 / INT4 grid, one FP32 scale per 16, RHT on every FP4 GEMM, SR on dY); ufp4_e2m1 = its
     "strong E2M1" baseline (E2M1, same scales, RHT on Wgrad only, SR on dY); ufp4_mx = the uniform
@@ -79,7 +80,7 @@ class RecipeFormat(_Name):
     ufp4_mx = "ufp4_mx"
 
 
-class OperandFormat(_Name):
+class OperandFormat(NameEnum):
     """Format of one quantized operand (fp4.quantize.FORMATS). mxfp4 = E2M1 elements with MX scales
     only (the OCP format); e2m1 / e1m2 / int4 name an element grid whose block scale the scale mode
     picks (MX E8M0 per 32 by default, or fp32 per 16). e2m1 with an MX mode is exactly mxfp4."""
@@ -92,18 +93,18 @@ class OperandFormat(_Name):
     e2m1 = "e2m1"
 
 
-class Fp8Format(_Name):
+class Fp8Format(NameEnum):
     e4m3 = "e4m3"
     e5m2 = "e5m2"
 
 
-class UfpElement(_Name):
+class UfpElement(NameEnum):
     """Uniform 4-bit grids of the ufp4 format: E1M2 (0..1.75 step .25) or symmetric INT4 (+-7)."""
     e1m2 = "e1m2"
     int4 = "int4"
 
 
-class ScaleMode(_Name):
+class ScaleMode(NameEnum):
     """Block scale rule (fp4.scaling). floor / ceil / rceil / even: one E8M0 scale per 32 (MX);
     fp32: one unrounded FP32 scale per 16, fp32(block amax / grid max) (the UFP4 paper's)."""
     floor = "floor"
@@ -113,12 +114,12 @@ class ScaleMode(_Name):
     fp32 = "fp32"
 
 
-class Rounding(_Name):
+class Rounding(NameEnum):
     nearest = "nearest"
     stochastic = "stochastic"
 
 
-class SignCadence(_Name):
+class SignCadence(NameEnum):
     """Hadamard sign vector: none (unsigned), fixed (drawn once per run: deterministic), step
     (redrawn every optimizer step), call (redrawn every GEMM call)."""
     none = "none"
@@ -127,13 +128,13 @@ class SignCadence(_Name):
     call = "call"
 
 
-class SrOperands(_Name):
+class SrOperands(NameEnum):
     """Which operands the sr stabilizer rounds stochastically: grad (dY only) or all."""
     grad = "grad"
     all = "all"
 
 
-class QuantBackend(_Name):
+class QuantBackend(NameEnum):
     """quantize_operand backend: auto (Triton on CUDA where verified), torch (reference), triton."""
     auto = "auto"
     torch = "torch"
