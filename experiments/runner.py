@@ -249,7 +249,7 @@ def _build(cfg, name: str, dist: Dist, device) -> _Built:
     torch.manual_seed(cfg.seed)
     bundle = prepare_data(cfg.data, cfg.tokenizer, cfg.model.seq_len, Path(cfg.cache_dir))
     recipe = recipe_from_config(cfg)
-    quant_state = QuantState(seed=int(cfg.seed), execution=_configure_backends(cfg, device),
+    quant_state = QuantState(seed=int(cfg.seed), execution=execution_config(cfg, device),
                              rank=dist.rank, world_size=dist.world_size)
     torch.manual_seed(cfg.seed)  # model init depends on the seed only, not on data preparation
     model, info = build_llama(cfg.model, bundle.tokenizer.vocab_size, recipe, quant_state,
@@ -357,7 +357,7 @@ def _gpu_shared_by(cfg, device) -> int:
     return int(cfg.sweep.jobs_per_gpu) if cfg.sweep.id and device.type == "cuda" else 1
 
 
-def _configure_backends(cfg, device):
+def execution_config(cfg, device):
     """The model's fp4 ExecutionConfig (Triton kernels / real FP8 GEMMs) as the hardware config says;
     it travels with the model's QuantState, nothing process-wide is set."""
     from fp4.state import ExecutionConfig

@@ -117,7 +117,7 @@ def diagnose(overrides: Sequence[str] = (), configs: Sequence[str] = DEFAULT_CON
     from fp4.linear import QuantState
     from ..data import TrainLoader, prepare_data
     from ..model import build_llama
-    from ..runner import _configure_backends, pick_device, recipe_from_config
+    from ..runner import execution_config, pick_device, recipe_from_config
     from ..training import TrainStep, lr_at, make_optimizer
     from ..training.setup import autocast_for
 
@@ -149,7 +149,7 @@ def diagnose(overrides: Sequence[str] = (), configs: Sequence[str] = DEFAULT_CON
     for name, cfg in cells:
         t0 = time.perf_counter()
         recipe = recipe_from_config(cfg)
-        state = QuantState(seed=int(cfg.seed), step=quant_step, execution=_configure_backends(cfg, device))
+        state = QuantState(seed=int(cfg.seed), step=quant_step, execution=execution_config(cfg, device))
         torch.manual_seed(int(cfg.seed))
         model, _ = build_llama(cfg.model, vocab, recipe, state, eos_id=eos)
         model.to(device)
