@@ -91,7 +91,7 @@ def sweep_command(argv: List[str]) -> int:
     if hydra_app.find_override(overrides, "seed") is None:
         overrides.append(f"seed=range(0,{cfg.sweep.seeds})")
     if launcher is None:
-        overrides += _parallel_launcher(cfg.sweep.jobs_per_gpu)
+        overrides += _parallel_launcher(cfg.sweep.jobs_per_gpu, cfg.sweep.gpus_per_run)
     if not flags:
         _precheck_or_exit(hydra_app.first_value_variants(overrides)[1:], devices)
     total = hydra_app.sweep_size(overrides)
@@ -118,14 +118,16 @@ def sweep_command(argv: List[str]) -> int:
     return 1 if failed else 0
 
 
-def _parallel_launcher(jobs_per_gpu: int) -> List[str]:
-    """`jobs_per_gpu` runs on each local GPU at once (Hydra's joblib launcher + GPU slots)."""
+def _parallel_launcher(jobs_per_gpu: int, gpus_per_run: int = 1) -> List[str]:
+    """`jobs_per_gpu` runs on each local GPU at once, or one run per group of `gpus_per_run` GPUs
+    (Hydra's joblib launcher + GPU slots / groups)."""
     try:
         import torch
         n = torch.cuda.device_count()
     except Exception:
         n = 0
-    if n * jobs_per_gpu <= 1:
+    workers = n // gpus_per_run if gpus_per_run > 1 else n * jobs_per_gpu
+    if workers <= 1:
         return []
     try:
         import hydra_plugins.hydra_joblib_launcher  # noqa: F401
@@ -134,7 +136,7 @@ def _parallel_launcher(jobs_per_gpu: int) -> List[str]:
               "jobs but hydra-joblib-launcher is not installed; running sequentially "
               "(pip install hydra-joblib-launcher)", file=sys.stderr)
         return []
-    return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n * jobs_per_gpu}"]
+    return ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={workers}"]
 
 
 def report_command(argv: List[str]) -> int:

@@ -178,12 +178,24 @@ class LoggerConfig:
     entity: Optional[str] = None
 
 
+class CompileBackend(NameEnum):
+    inductor = "inductor"
+    aot_eager = "aot_eager"
+    eager = "eager"
+
+
 @dataclass
 class HardwareConfig:
     name: str = "auto"
     # auto: cuda when available, else cpu.
     device: str = "auto"
-    compile: bool = False
+    # torch.compile, per decoder layer (experiments/training/compile.py); the quantized linears are
+    # custom ops inside the compiled layers, so they quantize exactly as in eager. null (auto): on
+    # CUDA, off on the CPU.
+    compile: Optional[bool] = None
+    # torch.compile backend: inductor (fused kernels, the fast path), aot_eager (traced, no fusion:
+    # the same bits as eager, for checking), eager (dynamo only).
+    compile_backend: CompileBackend = CompileBackend.inductor
     # Autocast dtype on CUDA; CPU runs in float32.
     autocast_dtype: AutocastDtype = AutocastDtype.bfloat16
     # auto: Triton kernels on CUDA when available; torch: the reference everywhere.
@@ -201,6 +213,16 @@ class SweepConfig:
     # several runs side by side finish a grid several times sooner. Throughput per run then
     # depends on its neighbours: compare speed with `fp4-ablate bench`, not with a shared sweep.
     jobs_per_gpu: int = 1
+    # GPUs per run, for a local sweep: K > 1 starts each job's run as
+    #   python -m torch.distributed.run --standalone --nproc_per_node=K -m fp4_ablate run ...
+    # on K consecutive free GPUs (locked for the run, experiments/gpu_slots.py; CUDA_VISIBLE_DEVICES
+    # set to them), and records its summary.json in the ledger as an in-process job's. K must
+    # divide the visible GPU count; on the CPU (hardware=cpu, or auto without CUDA) K means K gloo
+    # processes. K > 1 needs an explicit parallel=ddp or parallel=fsdp2 (never picked for you:
+    # fsdp2's param_dtype enters the run key) and sweep.jobs_per_gpu=1 (a K-GPU run holds its GPUs
+    # alone). Refused with a remote launcher (SLURM): there, hydra.launcher.tasks_per_node=K and
+    # hydra.launcher.gpus_per_node=K give each run K GPUs, one task per rank (README).
+    gpus_per_run: int = 1
     # Filled in by `fp4-ablate sweep`: the number of jobs, for the progress line.
     total: Optional[int] = None
     id: Optional[str] = None
@@ -217,11 +239,14 @@ class ParallelMode(NameEnum):
 @dataclass
 class ParallelConfig:
     # How one run spreads over the processes torchrun starts (WORLD_SIZE, RANK, LOCAL_RANK).
-    # Not an experiment key: train.batch_size stays the global batch and each rank takes its
-    # micro-batches (train.micro_batch_size, per rank) from the one-process order, so a run
-    # resumes on any number of ranks and finds the same run directory. What it can change in the
-    # numbers is listed in experiments/distributed.py (reduction order; SR draws of a micro-batch
-    # stay the same; with a null micro_batch_size each rank's micro-batch is batch_size / N).
+    # train.batch_size stays the global batch and each rank takes its micro-batches
+    # (train.micro_batch_size, per rank) from the one-process order, so the world size is not an
+    # experiment key: a run resumes on any number of ranks and finds the same run directory. What
+    # it can change in the numbers is listed in experiments/distributed.py (reduction order; SR
+    # draws of a micro-batch stay the same; with a null micro_batch_size each rank's micro-batch is
+    # batch_size / N). The one parallel setting that changes the numerics, fsdp2's param_dtype when
+    # it is not float32, *is* in the run key (rundir.experiment_dict); the rest (name, timeout_s,
+    # activation_checkpointing: bit-identical, see distributed.py) is not.
     name: ParallelMode = ParallelMode.none
     # Process-group timeout: a rank stuck in a collective fails the run after this many seconds.
     timeout_s: int = 600
@@ -229,7 +254,11 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     # fsdp2 only: the dtype parameters are all-gathered and computed in. null: the
     # hardware.autocast_dtype on CUDA, float32 on the CPU. Gradients are reduced in float32 and
-    # master weights stay float32 either way.
+    # master weights stay float32 either way. Other than float32 it is an experiment key (W is
+    # then quantized from a rounded copy of the master weight): for the key, null means the
+    # autocast dtype unless hardware.device=cpu (the key must not depend on the machine that
+    # computes it, and `auto` is read as CUDA), so under hardware=auto on a machine without CUDA
+    # an fsdp2 run gets its own run directory although it computes in float32.
     param_dtype: Optional[AutocastDtype] = None
 
 
@@ -238,11 +267,18 @@ class DiagnosticsConfig:
     # GEMM quantization-error diagnostics during training (experiments/diagnostics): every N-th
     # optimizer step is probed (fp4/probe.py, an observer: the step computes exactly what it would
     # unprobed) and one record per (layer, GEMM) goes to diagnostics.jsonl. null / 0: off.
-    # Suggested: 50 (a probed step costs ~2.7x a plain one on the CPU demo: ~3% overhead at 50).
+    # Suggested: 50 (configs/diagnostics/on.yaml: with window=4 about 2-4% of a CPU demo run).
     every_steps: Optional[int] = None
     # Layers probed: layer indices (their order among the quantized linears) or substrings of the
     # module name ("mlp", "layers.0."); null: all.
     layers: Optional[List[Any]] = None
+    # Error consistency across steps: each probed step opens a window of this many consecutive
+    # optimizer steps over which the Wgrad output error and the Fprop / Dgrad weight-operand errors
+    # are tracked (step-to-step correlation, ||sum e_t|| / sum ||e_t||; one "consistency" record per
+    # layer and GEMM). 0: off; else 2 <= window <= every_steps (windows never overlap). Costs, during
+    # a window only, up to 36 bytes per probed weight element (float32 running sum and previous
+    # error per GEMM). Only read when every_steps is on.
+    window: int = 4
 
 
 @dataclass

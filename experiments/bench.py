@@ -1,17 +1,24 @@
-"""`fp4-ablate bench`: what the quantization kernels and the emulated training steps cost.
+"""`fp4-ablate bench`: what the quantization kernels and the runner's training steps cost, beside
+the training stacks a researcher would use instead.
 
-Everything is measured in one process on one GPU and reported as ratios taken inside that
-run, so numbers from different machines are never mixed:
+Everything is measured in one process on one GPU and reported as ratios taken inside that run, so
+numbers from different machines are never mixed:
 
 1. kernels (`bench_kernels`): each quantizer on an 8192 x 8192 bf16 tensor, both orientations,
    against the device-to-device copy bandwidth measured in the same run, beside the torch
    reference eager and under torch.compile, with a bit-exactness pass on planted hard blocks;
-2. training steps: median step time and peak memory of the ~20M and ~150M models at sequence
-   length 512 for bf16, fp8, each ladder rung and wgrad with each stabilizer, as ratios to bf16
-   (eager for every configuration; compiled for the ones the targets name; and replayed as one
-   CUDA graph per step, which removes the host's share of the step: the emulation launches many
-   small kernels per GEMM, so an eager step can be bound by Python dispatch, not by the GPU);
-3. `results/bench/<device>.md` and `<device>.json` with the device, the versions and the command.
+2. the runner's own step (`bench_steps`: the config `fp4-ablate run` composes, its model, and the
+   training loop's TrainStep, on synthetic batches) for bf16, fp8, each ladder rung, wgrad with each
+   stabilizer and wgrad in NVFP4 and UFP4: eager (`hardware=auto`) and compiled (`hardware=cuda`),
+   with median step time, tokens/s, peak memory, compile time, graph breaks and recompiles, and for
+   compiled rows a correctness pass (the first steps' loss and gradients equal to eager's, bit for bit);
+3. the peers (`bench_peers`), same process, same Llama shape: plain `transformers` bf16 and torchao
+   float8 (tensorwise), both compiled; every runner row as step-time ratios to them, and issue 12's
+   targets as a met / missed table;
+4. sweep packing (`bench_pack`): aggregate tokens/s of J concurrent runner step loops on the GPU,
+   as `sweep.jobs_per_gpu=J` runs them;
+5. `results/bench/<device>.md` and `<device>.json` with the device, the versions, the command and
+   the commit, rewritten after every row so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -20,33 +27,22 @@ import contextlib
 import json
 import shlex
 import signal
-import statistics
 import sys
 import time
 from importlib.resources import files
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
 from fp4_configs.schema import ModelConfig
+from .bench_report import add_ratios, evaluate_targets, render
+from .bench_steps import LABELS, parse_config
 from .rundir import atomic_write_json, atomic_write_text, git_commit, versions
 
-STEP_CONFIGS = [("bf16", "none"), ("fp8", "none"), ("fprop", "none"), ("dgrad", "none"),
-                ("wgrad", "none"), ("wgrad", "sr"), ("wgrad", "rht"), ("wgrad", "h16")]
-COMPILED_CONFIGS = [("bf16", "none"), ("wgrad", "h16"), ("fp8", "none")]
-
-
-def graphable(ladder: str, stabilizer: str) -> bool:
-    """A captured graph replays the same kernels with the same arguments every step, so only
-    configurations that draw nothing on the host per step can be graphed faithfully: stochastic
-    rounding and random Hadamard signs take fresh seeds from host-side generators each step."""
-    from fp4.recipe import Recipe
-    return not Recipe(ladder=ladder, stabilizer=stabilizer).random_draws
-
-
-MODES = ("eager", "compile", "cuda_graph")
+COMPILE_CONFIGS = ["bf16", "fp8", "wgrad", "wgrad+sr", "wgrad+rht", "wgrad+h16"]
+MIN_ROW_S = 20  # a row is not started with less of the time budget left
 
 
 def load_model_config(name: str):
@@ -58,103 +54,63 @@ def load_model_config(name: str):
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(str(path)))
 
 
-def _train_step(model, x, opt, autocast_cache: bool = True) -> torch.Tensor:
-    from .model import causal_lm_loss
-    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=autocast_cache):
-        loss = causal_lm_loss(model, x[:, :-1], x[:, 1:])
-    loss.backward()
-    opt.step()
-    return loss
+SECTIONS = ("eager", "peers", "compile", "pack")
 
 
-def _capture_step(model, x, opt, warmup: int) -> "torch.cuda.CUDAGraph":
-    """Forward, backward and AdamW of one step as a CUDA graph (PyTorch's whole-network recipe):
-    warm up on a side stream, then capture with grads unset so backward allocates them in the
-    graph's pool and every replay overwrites them in place."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(max(warmup, 1)):
-            opt.zero_grad(set_to_none=True)
-            _train_step(model, x, opt, autocast_cache=False)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        _train_step(model, x, opt, autocast_cache=False)
-    return graph
+def plan(models: Sequence[str], configs: Sequence[str], *, eager_models: Sequence[str] = (),
+         compile_models: Sequence[str] = (), compile_configs: Sequence[str] = (),
+         peers: Sequence[str] = (), peer_models: Sequence[str] = (),
+         peer_modes: Sequence[str] = ("compile",), check: bool = True,
+         pack_jobs: Sequence[int] = (), pack_model: str = "llama-20m", pack_config: str = "fp8",
+         order: Sequence[str] = SECTIONS) -> List[Dict]:
+    """Every row of the bench, in the order they run: section by section (`order`), each over the
+    models in turn. eager: the eager runner rows; peers; compile: the eager-vs-eager control of the
+    correctness pass, then the compiled runner rows; pack: the sweep-packing rows."""
+    from .bench_peers import PEERS
+    for label in [*configs, *compile_configs, *([pack_config] if pack_jobs else [])]:
+        parse_config(label)  # ValueError naming the valid ones
+    bad = [p for p in peers if p not in PEERS] + [f"mode {m}" for m in peer_modes
+                                                  if m not in ("eager", "compile")]
+    if bad:
+        raise ValueError(f"unknown peer(s) {', '.join(bad)}; valid: {', '.join(PEERS)} "
+                         "(modes: eager, compile)")
+    bad = [s for s in order if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown section(s) {', '.join(bad)}; valid: {', '.join(SECTIONS)}")
+    jobs: List[Dict] = []
+    for section in order:
+        for m in models:
+            if section == "eager" and m in eager_models:
+                jobs += [{"kind": "runner", "model": m, "config": c, "mode": "eager"} for c in configs]
+            if section == "peers" and m in peer_models:
+                jobs += [{"kind": "peer", "model": m, "peer": p, "mode": pm}
+                         for pm in peer_modes for p in peers]
+            if section == "compile" and m in compile_models and compile_configs:
+                if check:
+                    jobs.append({"kind": "check", "model": m, "config": compile_configs[0],
+                                 "mode": "eager"})
+                jobs += [{"kind": "runner", "model": m, "config": c, "mode": "compile"}
+                         for c in compile_configs]
+        if section == "pack":
+            jobs += [{"kind": "pack", "model": pack_model, "config": pack_config, "mode": "eager",
+                      "jobs": int(j)} for j in pack_jobs]
+    return jobs
 
 
-def bench_step(model_name: str, ladder: str, stabilizer: str, *, batch: int, seq_len: int,
-               vocab: int, steps: int, warmup: int, mode: str, device,
-               profile: bool = False) -> Dict:
-    from fp4.linear import ExecutionConfig, QuantState
-    from fp4.recipe import Recipe
-    from .model import build_llama
-
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
-    torch.manual_seed(0)
-    mcfg = load_model_config(model_name)
-    mcfg.seq_len = seq_len
-    state = QuantState(seed=0, execution=ExecutionConfig(quant_backend="auto", real_fp8=True))
-    model, info = build_llama(mcfg, vocab, Recipe(ladder=ladder, stabilizer=stabilizer), state)
-    model.to(device)
-    graphed = mode == "cuda_graph"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
-    fwd = torch.compile(model) if mode == "compile" else model
-    x = torch.randint(0, vocab, (batch, seq_len + 1), device=device)
-    torch.cuda.reset_peak_memory_stats(device)
-    if graphed:
-        graph = _capture_step(model, x, opt, warmup)
-        step, warmup = graph.replay, 1
-    else:
-        def step():
-            _train_step(fwd, x, opt)
-            opt.zero_grad(set_to_none=True)
-            state.advance_step()
-    times: List[float] = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for i in range(warmup + steps):
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(start.elapsed_time(end) / 1e3)
-    peak = torch.cuda.max_memory_allocated(device)
-    profile_table = None
-    if profile:
-        # Where the time goes: CUDA time per kernel over 3 more steps, top entries.
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step()
-            torch.cuda.synchronize(device)
-        profile_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18,
-                                                  max_name_column_width=60)
-    del model, opt, fwd, step
-    torch.cuda.empty_cache()
-    return {"model": model_name, "ladder": ladder, "stabilizer": stabilizer, "mode": mode,
-            "params": info.param_count, "batch": batch, "seq_len": seq_len,
-            "median_step_s": statistics.median(times), "peak_mem_bytes": peak,
-            "tokens_per_s": batch * seq_len / statistics.median(times),
-            **({"profile": profile_table} if profile_table else {})}
-
-
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Not an Exception: nothing on the way (torch.compile's error handling) may swallow it."""
 
 
 @contextlib.contextmanager
-def _time_limit(seconds: Optional[int]):
-    """Bound a compiled configuration: a compile that runs away becomes a recorded row."""
+def _time_limit(seconds: Optional[float]):
+    """Bound a row: a compile or a step that runs away becomes a recorded row."""
     if not seconds:
         yield
         return
+    seconds = max(int(seconds), 1)
 
     def fire(signum, frame):
-        raise _Timeout(f"gave up after {seconds} s (compilation did not finish)")
+        raise _Timeout(f"gave up after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, fire)
     signal.alarm(seconds)
@@ -165,176 +121,193 @@ def _time_limit(seconds: Optional[int]):
         signal.signal(signal.SIGALRM, previous)
 
 
-def config_name(ladder: str, stabilizer: str) -> str:
-    return ladder if stabilizer == "none" else f"{ladder}+{stabilizer}"
+def identity(job: Dict) -> Dict:
+    """The keys a row has even when it failed (what the tables and the report read)."""
+    row = {k: job[k] for k in ("kind", "model", "mode") if k in job}
+    if job["kind"] in ("runner", "check", "pack"):
+        fmt, ladder, stab = parse_config(job["config"])
+        row.update(config=job["config"], format=fmt, ladder=ladder, stabilizer=stab)
+    if job["kind"] == "peer":
+        row["peer"] = job["peer"]
+    if job["kind"] == "pack":
+        row["jobs"] = job["jobs"]
+    return row
 
 
-def step_plan(model_name: str, compile_models: List[str], graph_models: List[str],
-              configs: Optional[List[str]] = None) -> List[Tuple[str, str, str]]:
-    """(ladder, stabilizer, mode) of every step row of one model, optionally only `configs`."""
-    plan = [(l, s, "eager") for l, s in STEP_CONFIGS]
-    if model_name in compile_models:
-        plan += [(l, s, "compile") for l, s in COMPILED_CONFIGS]
-    if model_name in graph_models:
-        plan += [(l, s, "cuda_graph") for l, s in STEP_CONFIGS if graphable(l, s)]
-    if configs:
-        known = [config_name(l, s) for l, s in STEP_CONFIGS]
-        bad = [c for c in configs if c not in known]
-        if bad:
-            raise ValueError(f"unknown step configuration(s) {', '.join(bad)}; valid: {', '.join(known)}")
-        plan = [p for p in plan if config_name(p[0], p[1]) in configs]
-    return plan
+def run_job(job: Dict, args) -> Dict:
+    """One row of the plan (no time limit here; see run_plan)."""
+    from . import bench_pack, bench_peers, bench_steps
+    shape = {"batch": args.batch_of.get(job["model"]), "seq_len": args.seq_len or None,
+             "vocab": args.vocab}
+    runner_args = {**shape, "micro": args.micro_batch or None, "extra": args.override}
+    if job["kind"] == "runner":
+        return bench_steps.runner_row(
+            job["model"], job["config"], job["mode"], steps=args.steps, warmup=args.warmup,
+            check_steps=args.check_steps if job["mode"] == "compile" else 0,
+            profile=job["model"] == args.profile_model and job["mode"] == "eager"
+            and job["config"] in ("fp8", "wgrad+h16"), **runner_args)
+    if job["kind"] == "check":
+        return bench_steps.eager_repeatable(job["model"], job["config"], args.check_steps, **runner_args)
+    if job["kind"] == "peer":
+        return bench_peers.peer_row(job["model"], job["peer"], job["mode"], steps=args.steps,
+                                    warmup=args.warmup, **shape)
+    overrides = bench_steps.config_overrides(job["model"], job["config"], "eager", **runner_args)
+    return bench_pack.pack_row(job["jobs"], overrides, seconds=args.pack_seconds,
+                               warmup=args.warmup, label=job["config"], model=job["model"])
 
 
-def bench_steps(models: List[str], batches: Dict[str, int], seq_len: int, steps: int,
-                warmup: int, device, compile_models: List[str],
-                profile_model: Optional[str] = None, compile_timeout: Optional[int] = None,
-                on_row=None, graph_models: Sequence[str] = (),
-                configs: Optional[List[str]] = None) -> List[Dict]:
-    rows = []
-    for model_name in models:
-        for ladder, stab, mode in step_plan(model_name, compile_models, list(graph_models), configs):
-            t0 = time.time()
+def run_plan(jobs: List[Dict], args, on_row=None, runner=run_job) -> Dict[str, List[Dict]]:
+    """Run every job under its time limit and the overall budget; rows by section."""
+    out: Dict[str, List[Dict]] = {"steps": [], "peers": [], "checks": [], "packing": []}
+    section = {"runner": "steps", "peer": "peers", "check": "checks", "pack": "packing"}
+    end = time.time() + args.time_budget if args.time_budget else None
+    for job in jobs:
+        t0 = time.time()
+        row = identity(job)
+        left = None if end is None else end - t0
+        if left is not None and left < MIN_ROW_S:
+            row["skipped"] = f"time budget ({args.time_budget} s) spent"
+        else:
+            compiled = job.get("mode") == "compile"
+            limits = [x for x in (args.compile_timeout if compiled else args.row_timeout, left) if x]
+            limit = min(limits) if limits else None
             try:
-                profile = (model_name == profile_model and mode == "eager"
-                           and (ladder, stab) in (("fp8", "none"), ("wgrad", "h16")))
-                with _time_limit(compile_timeout if mode == "compile" else None):
-                    row = bench_step(model_name, ladder, stab, batch=batches[model_name],
-                                     seq_len=seq_len, vocab=8192, steps=steps, warmup=warmup,
-                                     mode=mode, device=device, profile=profile)
-            except (Exception, _Timeout) as err:  # recorded in the table: a failure is a result here
-                torch._dynamo.reset()
-                torch.cuda.empty_cache()
-                row = {"model": model_name, "ladder": ladder, "stabilizer": stab, "mode": mode,
-                       "error": f"{type(err).__name__}: {err}"[:300]}
-            row["wall_s"] = time.time() - t0
-            print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
-            if row.get("profile"):
-                print(row["profile"], flush=True)
-            rows.append(row)
-            if on_row is not None:
-                on_row(rows)
-    return rows
+                with _time_limit(limit):
+                    row = {**row, **runner(job, args)}
+            except (Exception, _Timeout) as err:  # recorded in the table: a failure is a result
+                row["error"] = f"{type(err).__name__}: {err}"[:300]
+                _cleanup()
+        row["wall_s"] = time.time() - t0
+        print(json.dumps({k: v for k, v in row.items()
+                          if k not in ("profile", "overrides", "step_times_s")}), flush=True)
+        if row.get("profile"):
+            print(row["profile"], flush=True)
+        out[section[job["kind"]]].append(row)
+        if on_row is not None:
+            on_row(out)
+    return out
 
 
-def _mode(row: Dict) -> str:
-    # Rows written before the cuda_graph mode existed carry compiled: bool instead of mode.
-    return row.get("mode") or ("compile" if row.get("compiled") else "eager")
+def _cleanup() -> None:
+    import gc
+    import torch._dynamo
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def add_ratios(rows: List[Dict]) -> None:
-    """Ratios to bf16 of the same model and mode, inside this run."""
-    for row in rows:
-        ref = next((r for r in rows if r["model"] == row["model"] and r["ladder"] == "bf16"
-                    and _mode(r) == _mode(row) and "error" not in r), None)
-        if ref and "error" not in row:
-            row["step_ratio_vs_bf16"] = row["median_step_s"] / ref["median_step_s"]
-            row["mem_ratio_vs_bf16"] = row["peak_mem_bytes"] / ref["peak_mem_bytes"]
+def _names(value: str, default: Sequence[str]) -> List[str]:
+    if value == "all":
+        return list(default)
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def render(meta: Dict, kernel_rows: List[Dict], step_rows: List[Dict]) -> str:
-    lines = [f"# fp4-ablate benchmark: {meta['device_name']}", "",
-             f"- command: `{meta['command']}`", f"- git commit: {meta['git_commit']}",
-             f"- versions: {meta['versions']}", f"- date: {meta['date']}", ""]
-    if kernel_rows:
-        lines += ["## Quantization kernels", "",
-                  "| op | orientation | impl | median ms | GB/s | % of copy | bit-exact |",
-                  "|---|---|---|---:|---:|---:|---|"]
-        for r in kernel_rows:
-            lines.append(f"| {r.get('op')} | {r.get('orientation')} | {r.get('impl')} | "
-                         f"{_f(r.get('median_ms'), 3)} | {_f(r.get('gbps'), 0)} | "
-                         f"{_f(r.get('pct_copy'), 1)} | {r.get('correct', r.get('error', ''))} |")
-        lines.append("")
-    if step_rows:
-        lines += ["## Training steps (AdamW, bf16 autocast, random tokens, vocab 8192)", "",
-                  "| model | ladder | stabilizer | mode | median step ms | x bf16 | peak GiB | x bf16 mem | tok/s |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
-        for r in step_rows:
-            if "error" in r:
-                lines.append(f"| {r['model']} | {r['ladder']} | {r['stabilizer']} | "
-                             f"{_mode(r)} | error: {r['error']} | | | | |")
-                continue
-            lines.append(f"| {r['model']} | {r['ladder']} | {r['stabilizer']} | {_mode(r)} | "
-                         f"{r['median_step_s'] * 1e3:.1f} | {_f(r.get('step_ratio_vs_bf16'), 3)} | "
-                         f"{r['peak_mem_bytes'] / 2**30:.2f} | {_f(r.get('mem_ratio_vs_bf16'), 3)} | "
-                         f"{r['tokens_per_s']:,.0f} |")
-        for r in step_rows:
-            if r.get("profile"):
-                lines += ["", f"### Profile: {r['model']} {r['ladder']}+{r['stabilizer']} "
-                          "(eager, 3 steps, sorted by CUDA time)", "", "```", r["profile"], "```"]
-    return "\n".join(lines) + "\n"
+def _gpu_name() -> Optional[str]:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def _f(v, nd) -> str:
-    return "" if v is None else f"{v:.{nd}f}"
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fp4-ablate bench", description=__doc__.split("\n\n")[0])
+    a = ap.add_argument
+    a("--out", default="results/bench")
+    a("--name", default="", help="suffix of the output files: <device>[-NAME].md / .json")
+    a("--size", type=int, default=8192, help="kernel tensor is SIZE x SIZE bf16")
+    a("--skip-kernels", action="store_true")
+    a("--skip-steps", action="store_true", help="kernels only: no runner, peer or packing rows")
+    a("--models", default="llama-20m,llama-150m")
+    a("--batches", default="", help="sequences per step, one per model ('': train=gpu's, 64)")
+    a("--seq-len", type=int, default=0, help="tokens per sequence (0: the model's own)")
+    a("--micro-batch", type=int, default=0, help="train.micro_batch_size (0: the whole batch)")
+    a("--vocab", type=int, default=8192, help="tokenizer.vocab_size of the synthetic tokens")
+    a("--steps", type=int, default=8, help="timed steps per row (median reported)")
+    a("--warmup", type=int, default=2, help="untimed steps before them")
+    a("--configs", default="all", help=f"eager runner rows ('all': {','.join(LABELS)})")
+    a("--eager-models", default="all", help="models with eager runner rows ('all': --models)")
+    a("--compile-models", default="llama-150m", help="models with compiled rows ('' for none)")
+    a("--compile-configs", default=",".join(COMPILE_CONFIGS), help="configs of the compiled rows")
+    a("--check-steps", type=int, default=2,
+      help="steps of the compiled-vs-eager bit-exactness pass per compiled row (0: off)")
+    a("--peers", default="transformers-bf16,torchao-float8", help="peers ('' for none)")
+    a("--peer-models", default="all", help="models with peer rows ('all': --models)")
+    a("--peer-modes", default="compile", help="eager and/or compile")
+    a("--pack-jobs", default="", help="sweep packing: J concurrent jobs, e.g. 1,2,4 ('' for none)")
+    a("--pack-model", default="llama-20m")
+    a("--pack-config", default="fp8")
+    a("--pack-seconds", type=float, default=10.0, help="measured wall time of each packed job")
+    a("--override", action="append", default=[], metavar="KEY=VALUE",
+      help="extra Hydra override of every runner row (repeatable), e.g. hardware.quant_backend=torch")
+    a("--profile-model", default="", help="profile the fp8 and wgrad+h16 eager steps of this model")
+    a("--row-timeout", type=int, default=180, help="seconds an eager row may take (0: no limit)")
+    a("--compile-timeout", type=int, default=240,
+      help="seconds a compiled row (its compile, steps and correctness pass) may take (0: no limit)")
+    a("--order", default=",".join(SECTIONS), help="the order of the sections")
+    a("--time-budget", type=int, default=0,
+      help="seconds for all rows; rows that would start later are recorded as skipped (0: none)")
+    a("--graph-models", default="", help=argparse.SUPPRESS)  # the dropped cuda_graph mode
+    return ap
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="fp4-ablate bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="results/bench")
-    ap.add_argument("--size", type=int, default=8192, help="kernel tensor is SIZE x SIZE bf16")
-    ap.add_argument("--models", default="llama-20m,llama-150m")
-    ap.add_argument("--batches", default="32,16", help="sequences per step, one per model")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile-models", default="llama-150m",
-                    help="models whose bf16, fp8 and wgrad+h16 steps are also timed compiled "
-                         "('' for none)")
-    ap.add_argument("--graph-models", default="llama-150m",
-                    help="models whose deterministic configurations are also timed as one CUDA "
-                         "graph per step ('' for none)")
-    ap.add_argument("--configs", default="",
-                    help="only these step configurations, e.g. bf16,fp8,wgrad+h16 ('' for all)")
-    ap.add_argument("--name", default="",
-                    help="suffix of the output files: <device>[-NAME].md / .json")
-    ap.add_argument("--profile-model", default="llama-150m",
-                    help="profile the fp8 and wgrad+h16 steps of this model ('' for none)")
-    ap.add_argument("--compile-timeout", type=int, default=150,
-                    help="seconds a compiled configuration may take before it is recorded as "
-                         "timed out (0: no limit)")
-    ap.add_argument("--skip-kernels", action="store_true")
-    ap.add_argument("--skip-steps", action="store_true")
+    ap = build_parser()
     args = ap.parse_args(argv)
-    models = args.models.split(",")
-    configs = [c for c in args.configs.split(",") if c] or None
+    models = _names(args.models, [])
+    if args.graph_models:
+        ap.error("the cuda_graph mode was dropped: the runner has no CUDA-graph step to time "
+                 "(rows time the runner's own step; --override can select a runner option)")
     try:  # bad names fail here, before any GPU work
-        for model_name in models:
+        for model_name in models + [args.pack_model]:
             load_model_config(model_name)
-            step_plan(model_name, [], [], configs)
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+        if batches and len(batches) != len(models):
+            raise ValueError(f"--batches has {len(batches)} values for {len(models)} models")
+        args.batch_of = dict(zip(models, batches))
+        jobs = plan(models, _names(args.configs, LABELS),
+                    eager_models=_names(args.eager_models, models),
+                    compile_models=_names(args.compile_models, models),
+                    compile_configs=_names(args.compile_configs, COMPILE_CONFIGS),
+                    peers=_names(args.peers, []), peer_models=_names(args.peer_models, models),
+                    peer_modes=_names(args.peer_modes, []), check=args.check_steps > 0,
+                    pack_jobs=[int(j) for j in _names(args.pack_jobs, [])],
+                    pack_model=args.pack_model, pack_config=args.pack_config,
+                    order=_names(args.order, SECTIONS))
     except ValueError as err:
         ap.error(str(err))
-    if not torch.cuda.is_available():
+    name = _gpu_name()
+    if name is None:
         print("fp4-ablate bench: needs a CUDA GPU (the timings it reports are GPU timings); "
               "on the CPU run the tests instead", file=sys.stderr)
         return 2
-    device = torch.device("cuda")
-    batches = dict(zip(models, (int(b) for b in args.batches.split(","))))
-    name = torch.cuda.get_device_name(device)
-    meta = {"device_name": name, "versions": versions(), "git_commit": git_commit()[0],
+    from .bench_peers import torchao_version
+    meta = {"device_name": name, "versions": {**versions(), "torchao": torchao_version()},
+            "git_commit": git_commit()[0],
             "command": "fp4-ablate bench " + shlex.join(argv if argv is not None else sys.argv[2:]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "settings": {"steps": args.steps, "warmup": args.warmup, "vocab": args.vocab,
+                         "batches": args.batch_of or "train=gpu's",
+                         "seq_len": args.seq_len or "model's own",
+                         "micro_batch": args.micro_batch or "whole batch",
+                         "check_steps": args.check_steps, "overrides": args.override}}
     out = Path(args.out)
     slug = name.lower().replace(" ", "-") + (f"-{args.name}" if args.name else "")
     kernel_rows: List[Dict] = []
+    rows: Dict[str, List[Dict]] = {}
 
-    def write(step_rows: List[Dict]) -> None:
-        # Written after every section and step row, so a run cut short keeps what it measured.
-        add_ratios(step_rows)
-        atomic_write_json(out / f"{slug}.json", {"meta": meta, "kernels": kernel_rows,
-                                                 "steps": step_rows})
-        atomic_write_text(out / f"{slug}.md", render(meta, kernel_rows, step_rows))
+    def write(sections: Dict[str, List[Dict]]) -> None:
+        rows.update(sections)
+        add_ratios(rows.get("steps", []), rows.get("peers", []), rows.get("packing", []))
+        targets = evaluate_targets(rows.get("steps", []), rows.get("peers", []))
+        atomic_write_json(out / f"{slug}.json", {"meta": meta, "kernels": kernel_rows, **rows,
+                                                 "targets": targets})
+        atomic_write_text(out / f"{slug}.md", render(meta, kernel_rows, rows, targets))
 
     if not args.skip_kernels:
         from .bench_kernels import bench_kernels
         kernel_rows = bench_kernels(device="cuda", size=args.size)
-        write([])
-    step_rows = [] if args.skip_steps else bench_steps(
-        models, batches, args.seq_len, args.steps, args.warmup, device,
-        [m for m in args.compile_models.split(",") if m], args.profile_model or None,
-        args.compile_timeout or None, on_row=write,
-        graph_models=[m for m in args.graph_models.split(",") if m],
-        configs=configs)
-    write(step_rows)
-    print(render(meta, kernel_rows, step_rows))
+        write({})
+    if not args.skip_steps:
+        run_plan(jobs, args, on_row=write)
+    write(rows)
+    print(render(meta, kernel_rows, rows, evaluate_targets(rows.get("steps", []),
+                                                           rows.get("peers", []))))
     return 0

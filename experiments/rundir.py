@@ -188,7 +188,18 @@ def read_json(path) -> Optional[dict]:
 def experiment_dict(cfg) -> Dict[str, Any]:
     """The part of the resolved config that determines what a run computes (a plain dict).
 
-    `cfg` is a DictConfig or an already resolved plain dict (a run's config.yaml)."""
+    `cfg` is a DictConfig or an already resolved plain dict (a run's config.yaml).
+
+    `parallel` is a non-experiment key (a run resumes on any number of ranks), except for the one
+    setting that changes the numbers: under fsdp2 the parameters are all-gathered and computed in
+    `parallel.param_dtype`, and other than float32 W is quantized from a rounded copy of the master
+    weight (results/torchrun-h200: up to 3e-3 relative loss drift in 40 steps), so the key gets
+    ``parallel: {param_dtype: <dtype>}``. Null resolves as `distributed.param_dtype` does, from the
+    config alone (the key must not depend on the machine computing it; the report recomputes it
+    from config.yaml anywhere): float32 under hardware.device=cpu, else hardware.autocast_dtype.
+    Everything else adds nothing: parallel=none, ddp, fsdp2 in float32 (float32 all-reduces and
+    master weights, like one process), timeout_s, activation_checkpointing (bit-identical) and the
+    world size, so single-process run keys are what they were."""
     if isinstance(cfg, dict):
         d = json.loads(json.dumps(cfg, default=str))
     else:
@@ -196,6 +207,11 @@ def experiment_dict(cfg) -> Dict[str, Any]:
         d = OmegaConf.to_container(cfg, resolve=True)
     from fp4_configs.schema import NON_EXPERIMENT_KEYS
     d.pop("hydra", None)
+    par, hw = d.get("parallel") or {}, d.get("hardware") or {}
+    fsdp2_dtype = None
+    if par.get("name") == "fsdp2":
+        fsdp2_dtype = par.get("param_dtype") or (
+            "float32" if hw.get("device") == "cpu" else hw.get("autocast_dtype", "bfloat16"))
     for key in NON_EXPERIMENT_KEYS:
         parts = key.split(".")
         node = d
@@ -203,6 +219,8 @@ def experiment_dict(cfg) -> Dict[str, Any]:
             node = node.get(p, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(parts[-1], None)
+    if fsdp2_dtype not in (None, "float32"):
+        d["parallel"] = {"param_dtype": str(fsdp2_dtype)}
     return d
 
 
@@ -343,6 +361,9 @@ class Summary:
     micro_batch_per_rank: Optional[int] = _doc("rows per micro-batch on each rank", default=None)
     allreduce_dtype: Optional[str] = _doc("dtype gradients were all-reduced in; null: one process",
                                           default=None)
+    compile: Optional[Dict[str, Any]] = _doc("torch.compile of this attempt: {backend, compile_s (first step "
+                                             "beyond the second), graphs, graph_breaks}; null when off",
+                                             default=None)
     schema_version: int = _doc("2; absent (= 1) in runs written before", default=SCHEMA_VERSION)
 
     # Keys a version-1 or version-2 summary of a finished run must have (a failed run: status only).

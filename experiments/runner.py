@@ -335,6 +335,7 @@ def _summary(cfg, key, outcome, loop, loader, device, info, meta, paths, recipe,
         parallel=dist.mode,
         micro_batch_per_rank=_micro_per_rank(cfg, dist),
         allreduce_dtype=allreduce_dtype(dist),
+        compile=outcome.compile,
     ).to_dict()
     return summary
 

@@ -149,15 +149,13 @@ def validate_config(cfg, *, environment: bool = True, devices: bool = True) -> N
     _check_model(p, cfg.model)
     _check_train(p, cfg)
     _check_parallel(p, cfg)
+    _check_diagnostics(p, cfg.diagnostics)
     if int(cfg.seed) < 0:
         p.append(f"seed={cfg.seed} must be >= 0")
     device = str(cfg.hardware.device)
     if not (device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())):
         p.append(f"hardware.device={device!r} is not valid; choose one of: auto, cpu, cuda, cuda:N")
-    if cfg.sweep.seeds < 1:
-        p.append(f"sweep.seeds={cfg.sweep.seeds} must be >= 1")
-    if cfg.sweep.jobs_per_gpu < 1:
-        p.append(f"sweep.jobs_per_gpu={cfg.sweep.jobs_per_gpu} must be >= 1")
+    _check_sweep(p, cfg)
     if environment and not p:
         p += check_environment(cfg, devices=devices)
     if p:
@@ -303,14 +301,83 @@ def _check_parallel(p: List[str], cfg) -> None:
         p.append(f"torchrun started {world} processes but parallel=none: choose parallel=ddp or "
                  "parallel=fsdp2")
     if world > 1:
-        micro = t.micro_batch_size or t.batch_size // world
-        if t.batch_size % world or t.batch_size % (micro * world):
-            p.append(f"train.batch_size={t.batch_size} (the global batch) must split into "
-                     f"WORLD_SIZE={world} ranks x whole micro-batches of "
-                     f"train.micro_batch_size={t.micro_batch_size} (per rank)")
+        _check_batch_split(p, t, world, f"WORLD_SIZE={world}")
     if par.param_dtype is not None and str(par.name) != "fsdp2":
         p.append(f"parallel.param_dtype={par.param_dtype} has no effect with parallel={par.name} "
                  "(fsdp2 only); leave it null")
+
+
+def _check_diagnostics(p: List[str], d) -> None:
+    """diagnostics.*: a cadence >= 1 (or off), and consistency windows that fit between probes."""
+    if d.every_steps is not None and d.every_steps < 0:
+        p.append(f"diagnostics.every_steps={d.every_steps} must be >= 1, or null / 0 for off")
+    if d.window < 0 or (d.every_steps and d.window != 0 and not 2 <= d.window <= d.every_steps):
+        bound = f"diagnostics.every_steps={d.every_steps}" if d.every_steps else "diagnostics.every_steps"
+        p.append(f"diagnostics.window={d.window} must be 0 (no consistency windows) or in [2, {bound}]: a "
+                 "window needs two steps to correlate, and windows open every every_steps steps and may not overlap")
+
+
+def _check_batch_split(p: List[str], t, world: int, ranks: str) -> None:
+    micro = t.micro_batch_size or t.batch_size // world
+    if t.batch_size % world or t.batch_size % (micro * world):
+        p.append(f"train.batch_size={t.batch_size} (the global batch) must split into "
+                 f"{ranks} ranks x whole micro-batches of "
+                 f"train.micro_batch_size={t.micro_batch_size} (per rank)")
+
+
+def _check_sweep(p: List[str], cfg) -> None:
+    """sweep.*: counts, and what sweep.gpus_per_run=K > 1 (each run on K torchrun processes) needs.
+
+    K > 1 with parallel=none is refused rather than turned into ddp: torchrun users choose the
+    mode (fsdp2's param_dtype changes the numbers and the run key), and `torchrun ... run
+    parallel=none` is refused the same way. The GPU count K must divide is checked with the
+    environment (check_environment)."""
+    from fp4_experiments.distributed import env_world_size
+    sw = cfg.sweep
+    if sw.seeds < 1:
+        p.append(f"sweep.seeds={sw.seeds} must be >= 1")
+    if sw.jobs_per_gpu < 1:
+        p.append(f"sweep.jobs_per_gpu={sw.jobs_per_gpu} must be >= 1")
+    k = sw.gpus_per_run
+    if k < 1:
+        p.append(f"sweep.gpus_per_run={k} must be >= 1")
+    if k <= 1:
+        return
+    if str(cfg.parallel.name) == "none":
+        p.append(f"sweep.gpus_per_run={k} runs each job on {k} processes (torchrun); choose "
+                 "parallel=ddp or parallel=fsdp2 (parallel=none is one process)")
+    if sw.jobs_per_gpu > 1:
+        p.append(f"sweep.gpus_per_run={k} with sweep.jobs_per_gpu={sw.jobs_per_gpu}: a run on "
+                 "several GPUs holds them alone; set sweep.jobs_per_gpu=1 or sweep.gpus_per_run=1")
+    device = str(cfg.hardware.device)
+    if device.startswith("cuda:"):
+        p.append(f"sweep.gpus_per_run={k} picks each run's GPUs itself; hardware.device={device} "
+                 "names one: use hardware.device=auto or cuda")
+    if env_world_size() != k:  # inside the run torchrun started, the WORLD_SIZE check says it
+        _check_batch_split(p, cfg.train, k, f"sweep.gpus_per_run={k}")
+
+
+def _check_gpus_per_run(cfg, devices: bool) -> List[str]:
+    """sweep.gpus_per_run=K > 1 against this machine: K divides the visible CUDA GPUs (none
+    visible, or hardware.device=cpu: K gloo processes on the CPU). devices=False is a sweep
+    launched to other machines, where torchrun on this one would be wrong."""
+    k = int(cfg.sweep.gpus_per_run)
+    if k <= 1:
+        return []
+    if not devices:
+        return [f"sweep.gpus_per_run={k} starts torchrun on this machine's GPUs, not with a remote "
+                "launcher: under hydra/launcher=submitit_slurm give each run K GPUs with "
+                f"hydra.launcher.tasks_per_node={k} hydra.launcher.gpus_per_node={k} (one task per "
+                "rank) and leave sweep.gpus_per_run=1"]
+    if str(cfg.hardware.device) == "cpu":
+        return []
+    import torch
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n and n % k:
+        valid = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+        return [f"sweep.gpus_per_run={k} must divide the {n} visible GPUs (groups of consecutive "
+                f"GPUs); choose one of: {valid}"]
+    return []
 
 
 # -- the environment ----------------------------------------------------------------------------
@@ -320,6 +387,7 @@ def check_environment(cfg, *, devices: bool = True) -> List[str]:
     p: List[str] = []
     if devices:
         p += _check_devices(cfg.hardware)
+    p += _check_gpus_per_run(cfg, devices)
     p += _check_dir("results_dir", cfg.results_dir)
     p += _check_dir("cache_dir", cfg.cache_dir)
     p += check_data_files(cfg)

@@ -90,6 +90,30 @@ def quantize_fp8(x: torch.Tensor, fmt: str, backend: str = "auto") -> Tuple[torc
     return q, scale
 
 
+@torch.no_grad()
+def quantize_fp8_both(x: torch.Tensor, fmt: str, backend: str = "auto"
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, q_t, s) for a 2-D x [M, N]: quantize_fp8's q and s, plus q_t = q^T as its own row-major
+    float8 tensor [N, M], so q_t.t() is the column-major operand torch._scaled_mm takes (fp8_mm
+    then copies nothing). Bit-identical on every route.
+
+    The kernel route is one cast-transpose pass after the amax pre-pass (fp4.kernels.fp8_quant.
+    fp8_quantize_t: x read once, both layouts written, as Transformer Engine does); the torch route
+    quantizes and then transposes q (one more read and write of the bytes).
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_fp8_both takes a 2-D tensor, got shape {tuple(x.shape)}")
+    if backend not in choices(QuantBackend):
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(choices(QuantBackend))}")
+    if fmt not in FP8_DTYPES:
+        raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_DTYPES)}")
+    if use_triton(x, backend, fmt):
+        from .kernels.fp8_quant import fp8_quantize_t
+        return fp8_quantize_t(x, fmt)
+    q, scale = quantize_fp8(x, fmt, backend="torch")
+    return q, q.t().contiguous(), scale
+
+
 def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 and t.stride(0) >= max(t.size(1), 1) else t.contiguous()
 

@@ -7,14 +7,16 @@
      "<operand>.<metric>" for both operands (operand metrics, experiments/diagnostics/metrics.py),
      "out.cos", "out.rel_err", "out.bias"}
 
-With `consistency=True` it also feeds an ErrorConsistency with the two fixed-shape errors:
-("wgrad", layer): the Wgrad output error dW - dW* (summed over a step's micro-batches), and
-("w", layer): the Fprop weight-operand error Q(W) - W (the step's first forward only).
+With `consistency=True` it also feeds an ErrorConsistency (float64) with the errors that are
+comparable across steps (consistency.feed): per (GEMM, layer, layer_index) the Wgrad
+output error dW - dW* and the Fprop and Dgrad weight-operand errors W_eff - W; call `end_step()`
+after each optimizer step. (`fp4-ablate diagnose` uses it so; training uses consistency.Window.)
 """
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Union
 
+from .consistency import feed as feed_consistency
 from .metrics import ErrorConsistency, operand_metrics, output_metrics
 
 OPERAND_KEYS = ("rel_err", "sqnr_db", "bias", "flushed", "clipped", "log2_scale_min", "log2_scale_median",
@@ -56,10 +58,7 @@ class Collector:
         for key, value in output_metrics(obs.output, exact).items():
             rec[f"out.{key}"] = value
         if self.consistency is not None:
-            if obs.gemm == "wgrad":
-                self.consistency.add(("wgrad", obs.layer), obs.output.double() - exact)
-            elif obs.gemm == "fprop" and obs.call == 0:
-                self.consistency.add(("w", obs.layer), obs.quantized[1].double() - obs.quantized_from[1].double())
+            feed_consistency(self.consistency, obs)
         self.records.append(rec)
 
     def end_step(self) -> None:

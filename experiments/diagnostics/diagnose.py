@@ -17,9 +17,10 @@ the selected layers is probed (fp4/probe.py) in every step. Measured:
 
   per configuration x GEMM (mean over layers and steps): operand and output metrics
       (experiments/diagnostics/metrics.py);
-  per configuration: error consistency over the K steps of the Wgrad output error dW - dW* and of the
-      Fprop weight-operand error Q(W) - W (mean over layers; the tensors of fixed shape), the weight
-      drift ||W_q - W_exact|| / ||W_exact - W_0|| after K steps over all quantized linears' weights,
+  per configuration: error consistency over the K steps (metrics.ErrorConsistency) of the errors
+      that are comparable across steps (consistency.py: the Wgrad output error dW - dW*, and the
+      Fprop and Dgrad weight-operand errors W_eff - W in W's own coordinates; mean over layers), the
+      weight drift ||W_q - W_exact|| / ||W_exact - W_0|| after K steps over all quantized linears' weights,
       W_exact the reference trajectory's, and the last step's loss.
 
 Learning rate: --lr, else the schedule's at the checkpoint's tokens, else (fresh model) the peak
@@ -198,8 +199,10 @@ def diagnose(overrides: Sequence[str] = (), configs: Sequence[str] = DEFAULT_CON
             "config": name, "recipe": recipe.name, "steps": steps,
             "dW_err_step_corr": mean_over_layers("wgrad", "step_corr"),
             "dW_err_coherence": mean_over_layers("wgrad", "coherence"),
-            "W_err_step_corr": mean_over_layers("w", "step_corr"),
-            "W_err_coherence": mean_over_layers("w", "coherence"),
+            "W_err_step_corr": mean_over_layers("fprop", "step_corr"),
+            "W_err_coherence": mean_over_layers("fprop", "coherence"),
+            "W_dgrad_err_step_corr": mean_over_layers("dgrad", "step_corr"),
+            "W_dgrad_err_coherence": mean_over_layers("dgrad", "coherence"),
             "independent_coherence": 1 / math.sqrt(steps),
             "weight_drift": drifts[-1], "loss": losses[-1], "seconds": time.perf_counter() - t0,
         })
@@ -222,7 +225,7 @@ def _fmt(v) -> str:
 
 GEMM_COLUMNS = ("out.rel_err", "out.cos", "out.bias")
 CONFIG_COLUMNS = ("dW_err_step_corr", "dW_err_coherence", "W_err_step_corr", "W_err_coherence",
-                  "weight_drift", "loss")
+                  "W_dgrad_err_step_corr", "W_dgrad_err_coherence", "weight_drift", "loss")
 OPERAND_TABLE_KEYS = ("rel_err", "sqnr_db", "bias", "flushed", "clipped")
 
 
@@ -262,10 +265,11 @@ def to_markdown(gemm_rows, config_rows, steps, n_batches, lr, checkpoint, base) 
     lines += ["", f"## Per configuration: error consistency over {steps} steps and weight drift", "",
               f"coherence = ||sum e_t|| / sum ||e_t|| (1: the same error every step; independent errors: "
               f"1/sqrt({steps}) = {1 / math.sqrt(steps):.3f}); step corr = corr(e_t, e_t+1). dW: the Wgrad "
-              "output error; W: the Fprop weight-operand error. drift = ||W_q - W_exact|| / ||W_exact - W_0|| "
+              "output error; W: the Fprop weight-operand error W_eff - W, W (Dgrad): Dgrad's (blocked along "
+              "out_features), both in W's own coordinates. drift = ||W_q - W_exact|| / ||W_exact - W_0|| "
               "after the last step, W_exact the bf16 (exact-gradient) trajectory.", "",
               "| config | recipe | dW err step corr | dW err coherence | W err step corr | W err coherence | "
-              "weight drift | loss |", "|" + "---|" * 8]
+              "W (Dgrad) err step corr | W (Dgrad) err coherence | weight drift | loss |", "|" + "---|" * 10]
     for r in config_rows:
         lines.append("| " + " | ".join([r["config"], r["recipe"]] + [_fmt(r[c]) for c in CONFIG_COLUMNS]) + " |")
     return "\n".join(lines) + "\n"
@@ -311,7 +315,8 @@ def _plot(path: Path, result: DiagnoseResult) -> Path:
     axes[0].set_title("GEMM output relative error")
     axes[0].set_yscale("log")
     axes[0].legend()
-    for key, label in (("dW_err_coherence", "dW error"), ("W_err_coherence", "W error")):
+    for key, label in (("dW_err_coherence", "dW error"), ("W_err_coherence", "W error"),
+                       ("W_dgrad_err_coherence", "W (Dgrad) error")):
         axes[1].plot(configs, [r.get(key) if r.get(key) is not None else float("nan") for r in result.config_rows],
                      marker="o", label=label)
     if result.config_rows:

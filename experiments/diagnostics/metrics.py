@@ -40,6 +40,10 @@ Dgrad outputs are per token and change with the batch.) For errors e_1..e_k of k
     step_corr  mean over t of the Pearson correlation corr(e_t, e_{t+1})
     coherence  ||sum_t e_t|| / sum_t ||e_t||   ~1: the same error every step (it accumulates into
                the weights linearly in k); ~1/sqrt(k): independent errors (they average out)
+
+Which error of which GEMM is fed in (the Wgrad output error; for Fprop and Dgrad the weight-operand
+error, mapped back to W's own coordinates) is experiments/diagnostics/consistency.py's concern; this
+module only does the arithmetic, shared by `fp4-ablate diagnose` and the in-training windows.
 """
 from __future__ import annotations
 
@@ -159,13 +163,17 @@ def coherence(errors: Iterable[torch.Tensor]) -> Optional[float]:
 
 
 class ErrorConsistency:
-    """Streaming step_corr and coherence per key (e.g. ("wgrad", layer)): holds the running sum, the
-    sum of norms and the previous step's error of each key, not the whole history.
+    """Streaming step_corr and coherence per key (e.g. ("wgrad", layer, index)), without the history.
 
     Within a step `add` accumulates (the error of a gradient accumulated over micro-batches is the sum
-    of theirs); `end_step` closes the step."""
+    of theirs); `end_step` closes the step. Held per key: the running sum and the previous step's error
+    (plus, during a step, the step's own accumulator), in `dtype`: float64 for `fp4-ablate diagnose`
+    (a few steps of one state), float32 in training (half the memory; a sum of a few float32 errors
+    loses nothing the metrics can see). step_corr is computed in float64 on transient copies. Drop
+    the object to free everything."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        self.dtype = dtype
         self._current: Dict[object, torch.Tensor] = {}
         self._sum: Dict[object, torch.Tensor] = {}
         self._norms: Dict[object, float] = {}
@@ -174,24 +182,38 @@ class ErrorConsistency:
         self._steps: Dict[object, int] = {}
 
     def add(self, key, error: torch.Tensor) -> None:
-        e = error.detach().to(torch.float64)
-        self._current[key] = e.clone() if key not in self._current else self._current[key] + e
+        e = error.detach()
+        if key in self._current:
+            self._current[key].add_(e.to(self.dtype))
+        else:  # a copy: the caller's tensor may be the GEMM's own (never written to)
+            self._current[key] = e.to(self.dtype, copy=True)
 
     def end_step(self) -> None:
         for key, e in self._current.items():
-            self._sum[key] = e if key not in self._sum else self._sum[key] + e
-            self._norms[key] = self._norms.get(key, 0.0) + float(e.norm())
-            self._steps[key] = self._steps.get(key, 0) + 1
             if key in self._prev:
                 self._corrs.setdefault(key, []).append(step_correlation(self._prev[key], e))
+            if key in self._sum:
+                self._sum[key].add_(e)
+            else:
+                self._sum[key] = e.clone()  # not an alias of e, which becomes _prev
+            self._norms[key] = self._norms.get(key, 0.0) + float(e.double().norm())
+            self._steps[key] = self._steps.get(key, 0) + 1
             self._prev[key] = e
         self._current = {}
+
+    def in_step(self, key) -> bool:
+        """Whether the open step has an error for `key` already."""
+        return key in self._current
 
     def keys(self):
         return list(self._sum)
 
     def steps(self, key) -> int:
         return self._steps.get(key, 0)
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors held now (sums, previous errors, the open step's accumulators)."""
+        return sum(t.numel() * t.element_size() for d in (self._current, self._sum, self._prev) for t in d.values())
 
     def step_corr(self, key) -> Optional[float]:
         values = [c for c in self._corrs.get(key, []) if c is not None]
@@ -200,4 +222,4 @@ class ErrorConsistency:
     def coherence(self, key) -> Optional[float]:
         if key not in self._sum:
             return None
-        return _ratio(float(self._sum[key].norm()), self._norms[key])
+        return _ratio(float(self._sum[key].double().norm()), self._norms[key])

@@ -122,7 +122,8 @@ echo "== 3. each configuration alone on the GPU: the isolated tokens/s the step 
 stage=bench
 if ! ls "$STATE"/bench/*.json >/dev/null 2>&1; then
   $FP4_ABLATE_CLI bench --models "$MODEL" --batches 64 --seq-len 512 --skip-kernels \
-    --compile-models '' --graph-models '' --profile-model '' --name ladder --out "$STATE/bench" \
+    --compile-models '' --peers '' --profile-model '' --name ladder --out "$STATE/bench" \
+    --configs bf16,fp8,fprop,dgrad,wgrad,wgrad+sr,wgrad+rht,wgrad+h16 \
     2>&1 | tail -12
 fi
 stage=done

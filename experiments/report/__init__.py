@@ -222,6 +222,9 @@ def _eq_only_report(results_dir: Path, out_dir: Path, eq_runs, issues, est) -> "
         plot_files = write_eq_plots(est, staging)
         files.update(plot_files)
         markdown = _eq_only_markdown(eq_runs, issues, est, plot_files, results_dir)
+        diag_markdown, diag_files = diagnostics_summary(eq_runs, staging)  # runs' diagnostics.jsonl, if any
+        markdown += "\n" + diag_markdown if diag_markdown else ""
+        files.update(diag_files)
         files["report.md"] = atomic_write(staging / "report.md", markdown)
         provenance = {
             "command": shlex.join(sys.argv),
@@ -394,7 +397,8 @@ def _write_outputs(staging: Path, table, runs, issues, warnings, profs, results_
     files.update(plot_files)
     markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
                          isolated, paired, est)
-    diag_markdown, diag_files = diagnostics_summary(runs, staging)  # runs' diagnostics.jsonl, if any
+    # Runs' diagnostics.jsonl, if any: every finished run, fixed-budget ones included (no target needed).
+    diag_markdown, diag_files = diagnostics_summary(load_runs(results_dir, include_completed=True)[0], staging)
     markdown += "\n" + diag_markdown if diag_markdown else ""
     files.update(diag_files)
     files["report.md"] = atomic_write(staging / "report.md", markdown)

@@ -191,7 +191,11 @@ def load_isolated_throughput(path: Union[str, Path]) -> IsolatedThroughput:
     p = Path(path)
     try:
         d = json.loads(p.read_text())
-        rows = [r for r in d["steps"] if r.get("mode", "eager") == "eager"]
+        # Measured eager runner rows in MXFP4 (the format this model reads); a bench also holds
+        # failed or skipped rows and, since issue 12, nvfp4 / ufp4 rows of the same rung.
+        rows = [r for r in d["steps"] if r.get("mode", "eager") == "eager"
+                and r.get("format", "mxfp4") == "mxfp4" and "error" not in r
+                and "skipped" not in r and r.get("tokens_per_s") is not None]
         tps: Dict[Tuple[str, str, str], list] = {}
         for r in rows:
             tps.setdefault((str(r["model"]), str(r["ladder"]), str(r["stabilizer"])), []).append(

@@ -8,6 +8,7 @@ compiled variant replaces a part, not the loop.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,12 +17,16 @@ import torch
 from fp4.linear import NonFiniteError, QuantState
 from ..diagnostics.training import TrainingDiagnostics
 from .checkpoint import save_checkpoint
+from .compile import compile_enabled, dynamo_counts
 from .divergence import DivergenceCheck
 from .evaluate import evaluate, perplexity, record_evaluation
 from .metrics import TrainLog
 from .setup import setup_training
 from .state import LoopState, Outcome
 from .step import TrainStep, advance_clock, lr_at
+
+
+log = logging.getLogger("fp4_experiments.train")
 
 
 class Trainer:
@@ -52,6 +57,23 @@ class Trainer:
         # Once the crossing is recorded (and training goes on with stop_at_target=false) it is
         # not looked for again; the crossing is part of the checkpointed loop state.
         self.target = tc.target_ppl if self.loop.tokens_to_target is None else None
+        self.compile_backend = (str(cfg.hardware.compile_backend) if compile_enabled(cfg.hardware, device)
+                                else None)
+        self.first_dts: list = []  # this attempt's first two step times: compilation is in the first
+        self.dynamo_before = dynamo_counts()  # the process's counters: this run's are the increase
+
+    def _compile_report(self) -> Optional[dict]:
+        """What torch.compile cost this attempt: the first step's time beyond the second's."""
+        if self.compile_backend is None:
+            return None
+        dts = self.first_dts
+        compile_s = max(dts[0] - dts[1], 0.0) if len(dts) == 2 else (dts[0] if dts else None)
+        now = dynamo_counts()
+        report = {"backend": self.compile_backend, "compile_s": compile_s,
+                  **{k: now[k] - self.dynamo_before.get(k, 0) for k in now}}
+        log.info("torch.compile: %.1f s in the first step, %d graph(s), %d graph break(s)",
+                 compile_s or 0.0, report["graphs"], report["graph_breaks"])
+        return report
 
     def run(self) -> Outcome:
         try:
@@ -66,6 +88,7 @@ class Trainer:
             self.diagnostics.close()
         if outcome is None:
             outcome = self._budget_spent()
+        outcome.compile = self._compile_report()
         if self.tc.keep_final_checkpoint:
             self.save()
         return outcome
@@ -77,6 +100,8 @@ class Trainer:
         while loop.tokens < tc.max_tokens:
             with self.diagnostics.observe(loop):
                 r = self.step(lr_at(loop.tokens, tc))
+            if len(self.first_dts) < 2:
+                self.first_dts.append(r.dt)
             advance_clock(loop, self.tokens_per_step, r.dt)
             self.log.step(loop, r, self.tokens_per_step, self.target)
             outcome = self.divergence.after_step(loop, r.loss, r.grad_norm)

@@ -12,6 +12,7 @@ import torch
 from fp4.linear import QuantState
 from ..rundir import CHECKPOINT
 from .checkpoint import has_checkpoint, load_checkpoint
+from .compile import compile_decoder_layers, compile_enabled
 from .state import LoopState
 
 log = logging.getLogger("fp4_experiments.train")
@@ -40,7 +41,7 @@ def autocast_for(device, dtype_name: str) -> Callable[[], ContextManager]:
 class TrainSetup:
     optimizer: torch.optim.Optimizer
     autocast: Callable[[], ContextManager]
-    step_model: torch.nn.Module   # the forward the steps and evaluations run (maybe compiled)
+    step_model: torch.nn.Module   # the forward the steps run (its decoder layers maybe compiled)
     loop: LoopState
     ckpt_path: Path
     # The forward evaluations run: step_model, or under ddp the module inside the wrapper.
@@ -53,11 +54,11 @@ def setup_training(cfg, model, loader, quant_state: QuantState, device, run_dir:
     under fsdp2 the fully_shard-ed module (experiments/distributed.py wrap_model)."""
     optimizer = make_optimizer(model, cfg.train, device)
     autocast = autocast_for(device, cfg.hardware.autocast_dtype)
-    step_model = torch.compile(model) if cfg.hardware.compile else model
-    eval_model = step_model
+    if compile_enabled(cfg.hardware, device):  # in place, per decoder layer: every wrapper below sees the compiled layers
+        compile_decoder_layers(model, cfg.hardware.compile_backend)
+    step_model = eval_model = model
     if dist is not None and dist.mode == "ddp":
-        inner = model.module
-        eval_model = torch.compile(inner) if cfg.hardware.compile else inner
+        eval_model = model.module
     ckpt_path = Path(run_dir) / CHECKPOINT
     loop = LoopState()
     if resume and has_checkpoint(ckpt_path):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -30,3 +30,5 @@ class Outcome:
     tokens_to_target: Optional[float] = None
     diverged_at_tokens: Optional[int] = None
     diverged_reason: Optional[str] = None
+    # torch.compile in this attempt: {backend, compile_s, graphs, graph_breaks}; None when off.
+    compile: Optional[Dict[str, Any]] = None

@@ -20,6 +20,14 @@ and v is rounded onto the FP8 grid by integer arithmetic on its bits (fp4.kernel
 subnormal x, v or s is handled exactly and never flushed. The pass reads x twice (amax, then
 quantize) and writes once: the per-tensor scale depends on all of x, so that is the floor for
 current scaling.
+
+Cast-transpose (`fp8_quantize_t`, `_fp8_t_kernel`). torch._scaled_mm takes its first operand
+row-major and its second column-major, and every operand of a linear layer is used both ways
+(X: Fprop and Wgrad, W: Fprop and Dgrad, dY: Dgrad and Wgrad). Instead of a later
+q.t().contiguous() (a read and a write of the codes), the second pass runs over 2-D tiles of a
+row-major x [M, N]: each program loads its tile once, rounds it exactly as `_fp8_kernel` does
+(the shared helpers `_fp8_tensor_scale` and `_fp8_grid_bits`), and stores the codes to q [M, N]
+and, transposed in registers (tl.trans), to q_t [N, M]; Transformer Engine's cast-transpose.
 """
 from __future__ import annotations
 
@@ -38,6 +46,35 @@ FP8_NAN_CODE = {"e4m3": 0x7F, "e5m2": 0x7E}
 # Launch configuration of the quantize pass (bench_kernels --sweep measures alternatives): elements
 # per program and warps. The amax pre-pass has its own (fp4.kernels.amax.AMAX_CONFIG).
 FP8_CONFIG = dict(block=4096, num_warps=4)
+# Tile (rows x columns of x) and warps of the cast-transpose pass (fp8_quantize_t). Both tile
+# sides are multiples of 16 so either store is a run of >= 16 consecutive bytes per row; to be
+# tuned on the GPU like FP8_CONFIG.
+FP8_T_CONFIG = dict(block_m=64, block_n=64, num_warps=4)
+
+
+@triton.jit
+def _fp8_tensor_scale(amax_ptr, FMT_MAX: tl.constexpr):
+    """(s, finite) from the amax pre-pass's int: s = fp32(amax / max), 0 -> 1; finite is False
+    when the amax pattern is NaN / Inf (then every output is NaN and s is stored as NaN)."""
+    g = tl.load(amax_ptr)
+    finite = g < F32_INF_BITS
+    s = div_f32(g.to(tl.float32, bitcast=True), FMT_MAX)
+    s = tl.where(s == 0, 1.0, s)
+    return s, finite
+
+
+@triton.jit
+def _fp8_grid_bits(bits, s, rnd, MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS: tl.constexpr,
+                   MAXB: tl.constexpr, ROUND: tl.constexpr):
+    """Signed float32 bits of q = fp8_round(fp32(x / s)) for x given as float32 bits (any shape)."""
+    # s >= FAST_DIV_MIN: the fp32 IEEE division is exact here (see _bits.div_f32_rn).
+    if s >= FAST_DIV_MIN:
+        v = div_f32_rn(bits.to(tl.float32, bitcast=True), s)
+    else:
+        v = div_f32(bits.to(tl.float32, bitcast=True), s)
+    q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, QBITS, MAXB, rnd,
+                   MBITS, ROUND)
+    return q | (bits & (-2147483648))
 
 
 @triton.jit
@@ -50,17 +87,9 @@ def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     bits = load_bits(x_ptr, offs, mask, IN_KIND)
-    g = tl.load(amax_ptr)
-    finite = g < F32_INF_BITS
-    s = div_f32(g.to(tl.float32, bitcast=True), FMT_MAX)
-    s = tl.where(s == 0, 1.0, s)
+    s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
     if pid == 0:
         tl.store(scale_ptr, tl.where(finite, s, float("nan")))
-    # s >= FAST_DIV_MIN: the fp32 IEEE division is exact here (see _bits.div_f32_rn).
-    if s >= FAST_DIV_MIN:
-        v = div_f32_rn(bits.to(tl.float32, bitcast=True), s)
-    else:
-        v = div_f32(bits.to(tl.float32, bitcast=True), s)
     if ROUND == 1:
         # One Philox call (4 x 32 bits) per 4 consecutive elements.
         ctr = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
@@ -69,14 +98,36 @@ def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
         rnd = rnd.to(tl.int32, bitcast=True)
     else:
         rnd = bits
-    q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, QBITS, MAXB, rnd,
-                   MBITS, ROUND)
-    q = q | (bits & (-2147483648))
+    q = _fp8_grid_bits(bits, s, rnd, MBITS, EMIN, QBITS, MAXB, ROUND)
     if WRITE_DQ:
         store_bits(out_ptr, offs, tl.where(finite, q, F32_NAN_BITS), mask, IN_KIND)
     if WRITE_F8:
         code = tl.where(finite, encode_minifloat(q, MBITS, EMIN, 7), NAN_CODE)
         tl.store(f8_ptr + offs, code.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _fp8_t_kernel(x_ptr, f8_ptr, f8t_ptr, amax_ptr, scale_ptr, M, N,
+                  FMT_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                  QBITS: tl.constexpr, MAXB: tl.constexpr, NAN_CODE: tl.constexpr,
+                  IN_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cast-transpose: one [BLOCK_M, BLOCK_N] tile of a row-major x [M, N] is loaded once, rounded
+    as _fp8_kernel rounds (nearest), and its codes stored to f8 [M, N] and, transposed in
+    registers (tl.trans), to f8t [N, M], both row-major with rows along the contiguous axis."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    bits = load_bits(x_ptr, rows[:, None] * N + cols[None, :], mask, IN_KIND)
+    s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
+    if pid_m + pid_n == 0:
+        tl.store(scale_ptr, tl.where(finite, s, float("nan")))
+    q = _fp8_grid_bits(bits, s, bits, MBITS, EMIN, QBITS, MAXB, 0)
+    code = tl.where(finite, encode_minifloat(q, MBITS, EMIN, 7), NAN_CODE).to(tl.uint8)
+    tl.store(f8_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
+    mask_t = (cols[:, None] < N) & (rows[None, :] < M)
+    tl.store(f8t_ptr + cols[:, None] * M + rows[None, :], tl.trans(code), mask=mask_t)
 
 
 def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator=None,
@@ -116,3 +167,43 @@ def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator
     else:
         scale.fill_(1.0)
     return (out if return_dq else None), scale, (f8.view(FP8_DTYPES[fmt]) if return_fp8 else None)
+
+
+def fp8_quantize_t(x2d: torch.Tensor, fmt: str):
+    """(q, q_t, s) for a 2-D float32/bf16/fp16 x [M, N]: q the float8 tensor of fp8_quantize
+    (row-major [M, N], bit for bit), q_t = q^T as its own row-major [N, M] float8 tensor (so
+    q_t.t() is the column-major [M, N] operand torch._scaled_mm takes), s the 0-dim fp32 scale.
+
+    The cast-transpose of Transformer Engine: after the same amax pre-pass, one tiled pass reads
+    x once and writes both layouts, so no transposed copy of q is made afterwards. Round to
+    nearest only (the real FP8 GEMM path does not use stochastic rounding). NaN / Inf anywhere:
+    every code of q and q_t is NaN and s is NaN, as in fp8_quantize. An empty x gives empty
+    q, q_t and s = 1.
+    """
+    if fmt not in FP8_MAX:
+        raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_MAX)}")
+    if x2d.dim() != 2:
+        raise ValueError(f"fp8_quantize_t takes a 2-D tensor, got shape {tuple(x2d.shape)}")
+    xc = x2d.contiguous()
+    in_kind = IN_KINDS[xc.dtype]
+    view = KIND_VIEWS[in_kind]
+    m, n = xc.shape
+    dev = xc.device
+    amax = torch.zeros(1, dtype=torch.int32, device=dev)
+    scale = torch.empty((), dtype=torch.float32, device=dev)
+    f8 = torch.empty((m, n), dtype=torch.uint8, device=dev)
+    f8t = torch.empty((n, m), dtype=torch.uint8, device=dev)
+    mbits, emin = FORMATS[fmt][:2]
+    _, qbits, maxb = fixed_scale_consts(fmt)
+    bm, bn = FP8_T_CONFIG["block_m"], FP8_T_CONFIG["block_n"]
+    if m and n:
+        global_amax_bits(xc.view(view), in_kind, amax)
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        _fp8_t_kernel[grid](xc.view(view), f8, f8t, amax, scale, m, n,
+                            FMT_MAX=FP8_MAX[fmt], MBITS=mbits, EMIN=emin, QBITS=qbits, MAXB=maxb,
+                            NAN_CODE=FP8_NAN_CODE[fmt], IN_KIND=in_kind, BLOCK_M=bm, BLOCK_N=bn,
+                            num_warps=FP8_T_CONFIG["num_warps"])
+    else:
+        scale.fill_(1.0)
+    dtype = FP8_DTYPES[fmt]
+    return f8.view(dtype), f8t.view(dtype), scale

@@ -175,43 +175,4 @@ def test_jobs_per_gpu_is_validated(tmp_path):
     assert r.returncode != 0 and "sweep.jobs_per_gpu=0 must be >= 1" in r.stderr
 
 
-def test_bench_needs_a_gpu_and_renders_its_table():
-    import torch
-    from fp4_experiments.bench import add_ratios, render
-    if not torch.cuda.is_available():
-        r = run_cli("bench")
-        assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
-    meta = {"device_name": "GPU X", "command": "fp4-ablate bench", "git_commit": "abc",
-            "versions": {}, "date": "today"}
-    steps = [{"model": "m", "ladder": "bf16", "stabilizer": "none", "mode": "eager",
-              "median_step_s": 0.1, "peak_mem_bytes": 2**30, "tokens_per_s": 1000.0},
-             {"model": "m", "ladder": "wgrad", "stabilizer": "h16", "mode": "eager",
-              "median_step_s": 0.25, "peak_mem_bytes": 2**29, "tokens_per_s": 400.0},
-             {"model": "m", "ladder": "bf16", "stabilizer": "none", "mode": "cuda_graph",
-              "median_step_s": 0.05, "peak_mem_bytes": 2**30, "tokens_per_s": 2000.0},
-             {"model": "m", "ladder": "wgrad", "stabilizer": "h16", "mode": "cuda_graph",
-              "median_step_s": 0.06, "peak_mem_bytes": 2**30, "tokens_per_s": 1666.0},
-             {"model": "m", "ladder": "wgrad", "stabilizer": "h16", "compiled": True,
-              "error": "RuntimeError: boom"}]
-    add_ratios(steps)  # each mode against bf16 in the same mode
-    text = render(meta, [{"op": "mxfp4", "orientation": "axis=0", "impl": "triton",
-                          "median_ms": 0.15, "gbps": 1785.0, "pct_copy": 62.2, "correct": 0}], steps)
-    assert "| mxfp4 | axis=0 | triton | 0.150 | 1785 | 62.2 | 0 |" in text
-    assert "| m | bf16 | none | eager | 100.0 | 1.000 | 1.00 | 1.000 | 1,000 |" in text
-    assert "| m | wgrad | h16 | eager | 250.0 | 2.500 | 0.50 | 0.500 | 400 |" in text
-    assert "| m | wgrad | h16 | cuda_graph | 60.0 | 1.200 | 1.00 | 1.000 | 1,666 |" in text
-    assert "| m | wgrad | h16 | compile | error: RuntimeError: boom" in text
-
-
-def test_bench_plan_and_bad_names():
-    from fp4_experiments.bench import step_plan
-    plan = step_plan("llama-150m", ["llama-150m"], ["llama-150m"])
-    assert ("wgrad", "h16", "cuda_graph") in plan and ("wgrad", "h16", "compile") in plan
-    # SR and random signs draw fresh seeds on the host every step: never graphed.
-    assert not [p for p in plan if p[2] == "cuda_graph" and p[1] in ("sr", "rht")]
-    assert step_plan("m", [], [], ["bf16", "wgrad+h16"]) == [("bf16", "none", "eager"),
-                                                             ("wgrad", "h16", "eager")]
-    r = run_cli("bench", "--configs", "bf16,wgrad+h17")
-    assert r.returncode == 2 and "wgrad+h17" in r.stderr and "wgrad+h16" in r.stderr
-    r = run_cli("bench", "--models", "llama-21m")
-    assert r.returncode == 2 and "llama-21m" in r.stderr and "llama-20m" in r.stderr
+# The bench's own tests (plan, names, tables, the CPU refusal): tests/experiments/test_bench.py.

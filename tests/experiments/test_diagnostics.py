@@ -116,7 +116,7 @@ def test_training_diagnostics_observe_only_and_write_jsonl(tiny, compose, tmp_pa
     from fp4_experiments.runner import run_experiment
     from fp4_experiments.rundir import run_key
     plain = compose(tiny("+ladder=wgrad", "+stabilizer=sr", results=tmp_path / "a"))
-    probed = compose(tiny("+ladder=wgrad", "+stabilizer=sr", "diagnostics.every_steps=3",
+    probed = compose(tiny("+ladder=wgrad", "+stabilizer=sr", "diagnostics.every_steps=3", "diagnostics.window=2",
                           "diagnostics.layers=[mlp]", results=tmp_path / "b"))
     assert run_key(plain) == run_key(probed)  # diagnostics is not an experiment key
     sa, sb = run_experiment(plain), run_experiment(probed)
@@ -126,7 +126,12 @@ def test_training_diagnostics_observe_only_and_write_jsonl(tiny, compose, tmp_pa
     assert sa["best_ppl"] == sb["best_ppl"] and sa["steps"] == sb["steps"] == 10
     assert not (da / "diagnostics.jsonl").exists()
     recs = [json.loads(l) for l in (db / "diagnostics.jsonl").read_text().splitlines()]
+    windows = [r for r in recs if r["kind"] == "consistency"]
+    recs = [r for r in recs if r["kind"] == "gemm"]
     assert sorted({r["step"] for r in recs}) == [3, 6, 9]
+    # Windows 3..4, 6..7, 9..10 (the SR noise of the window's later steps is drawn as without the probe).
+    assert sorted({(r["first_step"], r["step"]) for r in windows}) == [(3, 4), (6, 7), (9, 10)]
+    assert len(windows) == 3 * 3 * 3 and {r["layer"] for r in windows} == {r["layer"] for r in recs}
     # layers=[mlp]: gate/up/down of the one layer, three GEMMs each, once per step (no accumulation).
     assert {r["layer"] for r in recs} == {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
                                           "model.layers.0.mlp.down_proj"}
@@ -143,11 +148,14 @@ def test_training_diagnostics_cut_back_on_resume(tmp_path):
     from fp4.linear import QuantState
     from fp4_experiments.diagnostics.training import DIAGNOSTICS, TrainingDiagnostics
     path = tmp_path / DIAGNOSTICS
-    path.write_text("".join(json.dumps({"kind": "gemm", "step": s}) + "\n" for s in (2, 4, 6)))
-    cfg = SimpleNamespace(every_steps=2, layers=None)
+    # A consistency record carries its window's last step: the window 4..5 ended after the checkpoint.
+    path.write_text("".join(json.dumps({"kind": "gemm", "step": s}) + "\n" for s in (2, 4, 6)) +
+                    "".join(json.dumps({"kind": "consistency", "first_step": f, "step": f + 1}) + "\n" for f in (2, 4)))
+    cfg = SimpleNamespace(every_steps=2, window=2, layers=None)
     hook = TrainingDiagnostics(cfg, QuantState(), tmp_path, start_step=4)  # resumed at step 4
     hook.close()
-    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [2, 4]
+    assert [(json.loads(l)["kind"], json.loads(l)["step"]) for l in path.read_text().splitlines()] == [
+        ("gemm", 2), ("gemm", 4), ("consistency", 3)]
     assert not TrainingDiagnostics(SimpleNamespace(every_steps=None, layers=None), QuantState(), tmp_path, 0).due(2)
     TrainingDiagnostics(cfg, QuantState(), tmp_path, start_step=0).close()  # a fresh run starts over
     assert path.read_text() == ""
@@ -159,11 +167,12 @@ def test_report_has_a_diagnostics_section(tiny, compose, tmp_path):
     results = tmp_path / "runs"
     for extra in ((), ("+ladder=wgrad", "diagnostics.every_steps=2"),
                   ("+ladder=wgrad", "+stabilizer=rht", "diagnostics.every_steps=2")):
-        run_experiment(compose(tiny(*extra, "train.target_ppl=1e9", results=results)))
+        run_experiment(compose(tiny(*extra, "diagnostics.window=2", "train.target_ppl=1e9", results=results)))
     report = make_report(results, tmp_path / "report", profiles=())
     text = report.markdown
     assert "## GEMM quantization diagnostics" in text
-    rows = [l for l in text.splitlines() if l.startswith("| wgrad/")]
+    per_gemm = text.split("### Per GEMM", 1)[1].split("###", 1)[0]
+    rows = [l for l in per_gemm.splitlines() if l.startswith("| wgrad/")]
     assert len(rows) == 6  # 2 configurations x 3 GEMMs; the fp8 run has no diagnostics
     assert (tmp_path / "report" / "diagnostics.csv").exists() and (tmp_path / "report" / "diagnostics.png").exists()
 

@@ -160,11 +160,13 @@ def test_crashing_rank_fails_the_run_and_it_resumes_on_two_or_one(runs, tmp_path
         assert _close(a[key], b[key]), (a, b)
 
 
-@pytest.mark.parametrize("stabilizer", ["sr", "sr_all"])
+@pytest.mark.parametrize("stabilizer", ["sr", "sr_fprop"])
 def test_activation_checkpointing_replays_the_forward_exactly(runs, tmp_path, stabilizer):
     """The recomputed forward reuses its call index: the same SR draws (dY in Wgrad; with
-    sr_operands=all also X and W in Fprop), so the run is bit-identical to the one without."""
-    extra = [] if stabilizer == "sr" else ["stabilizer.sr_operands=all"]
+    sr_operands=all on every GEMM also X and W in Fprop, the one recipe whose forward draws
+    random numbers), so the run is bit-identical to the one without."""
+    extra = [] if stabilizer == "sr" else ["stabilizer.sr_operands=all",
+                                           "stabilizer.gemms=[fprop,dgrad,wgrad]"]
     reference = runs["one"]
     if extra:
         p = _run([*COMMON, *extra, f"cache_dir={runs['cache']}", f"results_dir={tmp_path / 'a'}"])
@@ -249,7 +251,72 @@ def test_parallel_config_is_checked(compose, tiny, monkeypatch):
                         environment=False)
 
 
-def test_parallel_is_not_an_experiment_key(compose, tiny):
+def test_activation_checkpointing_recomputes_sr_fprop_with_the_same_draws():
+    """The hazard and its fix, on one QuantLinear with SR of X and W in Fprop: a recomputation
+    counted as a new call (plain torch.utils.checkpoint) draws other noise than the forward it
+    repeats, so its output (and the gradients computed from it) differ; under
+    QuantState.replaying (what wrap_model's context_fn enters) they are bit-identical."""
+    import contextlib
+    from torch.utils.checkpoint import checkpoint
+    from fp4.linear import QuantLinear, QuantState
+    from fp4.recipe import Recipe
+    recipe = Recipe(ladder="wgrad", stabilizer="sr", sr_operands="all",
+                    stabilizer_gemms=["fprop", "dgrad", "wgrad"], seed=3)
+    assert {"sr:fprop.x", "sr:fprop.w"} <= set(recipe.random_draws)
+    x0, dy = torch.randn(64, 64), torch.randn(64, 32)
+
+    def grads(mode):
+        state = QuantState(3)
+        torch.manual_seed(0)
+        layer = QuantLinear(64, 32, bias=False, recipe=recipe, state=state)
+        x = x0.clone().requires_grad_(True)
+        if mode == "plain":
+            y = layer(x)
+        else:
+            recompute = state.replaying() if mode == "replay" else contextlib.nullcontext()
+            y = checkpoint(layer, x, use_reentrant=False,
+                           context_fn=lambda: (contextlib.nullcontext(), recompute))
+        y.backward(dy)
+        return layer.weight.grad, x.grad
+
+    plain, replayed, counted = grads("plain"), grads("replay"), grads("counted")
+    assert all(torch.equal(a, b) for a, b in zip(plain, replayed))
+    assert not all(torch.equal(a, b) for a, b in zip(plain, counted))
+
+
+def test_run_key_has_only_the_parallel_settings_that_change_numerics(compose, tiny):
+    """World size, mode, timeout and activation checkpointing are not in the key (a run resumes
+    on any number of ranks, under ddp or fsdp2 in float32); fsdp2 computing in bf16/fp16 is."""
+    from fp4_experiments.rundir import experiment_dict, run_key
+    base = run_key(compose(tiny()))                      # tiny: hardware=cpu
+    same = [("parallel=ddp",), ("parallel=fsdp2",), ("parallel=fsdp2", "parallel.timeout_s=60",
+            "parallel.activation_checkpointing=true"), ("parallel=fsdp2", "hardware.device=auto",
+            "parallel.param_dtype=float32")]
+    for extra in same:
+        assert run_key(compose(tiny(*extra))) == base, extra
+    assert "parallel" not in experiment_dict(compose(tiny("parallel=fsdp2")))
+    # bf16 parameters: W is quantized from a rounded copy of the master weight.
+    for extra, dtype in [(("hardware.device=auto",), "bfloat16"),
+                         (("hardware.device=cuda",), "bfloat16"),
+                         (("hardware.device=auto", "hardware.autocast_dtype=float16"), "float16"),
+                         (("parallel.param_dtype=bfloat16",), "bfloat16")]:
+        cfg = compose(tiny("parallel=fsdp2", *extra))
+        assert experiment_dict(cfg)["parallel"] == {"param_dtype": dtype}, extra
+        assert run_key(cfg) != base, extra
+    assert run_key(compose(tiny("parallel=fsdp2", "hardware.device=auto"))) == \
+        run_key(compose(tiny("parallel=fsdp2", "parallel.param_dtype=bfloat16")))
+    # One process on any hardware: no parallel entry at all, so keys are what they were.
+    assert run_key(compose(tiny("hardware.device=auto"))) == base
+
+
+def test_committed_single_process_run_keys_are_unchanged():
+    """The key recomputed from a committed run's config.yaml (written before parallel existed)
+    is the one its summary.json recorded."""
+    from omegaconf import OmegaConf
     from fp4_experiments.rundir import run_key
-    assert run_key(compose(tiny())) == run_key(compose(tiny(
-        "parallel=fsdp2", "parallel.activation_checkpointing=true", "parallel.timeout_s=60")))
+    runs = sorted((Path(__file__).resolve().parents[2] / "results" / "mxfp4-ladder-llama20m" /
+                   "runs").glob("*/config.yaml"))[:8]
+    assert runs
+    for config in runs:
+        recorded = json.loads((config.parent / "summary.json").read_text())["run_key"]
+        assert run_key(OmegaConf.load(config)) == recorded, config.parent.name

@@ -224,3 +224,12 @@ def mx_blocks(n_blocks, generator, spread=8.0):
     base = torch.exp2(torch.empty(n_blocks, 1, dtype=F64).uniform_(-20, 20, generator=generator).floor())
     within = wide_binade_values(n_blocks * 32, generator, -spread, 1.0).reshape(n_blocks, 32).to(F64)
     return (base * within).to(torch.float32)
+
+
+def wide_tensor(shape, dtype, seed: int = 0, spread: int = 20, device="cpu") -> torch.Tensor:
+    """randn with a different power-of-two magnitude per row and column (wide dynamic range)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x = x * torch.exp2(torch.randint(-spread, spread, (shape[0], 1), generator=g).float())
+    x = x * torch.exp2(torch.randint(-4, 4, (1, shape[1]), generator=g).float())
+    return x.to(dtype).to(device)

@@ -1,6 +1,6 @@
 """The Triton kernels (fp4.kernels) against the torch reference (fp4.quantize, backend="torch").
 
-Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (set below, before triton
+Without a GPU the kernels run under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py, before triton
 is first imported); with CUDA the same tests run the compiled kernels. Round-to-nearest must be
 bit-identical (float32 / bfloat16 bit patterns; NaN == NaN); stochastic rounding is checked for
 unbiasedness with a Hoeffding bound and for reproducibility. Sizes are small: the interpreter
@@ -17,6 +17,8 @@ import sys
 
 import pytest
 import torch
+
+from fp4_reference import wide_tensor
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -64,12 +66,7 @@ def check(x, fmt, axis, **kw):
 
 
 def wide(shape, dtype, seed=0, spread=20):
-    """randn with a different power-of-two magnitude per row and column (wide dynamic range)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g)
-    x = x * torch.exp2(torch.randint(-spread, spread, (shape[0], 1), generator=g).float())
-    x = x * torch.exp2(torch.randint(-4, 4, (1, shape[1]), generator=g).float())
-    return x.to(dtype).to(DEV)
+    return wide_tensor(shape, dtype, seed, spread, DEV)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
