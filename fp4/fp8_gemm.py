@@ -57,6 +57,13 @@ def dims_fit(m: int, k: int, n: int) -> bool:
     return m > 0 and k > 0 and n > 0 and k % FP8_DIM_MULTIPLE == 0 and n % FP8_DIM_MULTIPLE == 0
 
 
+def _check_fp8_args(fmt: str, backend: str) -> None:
+    if backend not in choices(QuantBackend):
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(choices(QuantBackend))}")
+    if fmt not in FP8_DTYPES:
+        raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_DTYPES)}")
+
+
 @torch.no_grad()
 def quantize_fp8(x: torch.Tensor, fmt: str, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor current scaling: returns (q as a float8 tensor, s as a 0-dim fp32 tensor), x ~ q * s.
@@ -69,10 +76,7 @@ def quantize_fp8(x: torch.Tensor, fmt: str, backend: str = "auto") -> Tuple[torc
     bit-identical, tested under TRITON_INTERPRET=1 and on the GPU by the benchmark), or "auto"
     (triton for CUDA tensors when it imports).
     """
-    if backend not in choices(QuantBackend):
-        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(choices(QuantBackend))}")
-    if fmt not in FP8_DTYPES:
-        raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_DTYPES)}")
+    _check_fp8_args(fmt, backend)
     # The kernel takes float32/bf16/fp16; a float64 x goes to the torch route (use_triton says so).
     if use_triton(x, backend, fmt):
         from .kernels.fp8_quant import fp8_quantize
@@ -103,10 +107,7 @@ def quantize_fp8_both(x: torch.Tensor, fmt: str, backend: str = "auto"
     """
     if x.dim() != 2:
         raise ValueError(f"quantize_fp8_both takes a 2-D tensor, got shape {tuple(x.shape)}")
-    if backend not in choices(QuantBackend):
-        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(choices(QuantBackend))}")
-    if fmt not in FP8_DTYPES:
-        raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_DTYPES)}")
+    _check_fp8_args(fmt, backend)
     if use_triton(x, backend, fmt):
         from .kernels.fp8_quant import fp8_quantize_t
         return fp8_quantize_t(x, fmt)
