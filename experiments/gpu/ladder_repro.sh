@@ -55,11 +55,8 @@ MAX_TOKENS=${MAX_TOKENS:-20971520}
 # Runs per GPU: a llama-20m run peaks at ~8.2 GB (12 runs: 98 GB on an H200, gpu_util.log), so
 # one per 10 GiB of the GPU's memory, at most 12 (past that the GPU is saturated: ~86% busy at 12):
 # 12 on an H200 (141 GB), 7 on an H100 80GB.
-if [ -z "${JOBS_PER_GPU:-}" ]; then
-  MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-  JOBS_PER_GPU=$(( ${MEM_MIB:-0} / 10240 )); [ "$JOBS_PER_GPU" -gt 12 ] && JOBS_PER_GPU=12
-  [ "$JOBS_PER_GPU" -ge 1 ] || JOBS_PER_GPU=1
-fi
+source experiments/gpu/ladder_lib.sh
+JOBS_PER_GPU=${JOBS_PER_GPU:-$(ladder_jobs_per_gpu 10 12)}
 echo "runs per GPU: $JOBS_PER_GPU"
 DEADLINE=${DEADLINE:-}
 EXTRA=${EXTRA:-}
@@ -69,39 +66,8 @@ COMMON="model=$MODEL train=gpu data=jsonl data.path=$MIX_DIR/*.json*.gz data.val
   train.warmup_tokens=$((MAX_TOKENS / 20)) train.eval_every_tokens=${EVAL_EVERY:-524288}
   cache_dir=${CACHE:-/tmp/cache} results_dir=$RESULTS train.progress_bar=false
   sweep.jobs_per_gpu=$JOBS_PER_GPU $EXTRA"
-if [ -n "${RESTORE:-}" ] && [ -f "$RESTORE" ]; then
-  tar xzf "$RESTORE" -C "$STATE" --skip-old-files
-elif [ -n "${RESTORE:-}" ] && [ -d "$RESTORE" ]; then
-  for f in runs calibrate.txt wall_time.log gpu_util.log bench; do
-    [ -e "$RESTORE/$f" ] && cp -rn "$RESTORE/$f" "$STATE/"
-  done
-fi
-[ -n "${RESTORE:-}" ] && echo "restored $(ls "$RESULTS" | wc -l) run dirs from $RESTORE"
-t0=$(date +%s)
-stage=start
-# GPU utilization and memory every 20 s: how full the shared GPU is (to choose JOBS_PER_GPU).
-nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 20 \
-  >> "$STATE/gpu_util.log" 2>/dev/null & SMI=$!
-finish() {  # log this call's wall time and pack what is done, whatever happened
-  kill $SMI 2>/dev/null
-  echo "$t0 $(date +%s) $(( $(date +%s) - t0 )) $stage $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" >> "$STATE/wall_time.log"
-  awk '{s += $3} END {print "sweep wall time so far (all calls):", s, "s over", NR, "call(s)"}' "$STATE/wall_time.log" | tee "$OUT/wall_time.txt"
-  tar czf "$OUT/runs.tgz" --exclude=checkpoints -C "$STATE" runs wall_time.log gpu_util.log \
-    $(cd "$STATE" && ls -d calibrate.txt bench report report.log 2>/dev/null)
-}
-trap finish EXIT
-sweep() {  # one resumable sweep, stopped (runs keep their checkpoints) before DEADLINE
-  local limit=""
-  if [ -n "$DEADLINE" ]; then
-    local left=$(( DEADLINE - $(date +%s) ))
-    [ "$left" -gt 30 ] || { echo "deadline reached before: sweep $*"; return 124; }
-    limit="timeout -k 15 $left"
-  fi
-  $limit $FP4_ABLATE_CLI sweep $COMMON "$@" 2>&1 | grep --line-buffered -E "^\[sweep|sweep finished|FAILED|Error|fp4-ablate sweep"
-  local rc=${PIPESTATUS[0]}
-  pkill -f "python3 -m fp4_ablate" 2>/dev/null; pkill -f loky 2>/dev/null; sleep 2  # orphans of a timeout
-  return "$rc"
-}
+ladder_restore
+ladder_start
 echo "== 0. token caches (tokenizer + packed streams) built once, before runs share them"
 stage=cache
 $FP4_ABLATE_CLI run $COMMON train.max_tokens=32768 train.warmup_tokens=0 train.target_ppl=null \
@@ -110,14 +76,14 @@ T=$(grep -so 'train.target_ppl=[0-9.]*' "$STATE/calibrate.txt" | cut -d= -f2)
 if [ -z "$T" ]; then
   echo "== 1. FP8 runs without a target (calibration), $SEEDS seeds"
   stage=calibration
-  sweep +ladder=fp8 train.target_ppl=null "seed=range(0,$SEEDS)" || exit 1
+  ladder_sweep +ladder=fp8 train.target_ppl=null "seed=range(0,$SEEDS)" || exit 1
   $FP4_ABLATE_CLI calibrate "$RESULTS" --fraction 0.7 | tee "$STATE/calibrate.txt"
   T=$(grep -o 'train.target_ppl=[0-9.]*' "$STATE/calibrate.txt" | cut -d= -f2)
   [ -n "$T" ] || { echo "calibration gave no target"; exit 1; }
 fi
 echo "== 2. the default grid + the bf16 reference row at train.target_ppl=$T, seed-major"
 stage=grid
-sweep "seed=range(0,$SEEDS)" "+ablation=$GRID" train.target_ppl=$T || exit 1
+ladder_sweep "seed=range(0,$SEEDS)" "+ablation=$GRID" train.target_ppl=$T || exit 1
 echo "== 3. each configuration alone on the GPU: the isolated tokens/s the step gain is modeled from"
 stage=bench
 if ! ls "$STATE"/bench/*.json >/dev/null 2>&1; then

@@ -2,6 +2,12 @@
 # torchrun on one GPU (NCCL): llama-150m for 40 steps under bf16, fp8 and wgrad+h16, each with
 # parallel=fsdp2 and without (parallel=none), then llama-350m with FSDP2 + activation
 # checkpointing. Prints both loss curves side by side and each run's peak GPU memory.
+# CHECKS selects the parts (default "rungs ac350"):
+#   rungs  llama-150m bf16 / fp8 / wgrad+h16, parallel=fsdp2 against parallel=none
+#   ac350  llama-350m wgrad+h16 fsdp2, activation checkpointing off / on
+#   noise  llama-150m wgrad+h16: the same run twice (parallel=none, same seed: the GPU's own
+#          run-to-run noise) and fsdp2 with parallel.param_dtype=float32 (the one-process numerics)
+#   1b     llama-1b (~1B decoder) fsdp2 + activation checkpointing, bf16 and wgrad+h16: peak memory
 # Usage (device machine, repo root, .carry carried): bash experiments/gpu/torchrun_check.sh
 source experiments/gpu/setup.sh
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -48,24 +54,58 @@ for d in sys.argv[1:]:
               f"micro/rank={s.get('micro_batch_per_rank')} allreduce={s.get('allreduce_dtype')}")
 EOF
 }
-for rung in "+ladder=bf16" "+ladder=fp8" "+ladder=wgrad +stabilizer=h16"; do
-  tag=$(echo "$rung" | tr -d '+' | tr ' =' '__')
-  for mode in none fsdp2; do
-    timeout 240 $TORCHRUN $OUT/run_with_peak.py run model=llama-150m $C4 $SHORT $rung parallel=$mode \
-      results_dir=$OUT/runs/$tag-$mode > $OUT/$tag-$mode.log 2>&1
-    echo "[$rung parallel=$mode] rc=$? $(grep -E '^PEAK' $OUT/$tag-$mode.log | head -1)"
-    grep -E 'Error|error:' $OUT/$tag-$mode.log | tail -3
+check_rungs() {
+  for rung in "+ladder=bf16" "+ladder=fp8" "+ladder=wgrad +stabilizer=h16"; do
+    tag=$(echo "$rung" | tr -d '+' | tr ' =' '__')
+    for mode in none fsdp2; do
+      timeout 240 $TORCHRUN $OUT/run_with_peak.py run model=llama-150m $C4 $SHORT $rung parallel=$mode \
+        results_dir=$OUT/runs/$tag-$mode > $OUT/$tag-$mode.log 2>&1
+      echo "[$rung parallel=$mode] rc=$? $(grep -E '^PEAK' $OUT/$tag-$mode.log | head -1)"
+      grep -E 'Error|error:' $OUT/$tag-$mode.log | tail -3
+    done
+    curves $OUT/runs/$tag-none $OUT/runs/$tag-fsdp2
   done
-  curves $OUT/runs/$tag-none $OUT/runs/$tag-fsdp2
+}
+check_ac350() {
+  # llama-350m: FSDP2 with activation checkpointing against FSDP2 without (same numerics: the
+  # recomputed forward of a deterministic Fprop is the same).
+  for ac in false true; do
+    timeout 300 $TORCHRUN $OUT/run_with_peak.py run model=llama-350m $C4 $SHORT +ladder=wgrad +stabilizer=h16 \
+      parallel=fsdp2 parallel.activation_checkpointing=$ac train.max_tokens=327680 \
+      train.eval_every_tokens=163840 results_dir=$OUT/runs/350m-ac-$ac > $OUT/350m-ac-$ac.log 2>&1
+    echo "[llama-350m wgrad+h16 fsdp2 activation_checkpointing=$ac] rc=$? $(grep -E '^PEAK' $OUT/350m-ac-$ac.log | head -1)"
+    grep -E 'Error|error:' $OUT/350m-ac-$ac.log | tail -3
+  done
+  curves $OUT/runs/350m-ac-false $OUT/runs/350m-ac-true
+}
+check_noise() {
+  local rung="+ladder=wgrad +stabilizer=h16"
+  for tag in none-a none-b fsdp2-fp32; do
+    local mode=none; [ "$tag" = fsdp2-fp32 ] && mode="fsdp2 parallel.param_dtype=float32"
+    timeout 240 $TORCHRUN $OUT/run_with_peak.py run model=llama-150m $C4 $SHORT $rung parallel=$mode \
+      results_dir=$OUT/runs/noise-$tag > $OUT/noise-$tag.log 2>&1
+    echo "[noise $tag: $rung parallel=$mode] rc=$? $(grep -E '^PEAK' $OUT/noise-$tag.log | head -1)"
+    grep -E 'Error|error:' $OUT/noise-$tag.log | tail -3
+  done
+  echo "-- the same run twice (parallel=none): run-to-run noise"
+  curves $OUT/runs/noise-none-a $OUT/runs/noise-none-b
+  echo "-- parallel=none against fsdp2 with float32 parameters"
+  curves $OUT/runs/noise-none-a $OUT/runs/noise-fsdp2-fp32
+}
+check_1b() {  # 8 steps of 16 x 1024 tokens in micro-batches of 4, evaluation at the end
+  for rung in "+ladder=bf16" "+ladder=wgrad +stabilizer=h16"; do
+    local tag=1b-$(echo "$rung" | tr -d '+' | tr ' =' '__')
+    timeout 420 $TORCHRUN $OUT/run_with_peak.py run model=llama-1b $C4 $SHORT $rung parallel=fsdp2 \
+      parallel.activation_checkpointing=true train.micro_batch_size=4 train.max_tokens=131072 \
+      train.warmup_tokens=16384 train.eval_every_tokens=131072 train.log_every_steps=1 \
+      train.checkpoint_every_steps=1000 results_dir=$OUT/runs/$tag > $OUT/$tag.log 2>&1
+    echo "[llama-1b $rung fsdp2 + activation checkpointing] rc=$? $(grep -E '^PEAK' $OUT/$tag.log | head -1)"
+    grep -E 'Error|error:|parameters' $OUT/$tag.log | tail -3
+    curves $OUT/runs/$tag $OUT/runs/$tag
+  done
+}
+for check in ${CHECKS:-rungs ac350}; do
+  echo "== $check"
+  check_$check
 done
-# llama-350m: FSDP2 with activation checkpointing against FSDP2 without (same numerics: the
-# recomputed forward of a deterministic Fprop is the same).
-for ac in false true; do
-  timeout 300 $TORCHRUN $OUT/run_with_peak.py run model=llama-350m $C4 $SHORT +ladder=wgrad +stabilizer=h16 \
-    parallel=fsdp2 parallel.activation_checkpointing=$ac train.max_tokens=327680 \
-    train.eval_every_tokens=163840 results_dir=$OUT/runs/350m-ac-$ac > $OUT/350m-ac-$ac.log 2>&1
-  echo "[llama-350m wgrad+h16 fsdp2 activation_checkpointing=$ac] rc=$? $(grep -E '^PEAK' $OUT/350m-ac-$ac.log | head -1)"
-  grep -E 'Error|error:' $OUT/350m-ac-$ac.log | tail -3
-done
-curves $OUT/runs/350m-ac-false $OUT/runs/350m-ac-true
 tar czf $OUT/torchrun_check.tgz --exclude=checkpoints -C $OUT runs

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The longer ladder (issue 17) in one command: every configuration trained for a fixed budget of
+# ~12 tokens per quantized-linear parameter (no early stop, diagnostics on), at three model sizes.
+#
+#   part   model     quantized-linear params  tokens/run   seeds  grid
+#   main   llama-3m  3,145,728                36,700,160   5      MAIN_GRID (12 configurations)
+#   size1  llama-1m    983,040                11,796,480   3      SIZE_GRID (5)
+#   size6  llama-6m  5,806,080                69,664,768   3      SIZE_GRID (5), needs $MIX6_DIR
+#
+# Data: training on the C4 train shard + real English from ../shared/data/webtext (JSON lines),
+# validation on C4's validation shard. main and size1 read $MIX_DIR (the C4 shard + two Wikipedia
+# shards + FineWeb + WebText: 36,974,096 tokens with the BPE-8192 tokenizer, so main is one epoch
+# less 0.7%); size6 reads $MIX6_DIR (all of webtext + the C4 shard, ~75M tokens), which does not fit
+# one device call's carry. Prepare with
+#   bash experiments/gpu/ladder_repro.sh --prepare    (.carry/mix, .carry/c4val, .carry/whl)
+# then on the GPU machine, repo root, .carry carried:
+#   PARTS=main bash experiments/gpu/ladder_long.sh <git commit>
+# Knobs (environment): PARTS (default "main size1"), SEED_FROM/SEED_TO (override a part's seed
+# range, e.g. to split a part over calls), GRID (override the part's grid), JOBS_PER_GPU,
+# DEADLINE (epoch seconds: stop in time to pack what is done), RESTORE (runs.tgz of an earlier
+# call, or a results directory such as results/ladder-long, brought into a fresh $STATE), OUT,
+# STATE, CACHE, EXTRA (more overrides for every run).
+# Every run of every part lands in $STATE/runs; the report (`fp4-ablate report`) makes one table
+# per part (each is its own experiment group) with the target calibrated post hoc from the FP8
+# runs, and the scaling section across the parts.
+set -u
+MIX_DIR=${MIX_DIR:-.carry/mix}
+MIX6_DIR=${MIX6_DIR:-.carry/mix6}
+VAL_DIR=${VAL_DIR:-.carry/c4val}
+MAIN_GRID=bf16,fp8,fprop,dgrad,wgrad,wgrad_sr,wgrad_rht,wgrad_h16,wgrad_h16_all,nvfp4_wgrad,ufp4_wgrad,ufp4_e2m1_wgrad
+SIZE_GRID=fp8,fprop,dgrad,wgrad,wgrad_h16_all
+if [ -z "${FP4_ABLATE_CLI:-}" ]; then
+  source experiments/gpu/setup.sh
+  FP4_ABLATE_CLI="python3 -m fp4_ablate"
+fi
+export FP4_ABLATE_GIT_COMMIT=${1:-${FP4_ABLATE_GIT_COMMIT:-unknown}}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # many runs share the host's cores
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1}  # one compile worker per run
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STATE=${STATE:-$OUT/ladder}; RESULTS=$STATE/runs; mkdir -p "$RESULTS"
+DEADLINE=${DEADLINE:-}
+source experiments/gpu/ladder_lib.sh
+# A llama-3m run needs a few GiB; the 16 host cores, not the GPU's memory, bound the packing.
+JOBS_PER_GPU=${JOBS_PER_GPU:-$(ladder_jobs_per_gpu 6 15)}
+echo "runs per GPU: $JOBS_PER_GPU"
+ladder_restore
+ladder_start
+
+part_settings() {  # PART -> MODEL MAX_TOKENS EVAL_EVERY SEEDS PART_GRID DATA_DIR
+  case "$1" in
+    main)  MODEL=llama-3m; MAX_TOKENS=36700160; EVAL_EVERY=1048576; SEEDS=5; PART_GRID=$MAIN_GRID; DATA_DIR=$MIX_DIR ;;
+    size1) MODEL=llama-1m; MAX_TOKENS=11796480; EVAL_EVERY=393216;  SEEDS=3; PART_GRID=$SIZE_GRID; DATA_DIR=$MIX_DIR ;;
+    size6) MODEL=llama-6m; MAX_TOKENS=69664768; EVAL_EVERY=2097152; SEEDS=3; PART_GRID=$SIZE_GRID; DATA_DIR=$MIX6_DIR ;;
+    *) echo "unknown part $1: choose main, size1 or size6"; exit 2 ;;
+  esac
+}
+
+for part in ${PARTS:-main size1}; do
+  part_settings "$part"
+  ls "$DATA_DIR"/*.json*.gz >/dev/null 2>&1 || { echo "part $part: no data in $DATA_DIR"; exit 2; }
+  # Fixed budget (target null, the report calibrates one post hoc), eval every 1/35-1/30 of it,
+  # warmup 5% of it, diagnostics every 50 steps.
+  COMMON="model=$MODEL train=gpu data=jsonl data.path=$DATA_DIR/*.json*.gz data.val_path=$VAL_DIR
+    tokenizer.vocab_size=8192 train.max_tokens=$MAX_TOKENS train.target_ppl=null
+    train.warmup_tokens=$((MAX_TOKENS / 20)) train.eval_every_tokens=$EVAL_EVERY +diagnostics=on
+    cache_dir=${CACHE:-/tmp/cache} results_dir=$RESULTS train.progress_bar=false
+    sweep.jobs_per_gpu=$JOBS_PER_GPU ${EXTRA:-}"
+  echo "== $part: token cache (built once, before the runs share it)"
+  stage=$part-cache
+  $FP4_ABLATE_CLI run $COMMON train.max_tokens=32768 train.warmup_tokens=0 \
+    results_dir=/tmp/cache-warmup sweep.force=true 2>&1 | grep -E "data ready|Error" || exit 1
+  echo "== $part: $MODEL, $MAX_TOKENS tokens per run, seeds ${SEED_FROM:-0}..$(( ${SEED_TO:-$SEEDS} - 1 )), grid ${GRID:-$PART_GRID}"
+  stage=$part
+  ladder_sweep "seed=range(${SEED_FROM:-0},${SEED_TO:-$SEEDS})" "+ablation=${GRID:-$PART_GRID}" || exit 1
+done
+stage=done
+$FP4_ABLATE_CLI report "$RESULTS" --out "$STATE/report" --target-ppl calibrate \
+  > "$STATE/report.log" 2>&1; head -40 "$STATE/report.log"
