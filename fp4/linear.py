@@ -171,7 +171,11 @@ class QuantLinear(nn.Linear):
         if state.probe is not None or state.check_finite or self.check_finite or not state.execution.real_fp8:
             return ""
         device = x2d.device
-        if not _fp8_shares(id(self.recipe), device.type, device.index, x2d.shape[0] % 16 == 0,
+        # A Python branch, not an argument: once dynamo makes the row count symbolic (a second batch
+        # size, e.g. the short last evaluation batch) this is a guard, and _fp8_shares still gets
+        # only constants.
+        tokens_fit = True if x2d.shape[0] % 16 == 0 else False
+        if not _fp8_shares(id(self.recipe), device.type, device.index, tokens_fit,
                            self.in_features, self.out_features):
             return ""
         return self._fp8_formats

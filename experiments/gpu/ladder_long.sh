@@ -67,8 +67,11 @@ for part in ${PARTS:-main size1}; do
     sweep.jobs_per_gpu=$JOBS_PER_GPU ${EXTRA:-}"
   echo "== $part: token cache (built once, before the runs share it)"
   stage=$part-cache
+  # One step and an evaluation of the FP8 rung, compiled as the runs are: a failure here stops
+  # the call before 14 runs each fail the same way.
   $FP4_ABLATE_CLI run $COMMON train.max_tokens=32768 train.warmup_tokens=0 \
-    results_dir=/tmp/cache-warmup sweep.force=true 2>&1 | grep -E "data ready|Error" || exit 1
+    results_dir=/tmp/cache-warmup sweep.force=true 2>&1 | grep -E "data ready|Error"
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "part $part: the warm-up run failed"; exit 1; }
   echo "== $part: $MODEL, $MAX_TOKENS tokens per run, seeds ${SEED_FROM:-0}..$(( ${SEED_TO:-$SEEDS} - 1 )), grid ${GRID:-$PART_GRID}"
   stage=$part
   ladder_sweep "seed=range(${SEED_FROM:-0},${SEED_TO:-$SEEDS})" "+ablation=${GRID:-$PART_GRID}" || exit 1

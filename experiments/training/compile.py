@@ -17,6 +17,10 @@ is bit-identical (tests/fp4/test_compile.py, tests/experiments/test_compile_trai
 Compile time is paid in the first step(s) that run a new graph: the training step, then the first
 evaluation (no_grad: another graph). The run logs both as `compile_s` (first step minus a steady
 step) and the number of graphs and graph breaks dynamo reports.
+
+Shapes are static (`dynamic=False`): a run has a handful of them (the training micro-batch, the
+evaluation batch and its shorter last batch, with and without grad), each compiled once into the
+graph the bench times, instead of one symbolic-shape graph after the second size is seen.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ def compile_decoder_layers(model: nn.Module, backend: str) -> int:
     """Compile each decoder layer of `model` in place with `backend`; returns how many."""
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(backend=str(backend))
+        layer.compile(backend=str(backend), dynamic=False)
     log.info("torch.compile (%s) on %d decoder layers (regional: one graph serves all)", backend, len(layers))
     return len(layers)
 

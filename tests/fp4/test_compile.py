@@ -109,3 +109,29 @@ def test_a_layer_without_bias_on_an_input_without_grad_trains():
     layer = QuantLinear(32, 16, bias=False, recipe=Recipe("wgrad", "none"), state=QuantState(seed=1))
     layer(torch.randn(8, 32)).sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.shape == (16, 32)
+
+
+@pytest.mark.parametrize("recipe", [Recipe("fp8", "none"), Recipe("wgrad", "h16"), Recipe("wgrad", "sr")],
+                         ids=lambda r: r.name)
+def test_compiled_blocks_take_new_batch_sizes(recipe):
+    """A second row count makes dynamo recompile with a symbolic one (a run's evaluation ends on a
+    short batch: 511 sequences in batches of 64). Nothing in the layer may then need the row count
+    as a Python constant (the FP8 sharing decision once did: every compiled FP8/FP4 run failed at its
+    first evaluation on the GPU). Real FP8 allowed, as on CUDA; eager gives the same bits."""
+    from fp4.state import ExecutionConfig
+    torch.manual_seed(0)
+    eager_state = QuantState(seed=11, execution=ExecutionConfig(real_fp8=True))
+    eager = nn.Sequential(*[Block(64, recipe, eager_state, i) for i in range(2)])
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    for block in compiled:
+        block.compile(backend="aot_eager", fullgraph=True)
+    gen = torch.Generator().manual_seed(5)
+    for rows in (48, 48, 37, 32, 21):  # 37 and 21 are not multiples of 16
+        x = torch.randn(rows, 64, generator=gen)
+        losses = [m(x).square().mean() for m in (eager, compiled)]
+        for loss in losses:
+            loss.backward()
+        assert torch.equal(losses[0].detach(), losses[1].detach()), rows
+        for a, b in zip(eager.parameters(), compiled.parameters()):
+            assert torch.equal(a.grad, b.grad), rows
