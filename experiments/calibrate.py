@@ -40,6 +40,12 @@ class CalibrationError(SystemExit):
     """Calibration impossible; the message says why (the CLI exits 2 with it)."""
 
 
+def target_from(ppls: List[float]) -> float:
+    """The target of a set of FP8 perplexities: their geometric mean (perplexities are exponentials),
+    rounded to the 2 decimals calibrate prints in its override."""
+    return round(math.exp(sum(math.log(p) for p in ppls) / len(ppls)), 2)
+
+
 def calibrate(results_dir: Path, fraction: float = 0.7, model: Optional[str] = None,
               data: Optional[str] = None) -> Dict:
     results_dir = Path(results_dir)
@@ -77,8 +83,7 @@ def calibrate(results_dir: Path, fraction: float = 0.7, model: Optional[str] = N
     if len(groups) > 1:
         raise CalibrationError("fp4-ablate calibrate: FP8 runs of several configurations "
                                f"{sorted(groups)}; choose one with --model/--data")
-    target = math.exp(sum(math.log(r["ppl"]) for r in rows) / len(rows))
-    return {"target_ppl": round(target, 2), "fraction": fraction, "runs": rows,
+    return {"target_ppl": target_from([r["ppl"] for r in rows]), "fraction": fraction, "runs": rows,
             "skipped": skipped, "model": rows[0]["model"], "data": rows[0]["data"],
             "max_tokens": rows[0]["max_tokens"]}
 

@@ -9,8 +9,10 @@ Pipeline (each step its own module, each testable on synthetic run directories):
    t-interval), the extra token cost versus the FP8 baseline *paired by seed*, n/N
    converged.  A missing baseline raises :class:`MissingBaselineError`; runs of one
    model/data with different targets become separate groups with a warning.
-3. :mod:`.contrasts` pairs neighbours by seed: each ladder step against the rung below it,
-   each stabilizer against plain wgrad (contrasts.csv and a section of report.md).
+3. :mod:`.contrasts` pairs configurations by seed: each ladder step against the rung below it,
+   each stabilizer against plain wgrad, h16_all against h16, nvfp4 against mxfp4 and ufp4 against
+   ufp4_e2m1 -- on tokens to target (contrasts.csv) and on the equivalent-token cost
+   (eq_contrasts.csv, so fixed-budget runs get contrasts too), each a section of report.md.
 4. :mod:`.throughput` attaches the step-throughput gain (measured / modeled on hardware
    profiles / user) and the net speedup = gain / (1 + cost).
 5. :mod:`.estimator` computes the equivalent-token cost of every finished run -- fixed-budget
@@ -20,6 +22,14 @@ Pipeline (each step its own module, each testable on synthetic run directories):
    ``report.json`` records the provenance (run dirs, their commits and devices, the
    command).  With ``wandb=True`` the table and figures are logged to Weights & Biases
    (honours WANDB_MODE=offline and WANDB_DIR).
+7. :mod:`.scaling`, when two or more experiment groups have costs (e.g. one model size each at
+   a fixed number of tokens per parameter): each configuration's cost against the quantized-linear
+   parameter count and against tokens per parameter, a trend only where three or more sizes
+   support one, and any prediction at the paper's size labelled as an extrapolation.
+
+A post-hoc target (``target_ppl``, ``--target-ppl``) gives the fixed-budget runs a tokens to
+target before step 2 (:func:`.posthoc.apply_posthoc_target`); the estimator still sees them as the
+fixed-budget runs they are.
 
 Every error raised on purpose derives from :class:`ReportError`, so the CLI can print
 the message instead of a traceback.
@@ -41,14 +51,18 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from .posthoc import PosthocTarget, apply_posthoc_target, parse_target
 from .runs import DEFAULT_RESULTS_DIR, Issue, ReportError, load_runs
+from .scaling import (PAPER_MODEL, extrapolate, has_points, model_params, scaling_table, trend,
+                      to_markdown as scaling_markdown, write_files as scaling_files)
 from .stats import MissingBaselineError, summarize
 from .throughput import HardwareProfileError, add_throughput, load_isolated_throughput
 from .tables import atomic_write, has_gains, to_csv, to_markdown, write_tables
 from ..rundir import process_umask
 from .plots import write_eq_plots, write_plots
 from .estimator import DEFAULT_WINDOW, parse_window, attach as attach_eq, estimate, to_csv as eq_csv, to_markdown as eq_markdown
-from .contrasts import contrasts, to_csv as contrasts_csv, to_markdown as contrasts_markdown
+from .contrasts import (contrasts, eq_contrasts, eq_to_csv, eq_to_markdown, to_csv as contrasts_csv,
+                        to_markdown as contrasts_markdown)
 from ..diagnostics.summary import diagnostics_summary
 
 __all__ = ["make_report", "Report", "ReportError", "MissingBaselineError", "HardwareProfileError", "NoRunsError",
@@ -65,7 +79,9 @@ class Report(str):
     Attributes: ``markdown`` (str), ``out_dir`` (Path), ``files`` ({name: Path}),
     ``table`` (DataFrame, one row per configuration, numeric), ``runs`` (valid runs),
     ``issues`` (excluded or incomplete run dirs), ``warnings`` (list of str),
-    ``wandb_dir`` (offline run directory or None).
+    ``wandb_dir`` (offline run directory or None), ``estimate`` (the :class:`.estimator.Estimate`),
+    ``contrasts`` / ``eq_contrasts`` (the paired contrasts on tokens to target -- absent from a
+    report of fixed-budget runs only -- and on the equivalent-token cost).
     """
 
     def __new__(cls, markdown: str, **attrs):
@@ -131,11 +147,14 @@ def _user_args(step_speedup) -> str:
     return f" {step_speedup:g}"
 
 
-def _eq_only_markdown(eq_runs, issues, est, plot_files, results_dir) -> str:
+def _eq_only_markdown(eq_runs, issues, est, plot_files, results_dir, eq_paired) -> str:
     lines = ["# fp4-ablate report", "",
              f"Results: `{results_dir}` -- no run with a target, {len(eq_runs)} fixed-budget run(s) over "
-             f"{eq_runs['seed'].nunique()} seed(s): no tokens-to-target table, the equivalent-token cost only.", ""]
+             f"{eq_runs['seed'].nunique()} seed(s): no tokens-to-target table (a post-hoc one: `--target-ppl`), "
+             "the equivalent-token cost only.", ""]
     lines.append(eq_markdown(est, heading_level=2))
+    if not eq_paired.empty:
+        lines.append(eq_to_markdown(eq_paired, heading_level=2))
     figs = sorted(plot_files)
     if figs:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figs] + [""]
@@ -143,8 +162,23 @@ def _eq_only_markdown(eq_runs, issues, est, plot_files, results_dir) -> str:
     return "\n".join(lines)
 
 
+def _posthoc_lines(posthoc) -> List[str]:
+    """The post-hoc target and, per experiment group, the value chosen (calibrate: from which runs)."""
+    if posthoc is None:
+        return []
+    spec, choices = posthoc
+    head = f"Post-hoc target (`--target-ppl {spec.describe()}`): "
+    if not choices:
+        return [head + "no run was trained without a target, so it changed nothing.", ""]
+    lines = [head + "the runs trained without a target (fixed budget) get a tokens to target at it, interpolated "
+             "between the two evaluations around the first crossing as the training loop does (linear in log "
+             "perplexity); not reached: the budget ended above it. Runs trained with a target keep theirs.", ""]
+    lines += [f"- {'group `' + c.group + '`: ' if c.group else ''}{c.describe()}" for c in choices]
+    return lines + [""]
+
+
 def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
-              isolated=None, paired=None, est=None) -> str:
+              isolated=None, paired=None, est=None, eq_paired=None, posthoc=None) -> str:
     n_seeds = runs["seed"].nunique()
     lines = ["# fp4-ablate report", "",
              f"Results: `{results_dir}` -- {len(runs)} finished runs over {n_seeds} seed(s), "
@@ -162,6 +196,7 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
              "`user` (--step-speedup" + _user_args(step_speedup) + "). Equivalent-token cost: see its "
              "section below (over the same runs as each row; window " +
              (f"{est.window[0]:g},{est.window[1]:g}" if est is not None else "n/a") + ").", ""]
+    lines += _posthoc_lines(posthoc)
     shared = int(runs["gpu_shared_by"].max()) if "gpu_shared_by" in runs else 1
     if shared > 1:
         lines += [f"Throughput: runs shared a GPU (up to {shared} at a time, `sweep.jobs_per_gpu`), "
@@ -191,7 +226,9 @@ def _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, ste
     if paired is not None and not paired.empty:
         lines.append(contrasts_markdown(paired, heading_level=2))
     if est is not None:
-        lines.append(eq_markdown(est, heading_level=2))
+        lines.append(eq_markdown(est, heading_level=2, posthoc=posthoc is not None))
+    if eq_paired is not None and not eq_paired.empty:
+        lines.append(eq_to_markdown(eq_paired, heading_level=2))
     figs = sorted(plot_files)
     if figs:
         lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figs] + [""]
@@ -215,13 +252,18 @@ def _open_staging(out_dir: Path) -> Path:
 
 
 def _eq_only_report(results_dir: Path, out_dir: Path, eq_runs, issues, est) -> "Report":
-    """Fixed-budget runs only: the estimator's section, eq_cost.csv, its plot and report.json."""
+    """Fixed-budget runs only: the estimator's section and contrasts, eq_cost.csv, eq_contrasts.csv,
+    its plot and report.json."""
+    eq_paired = eq_contrasts(est)
     staging = _open_staging(out_dir)
     try:
         files = {"eq_cost.csv": atomic_write(staging / "eq_cost.csv", eq_csv(est))}
+        if not eq_paired.empty:
+            files["eq_contrasts.csv"] = atomic_write(staging / "eq_contrasts.csv", eq_to_csv(eq_paired))
         plot_files = write_eq_plots(est, staging)
         files.update(plot_files)
-        markdown = _eq_only_markdown(eq_runs, issues, est, plot_files, results_dir)
+        markdown = _eq_only_markdown(eq_runs, issues, est, plot_files, results_dir, eq_paired)
+        markdown += _scaling_section(staging, est, eq_runs, files)
         diag_markdown, diag_files = diagnostics_summary(eq_runs, staging)  # runs' diagnostics.jsonl, if any
         markdown += "\n" + diag_markdown if diag_markdown else ""
         files.update(diag_files)
@@ -249,7 +291,7 @@ def _eq_only_report(results_dir: Path, out_dir: Path, eq_runs, issues, est) -> "
     files = {name: out_dir / name for name in files}
     files["report.json"] = out_dir / "report.json"
     return Report(markdown, out_dir=out_dir, files=files, table=est.table, runs=eq_runs, issues=issues,
-                  warnings=[], wandb_dir=None, estimate=est)
+                  warnings=[], wandb_dir=None, estimate=est, eq_contrasts=eq_paired)
 
 
 def _log_wandb(out_dir: Path, csv_text: str, files: Dict[str, Path], markdown: str, provenance: dict):
@@ -316,7 +358,7 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 
 def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x", "b200"),
                 step_speedup: Union[None, float, Mapping[str, float]] = None, wandb: bool = False,
-                throughput=None, eq_window=DEFAULT_WINDOW) -> Report:
+                throughput=None, eq_window=DEFAULT_WINDOW, target_ppl=None) -> Report:
     """Build the report for the runs under ``results_dir``; returns its Markdown as a :class:`Report`.
 
     ``out_dir`` defaults to ``<results_dir>/../report`` (``results/report``); the whole report is
@@ -327,31 +369,35 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
     configuration with an FP4 GEMM, or {label or ladder: ratio}.  ``throughput``: a bench JSON
     of isolated tokens/s (needed to model the gain of runs that shared a GPU).  ``eq_window``:
     (a, b), the equivalent-token cost averages each run's evaluations in [a, b] x its tokens
-    (:mod:`.estimator`).  A directory of fixed-budget runs only (no target) gives a report of the
+    (:mod:`.estimator`).  ``target_ppl``: a post-hoc target for the runs trained without one -- a
+    perplexity, "calibrate" / "calibrate:F" or a :class:`.posthoc.PosthocTarget` (:mod:`.posthoc`).  A
+    directory of fixed-budget runs only (no target) and no ``target_ppl`` gives a report of the
     equivalent-token cost alone.  Raises ReportError
     subclasses (NoRunsError, MissingBaselineError, HardwareProfileError) with a message.
     """
     results_dir = Path(results_dir)
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(results_dir)
     isolated = load_isolated_throughput(throughput) if throughput is not None else None
-    runs, eq_runs, issues, est = _load_inputs(results_dir, eq_window)
+    posthoc = _posthoc_spec(target_ppl)
+    runs, eq_runs, issues, est, choices = _load_inputs(results_dir, eq_window, posthoc)
     if runs.empty:
         return _eq_only_report(results_dir, out_dir, eq_runs, issues, est)
     stats, warnings, baselines = summarize(runs, issues)
     table, profs = add_throughput(stats, runs, profiles, step_speedup, isolated)
     table = attach_eq(table, est)
-    paired = contrasts(runs, baselines)
+    paired, eq_paired = contrasts(runs, baselines), eq_contrasts(est)
+    posthoc = None if posthoc is None else (posthoc, choices)
     staging = _open_staging(out_dir)
     try:
-        files, markdown = _write_outputs(staging, table, runs, issues, warnings, profs, results_dir,
-                                         step_speedup, isolated, paired, est)
+        files, markdown = _write_outputs(staging, table, runs, eq_runs, issues, warnings, profs, results_dir,
+                                         step_speedup, isolated, paired, est, eq_paired, posthoc)
     except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, OSError):
             raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
         raise
     provenance = _provenance(runs, issues, warnings, baselines, profs, files, est, results_dir,
-                             out_dir, step_speedup, isolated)
+                             out_dir, step_speedup, isolated, posthoc)
     try:
         _write_json(staging, provenance)
         _swap_in(staging, out_dir)
@@ -366,15 +412,29 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
         provenance["wandb_dir"] = wandb_dir
         _write_json(out_dir, provenance)
     return Report(markdown, out_dir=out_dir, files=files, table=table, runs=runs, issues=issues,
-                  warnings=warnings, wandb_dir=wandb_dir, estimate=est)
+                  warnings=warnings, wandb_dir=wandb_dir, estimate=est, contrasts=paired, eq_contrasts=eq_paired)
 
 
-def _load_inputs(results_dir: Path, eq_window):
-    """(runs with a target, every finished run for the estimator, issues, the estimate)."""
+def _posthoc_spec(target_ppl) -> Optional[PosthocTarget]:
+    if target_ppl is None or isinstance(target_ppl, PosthocTarget):
+        return target_ppl
+    try:
+        return parse_target(str(target_ppl))
+    except ValueError as e:
+        raise ReportError(f"target_ppl {e}") from None
+
+
+def _load_inputs(results_dir: Path, eq_window, posthoc: Optional[PosthocTarget] = None):
+    """(runs with a target -- trained or post-hoc --, every finished run as trained for the estimator,
+    issues, the estimate, the post-hoc target chosen per group)."""
     if not results_dir.is_dir():
         raise ReportError(f"no such directory: {results_dir}")
-    runs, issues = load_runs(results_dir)
-    eq_runs, _ = load_runs(results_dir, include_completed=True)
+    eq_runs, eq_issues = load_runs(results_dir, include_completed=True)
+    if posthoc is None:
+        runs, issues = load_runs(results_dir)
+        choices = []
+    else:  # every run is a row then: the fixed-budget ones are given the post-hoc target
+        (runs, choices), issues = apply_posthoc_target(eq_runs, posthoc), eq_issues
     if eq_runs.empty:
         found = "\n".join(f"  {i.name}: {i.problem}" for i in issues) or "  (no run directories)"
         raise NoRunsError(f"no finished valid runs under {results_dir}:\n{found}")
@@ -382,27 +442,42 @@ def _load_inputs(results_dir: Path, eq_window):
         eq_window = parse_window(",".join(f"{float(x)!r}" for x in eq_window))
     except (TypeError, ValueError) as e:
         raise ReportError(f"eq_window {eq_window!r}: {e}") from None
-    return runs, eq_runs, issues, estimate(eq_runs, eq_window)
+    return runs, eq_runs, issues, estimate(eq_runs, eq_window), choices
 
 
-def _write_outputs(staging: Path, table, runs, issues, warnings, profs, results_dir, step_speedup,
-                   isolated, paired, est):
+def _write_outputs(staging: Path, table, runs, eq_runs, issues, warnings, profs, results_dir, step_speedup,
+                   isolated, paired, est, eq_paired, posthoc):
     """Tables, CSVs, plots and report.md into the staging directory: ({name: path}, markdown)."""
     files = write_tables(table, staging, list(profs))
     if not paired.empty:
         files["contrasts.csv"] = atomic_write(staging / "contrasts.csv", contrasts_csv(paired))
     files["eq_cost.csv"] = atomic_write(staging / "eq_cost.csv", eq_csv(est))
+    if not eq_paired.empty:
+        files["eq_contrasts.csv"] = atomic_write(staging / "eq_contrasts.csv", eq_to_csv(eq_paired))
     plot_files = write_plots(table, runs, staging)
     plot_files.update(write_eq_plots(est, staging))
     files.update(plot_files)
     markdown = _markdown(table, runs, issues, warnings, profs, plot_files, results_dir, step_speedup,
-                         isolated, paired, est)
+                         isolated, paired, est, eq_paired, posthoc)
+    markdown += _scaling_section(staging, est, eq_runs, files)
     # Runs' diagnostics.jsonl, if any: every finished run, fixed-budget ones included (no target needed).
-    diag_markdown, diag_files = diagnostics_summary(load_runs(results_dir, include_completed=True)[0], staging)
+    diag_markdown, diag_files = diagnostics_summary(eq_runs, staging)
     markdown += "\n" + diag_markdown if diag_markdown else ""
     files.update(diag_files)
     files["report.md"] = atomic_write(staging / "report.md", markdown)
     return files, markdown
+
+
+def _scaling_section(staging: Path, est, eq_runs, files: Dict[str, Path]) -> str:
+    """Cost against model size and tokens per parameter across experiment groups (:mod:`.scaling`):
+    its Markdown ("" with fewer than two groups that have costs), its files added to ``files``."""
+    table = scaling_table(est, eq_runs)
+    if not has_points(table):
+        return ""
+    fits = [trend(table, "params"), trend(table, "tokens_per_param")]
+    prediction = extrapolate(fits[0], model_params(PAPER_MODEL), PAPER_MODEL)
+    files.update(scaling_files(staging, table, fits, prediction))
+    return "\n" + scaling_markdown(table, fits, prediction, heading_level=2)
 
 
 def _write_json(where: Path, provenance: dict) -> Path:
@@ -410,7 +485,7 @@ def _write_json(where: Path, provenance: dict) -> Path:
 
 
 def _provenance(runs, issues, warnings, baselines, profs, files, est, results_dir, out_dir,
-                step_speedup, isolated) -> dict:
+                step_speedup, isolated, posthoc=None) -> dict:
     """report.json: what the report was made from and how (command, commits, runs, exclusions)."""
     run_fields = ("run", "run_dir", "status", "ladder", "stabilizer", "format", "model", "data", "seed",
                   "target_ppl", "tokens_to_target", "git_commit", "git_dirty", "device_name", "hostname",
@@ -418,6 +493,8 @@ def _provenance(runs, issues, warnings, baselines, profs, files, est, results_di
     several_groups = runs["group_id"].nunique() > 1
     if several_groups:  # one group: no label, and report.json stays as it was before groups existed
         run_fields += ("group",)
+    if posthoc is not None:  # likewise: the key only in reports that were given --target-ppl
+        run_fields += ("target_posthoc",)
     provenance = {
         "command": shlex.join(sys.argv),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -446,4 +523,10 @@ def _provenance(runs, issues, warnings, baselines, profs, files, est, results_di
     }
     if several_groups:
         provenance["groups"] = sorted(runs["group"].unique())
+    if posthoc is not None:
+        spec, choices = posthoc
+        provenance["posthoc_target"] = {
+            "argument": spec.describe(),
+            "targets": [{"group": c.group, "target_ppl": c.ppl, "fraction": c.fraction, "fp8_ppl": c.fp8_ppl}
+                        for c in choices]}
     return provenance

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 
 from . import ReportError, make_report
 from .estimator import parse_window
+from .posthoc import parse_target
 from .runs import DEFAULT_RESULTS_DIR
 
 
@@ -55,6 +56,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="equivalent-token cost: average each run's evaluations in [A, B] x the tokens it "
                          "trained, 0 <= A <= B <= 1 (default %(default)s: the last half; 0,1: every "
                          "evaluation; 0.9,1: the end only; 1,1: the final evaluation only)")
+    ap.add_argument("--target-ppl", metavar="T|calibrate[:F]",
+                    help="post-hoc target for the runs trained without one (fixed budget): their tokens to "
+                         "target at perplexity T, interpolated on their validation curve as training does; "
+                         "calibrate[:F]: T per experiment group by `fp4-ablate calibrate --fraction F`'s rule "
+                         "over its FP8 runs (default F 0.7). Runs trained with a target keep theirs")
     ap.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
     args = ap.parse_args(argv)
     step_speedup = _parse_step_speedup(ap, args.step_speedup)
@@ -62,11 +68,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         eq_window = parse_window(args.eq_window)
     except ValueError as e:
         ap.error(f"--eq-window {e}")
+    # Checked here, before anything is read or written: a bad value exits 2 with the usage.
+    try:
+        target = parse_target(args.target_ppl) if args.target_ppl is not None else None
+    except ValueError as e:
+        ap.error(f"--target-ppl {e}")
     try:
         report = make_report(args.results_dir, out_dir=args.out,
                              profiles=tuple(args.profiles or ("mi355x", "b200")),
                              step_speedup=step_speedup, wandb=args.wandb,
-                             throughput=args.throughput, eq_window=eq_window)
+                             throughput=args.throughput, eq_window=eq_window, target_ppl=target)
     except ReportError as err:
         print(f"fp4-ablate report: {err}", file=sys.stderr)
         return 2

@@ -2,7 +2,10 @@
 
 Tokens-to-target reads one point of each curve (where it crosses the target) and needs a target.
 The estimator reads the whole late curve, and works for fixed-budget runs without a target too
-(status ``completed``, e.g. the calibration runs), which the tokens-to-target table leaves out.
+(status ``completed``, e.g. the calibration runs), which the tokens-to-target table leaves out
+unless the report gives them a post-hoc target (``--target-ppl``); the estimator reads them as the
+fixed-budget runs they are either way.  A row is a configuration (ladder, stabilizer, format; fp8
+and bf16 have no format, :func:`.runs.config_format`) of one experiment group and target.
 
 **Definition.**  For each seed s, the FP8 run's validation loss is fitted against log tokens
 (below); at each evaluation (D, L) of a configuration's run of seed s the fit is inverted,
@@ -71,7 +74,8 @@ from .stats import config_label, config_rank, mean_ci, seeds_needed
 DEFAULT_WINDOW = (0.5, 1.0)
 # Dropped from the experiment-group key: a target run and a fixed-budget run are one experiment.
 TARGET_KEYS = ("train.target_ppl", "train.stop_at_target")
-ROW_KEYS = ("egroup_id", "ladder", "stabilizer", "format", "model", "data", "target_key")
+# A configuration is (ladder, stabilizer, config_format): fp8 / bf16 rows have no format (.runs).
+ROW_KEYS = ("egroup_id", "ladder", "stabilizer", "config_format", "model", "data", "target_key")
 CSV_COLUMNS = ("model", "data", "egroup", "label", "ladder", "stabilizer", "format", "target_ppl", "n_runs",
                "seeds", "eq_cost_mean", "eq_cost_lo", "eq_cost_hi", "eq_n", "eq_seeds_for_2pct", "n_evals_used",
                "n_below", "n_above", "is_baseline", "per_seed", "left_out")
@@ -220,6 +224,9 @@ class Estimate:
     baseline_of: Dict[str, str]  # run_dir -> FP8 run_dir it was measured against
     window: Tuple[float, float]
     left_out: List[str]  # "run: why", runs with no cost at all
+    # The runs estimated, with egroup_id, egroup and target_key columns (for .contrasts.eq_contrasts).
+    runs: Optional[pd.DataFrame] = None
+    why: Optional[Dict[str, str]] = None  # run_dir -> why it has no (finite) cost
 
 
 def estimate(runs: pd.DataFrame, window: Tuple[float, float] = DEFAULT_WINDOW) -> Estimate:
@@ -271,9 +278,10 @@ def estimate(runs: pd.DataFrame, window: Tuple[float, float] = DEFAULT_WINDOW) -
         rows.append({
             "egroup_id": first["egroup_id"], "egroup": first["egroup"], "model": first["model"],
             "data": first["data"], "ladder": first["ladder"], "stabilizer": first["stabilizer"],
-            "format": first["format"], "target_ppl": _target_key(first["target_key"]),
-            "label": config_label(first["ladder"], first["stabilizer"], first["format"]),
-            "rank": config_rank(first["ladder"], first["stabilizer"], first["format"]),
+            "format": ";".join(sorted({r["format"] for r in recs})), "config_format": first["config_format"],
+            "target_ppl": _target_key(first["target_key"]),
+            "label": config_label(first["ladder"], first["stabilizer"], first["config_format"]),
+            "rank": config_rank(first["ladder"], first["stabilizer"], first["config_format"]),
             "n_runs": len(recs), "seeds": [int(r["seed"]) for r in recs],
             "eq_cost_mean": ci.mean, "eq_cost_lo": ci.lo, "eq_cost_hi": ci.hi, "eq_n": ci.n,
             "eq_seeds_for_2pct": seeds_needed(sd),
@@ -288,7 +296,7 @@ def estimate(runs: pd.DataFrame, window: Tuple[float, float] = DEFAULT_WINDOW) -
         table["_t"] = [(-1.0 if t is None else t) for t in table["target_ppl"]]
         table = table.sort_values(["model", "data", "egroup", "rank", "_t"], kind="stable").drop(columns="_t")
         table = table.reset_index(drop=True)
-    return Estimate(table, per_run, baseline_of, window, left_out)
+    return Estimate(table, per_run, baseline_of, window, left_out, runs, why)
 
 
 def attach(table: pd.DataFrame, est: Estimate) -> pd.DataFrame:
@@ -340,7 +348,8 @@ def window_text(window: Tuple[float, float]) -> str:
     return f"[{window[0]:g}, {window[1]:g}] x the tokens each run trained"
 
 
-def to_markdown(est: Estimate, heading_level: int = 2) -> str:
+def to_markdown(est: Estimate, heading_level: int = 2, posthoc: bool = False) -> str:
+    """The estimator's section; ``posthoc``: the report gave fixed-budget runs a post-hoc target."""
     from tabulate import tabulate
     h = "#" * heading_level
     parts = [f"{h} Equivalent-token cost (estimator)\n",
@@ -352,7 +361,9 @@ def to_markdown(est: Estimate, heading_level: int = 2) -> str:
              "(below: better than FP8 ever got; above: worse than its first knot). FP8 curve per seed: the "
              "FP8 run reaching furthest in tokens (a fixed-budget run when there is one), so a target FP8 "
              "row measures the repeatability of the same seed, not zero. Fixed-budget runs (no target) are "
-             "rows here though the tokens-to-target table leaves them out. `seeds for ±2%`: the smallest n "
+             + ("rows here as the fixed-budget runs they are, whatever post-hoc target the tokens-to-target "
+                "table gave them" if posthoc else "rows here though the tokens-to-target table leaves them out")
+             + ". `seeds for ±2%`: the smallest n "
              "with t(0.975, n-1) * sd / sqrt(n) <= 0.02 for the observed per-seed sd.\n"]
     if est.table.empty:
         return "\n".join(parts + ["No run has an equivalent-token cost.\n"])

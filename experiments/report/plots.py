@@ -162,7 +162,8 @@ def write_plots(table: pd.DataFrame, runs: pd.DataFrame, out_dir) -> Dict[str, P
     files = {}
     for key, rows in groups(table):
         slug = group_slug(key)
-        title = group_title(key)
+        # A post-hoc target says so in the figure too (short: the full reason is in report.md).
+        title = group_title(key) + (" (post-hoc target)" if rows[0].get("target_posthoc") else "")
         for name, fn in ((f"ppl_{slug}.png", lambda p: plot_ppl(rows, runs_by_dir, key[2], title, p)),
                          (f"cost_{slug}.png", lambda p: plot_cost(rows, title, p))):
             files[name] = fn(out_dir / name)

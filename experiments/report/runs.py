@@ -17,17 +17,28 @@ report prints by name, never folded into any statistic.
 
 **Experiment groups.**  Runs are only ever compared within one experiment: the run's
 experiment config (config.yaml minus ``fp4_configs.schema.NON_EXPERIMENT_KEYS``) minus what the
-table varies -- the whole ``ladder`` and ``stabilizer`` subtrees and ``seed`` (dropping whole
-subtrees means a key that is a function of the rung or stabilizer, such as ladder.fp4_gemms,
+table varies -- the whole ``ladder``, ``stabilizer`` and ``format`` subtrees and ``seed`` (dropping
+whole subtrees means a key that is a function of the rung or stabilizer, such as ladder.fp4_gemms,
 never splits a group, whether or not a run's config still has it) -- plus the summary's model,
-data label, format and target.  ``format`` is a *group* key, not a varied one: its config node
-also sets the FP8 formats (format.fp8_forward / fp8_backward), which change the FP8 baseline's
-own numerics, so an FP8 run is the baseline only of runs of its own format.  Each group is
-named by a short hash of that dict and, when a results directory holds several, by the keys in
-which the groups differ (e.g. ``3f2a9c1d: train.lr=0.01``); the report makes a table, contrasts
-and plots per group.  Two valid runs of one group, configuration and seed are duplicates: with
-the same run key it is the same experiment twice, otherwise their varied subtrees differ in
-something the table does not show; either way the newest is kept and the other named.
+data label and target.  Of the ``format`` subtree, ``format.fp8_forward`` and
+``format.fp8_backward`` stay in the group key: they are the FP8 GEMMs' own formats, so they change
+the FP8 baseline's numerics, and an FP8 run is the baseline only of runs with its FP8 formats.
+The rest of the node (name, scale_mode, nvfp4_2d_weights, ufp4_element) acts only on FP4 GEMMs
+(fp4/recipe.py: the FP4 element, block scales and the ufp4 formats' built-in SR and Hadamard are
+built per FP4 GEMM; an FP8 GEMM reads fp8_forward / fp8_backward alone; bf16 quantizes nothing),
+so ``format`` is *varied*, like the rung: nvfp4 wgrad and mxfp4 wgrad are two rows of one table
+against one FP8 baseline.  A configuration is (ladder, stabilizer, format), where a rung without
+an FP4 GEMM (:data:`NO_FP4_LADDERS`: fp8, bf16) has no format -- :func:`config_format` is "" for
+it, whatever format.name says (tests/experiments/test_report_formats.py trains the FP8 and BF16
+rungs in every format and compares the metrics).  Each group is named by a short hash of that dict
+and, when a results directory holds several, by the keys in which the groups differ (e.g.
+``3f2a9c1d: train.lr=0.01``); the report makes a table, contrasts and plots per group.  Two valid
+runs of one group, configuration and seed are duplicates: with the same run key it is the same
+experiment twice, otherwise their varied subtrees differ in something the table does not show
+(an FP8 run of format=nvfp4 next to one of format=mxfp4: "config differs in format.name"); either
+way the newest is kept and the other named.
+
+**Post-hoc target**: :mod:`.posthoc` gives fixed-budget runs a tokens-to-target afterwards.
 """
 from __future__ import annotations
 
@@ -40,14 +51,25 @@ from typing import Any, Dict, List, NamedTuple, Tuple
 
 import pandas as pd
 
+from fp4.names import FP4_GEMMS
+
 from ..rundir import (INCOMPLETE, IncompleteRunError, RunDirError, RunRecord, Status, experiment_dict,
                       load_run as load_run_record, read_config, run_dirs)
 
 DEFAULT_RESULTS_DIR = Path("results") / "runs"
 CALIBRATION = "calibration run"
-# What the table varies within an experiment group (dropped from the group key, whole subtrees).
-VARIED_KEYS = ("ladder", "stabilizer", "seed")
+# What the table varies within an experiment group (dropped from the group key, whole subtrees) ...
+VARIED_KEYS = ("ladder", "stabilizer", "format", "seed")
+# ... except these keys of the format node: the FP8 GEMMs' formats (module doc).
+FORMAT_GROUP_KEYS = ("fp8_forward", "fp8_backward")
+# Rungs with no FP4 GEMM: their configuration has no format (config_format "").
+NO_FP4_LADDERS = tuple(str(ladder.value) for ladder, gemms in FP4_GEMMS.items() if not gemms)
 MAX_LABEL_KEYS = 4
+
+
+def config_format(ladder: str, fmt: str) -> str:
+    """The format as part of a configuration's identity: "" for a rung without an FP4 GEMM."""
+    return "" if ladder in NO_FP4_LADDERS else fmt
 
 
 class ReportError(Exception):
@@ -94,13 +116,16 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
 def group_dict(rec: RunRecord) -> Dict[str, Any]:
     """The experiment a run belongs to, as a flat {dotted key: value} dict (see the module doc)."""
     exp = experiment_dict(rec.config) if rec.config else {}
+    fmt = exp.get("format")
     for k in VARIED_KEYS:
         exp.pop(k, None)
+    kept = {k: fmt[k] for k in FORMAT_GROUP_KEYS if k in fmt} if isinstance(fmt, dict) else {}
+    if kept:
+        exp["format"] = kept
     flat = _flatten(exp)
     s = rec.summary
     # The summary's identity always counts (a config.yaml may be absent from a hand-made directory).
-    flat.update({"model.name": s.model, "data.label": s.data, "format.name": s.format,
-                 "train.target_ppl": s.target_ppl})
+    flat.update({"model.name": s.model, "data.label": s.data, "train.target_ppl": s.target_ppl})
     return flat
 
 
@@ -156,10 +181,12 @@ def _row(rec: RunRecord, include_completed: bool = False) -> Dict[str, Any]:
         "ladder": s.ladder,
         "stabilizer": s.stabilizer,
         "format": s.format,
+        "config_format": config_format(s.ladder, s.format),
         "model": s.model,
         "data": s.data,
         "seed": int(s.seed),
         "target_ppl": math.nan if s.target_ppl is None else float(s.target_ppl),
+        "target_posthoc": False,
         "max_tokens": s.max_tokens,
         "tokens_to_target": float(s.tokens_to_target) if s.status == Status.reached else math.nan,
         "tokens_seen": s.tokens_seen,
@@ -210,7 +237,7 @@ def _gpu_shared_by(rec: RunRecord) -> int:
     return 1
 
 
-CELL = ("group_id", "ladder", "stabilizer", "format", "seed")
+CELL = ("group_id", "ladder", "stabilizer", "config_format", "seed")
 
 
 def _drop_duplicates(rows: List[dict], issues: List[Issue]) -> List[dict]:
@@ -255,7 +282,8 @@ def load_runs(results_dir=DEFAULT_RESULTS_DIR, include_completed: bool = False) 
     ``group`` (the experiment group's label, "" when there is only one) and ``group_id``.
     ``include_completed``: fixed-budget runs without a target (status completed, calibration
     runs) become rows too (target_ppl and tokens_to_target NaN) instead of issues; the
-    equivalent-token estimator uses them, the tokens-to-target table never does.
+    equivalent-token estimator uses them, the tokens-to-target table only once
+    :func:`apply_posthoc_target` gave them a target.
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -284,4 +312,4 @@ def group_warnings(runs: pd.DataFrame) -> List[str]:
         return []
     parts = [f"{label} ({n} runs)" for label, n in runs.groupby("group", sort=True).size().items()]
     return [f"the runs belong to {len(parts)} experiment groups, each reported on its own and never compared "
-            "with another (a group: the experiment config minus ladder, stabilizer and seed): " + "; ".join(parts)]
+            "with another (a group: the experiment config minus ladder, stabilizer, format and seed): " + "; ".join(parts)]

@@ -1,7 +1,8 @@
 """Tokens to target, the paired extra token cost versus FP8, and the net speedup.
 
-Per configuration (ladder, stabilizer, format, model, data) and validation-perplexity
-target, over the seeds that finished:
+Per configuration (ladder, stabilizer, format, model, data; a rung without an FP4 GEMM has no
+format, :func:`.runs.config_format`) and validation-perplexity target, over the seeds that
+finished:
 
 * **tokens to target**: mean over the seeds that reached the target, with a 95% Student-t
   interval ``mean +- t_{0.975, n-1} * s / sqrt(n)`` when n >= 2 (s: sample standard
@@ -19,12 +20,17 @@ target, over the seeds that finished:
   the gain held fixed.
 
 The baseline of a run is the ``ladder == "fp8"`` run of the same experiment group (model,
-data, target, format and every other experiment key but ladder, stabilizer and seed) and seed
-(stabilizer "none" preferred: an FP8 run has no FP4 GEMM for it to act on).  A run without one is an error
-(:class:`MissingBaselineError`) naming every missing (model, data, target, seed), because
-a cost against some other seed's baseline would not be paired.  Runs of one model and
+data, target, the FP8 formats and every other experiment key but ladder, stabilizer, format and
+seed) and seed (stabilizer "none" preferred: an FP8 run has no FP4 GEMM for it to act on), so
+every FP4 format of a group is measured against one FP8 run per seed, whatever format.name that
+run was started with (its format changes nothing it computes, :mod:`.runs`).  A run without one
+is an error (:class:`MissingBaselineError`) naming every missing (model, data, target, seed),
+because a cost against some other seed's baseline would not be paired.  Runs of one model and
 data with different targets are never mixed: each target is its own comparison group and
-a warning names the targets and runs involved.
+a warning names the targets and runs involved.  A post-hoc target (:func:`.posthoc.apply_posthoc_target`)
+is a target like any other here; its rows carry ``target_posthoc`` for the tables to say so.  A
+row's ``format`` is the format.name of its runs (";"-joined when an FP8 or BF16 row's seeds were
+started with different ones); its ``config_format`` is the identity.
 
 The Student-t quantiles come from scipy.stats; the tests check them against tabulated values.
 
@@ -39,7 +45,7 @@ The Student-t quantiles come from scipy.stats; the tests check them against tabu
   that seed's cost of every row at once.
 
 Comparison groups are experiment groups (:mod:`.runs`: the experiment config minus ladder,
-stabilizer and seed), so the baseline search and every table row stay inside one group: an FP8
+stabilizer, format -- but for its FP8 formats -- and seed), so the baseline search and every table row stay inside one group: an FP8
 run with another train.lr is a different experiment, never a baseline.
 """
 from __future__ import annotations
@@ -52,18 +58,16 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as _t
 
-from .runs import Issue, ReportError, group_warnings
+from .runs import NO_FP4_LADDERS, Issue, ReportError, group_warnings
 
-CONFIG_KEYS = ("ladder", "stabilizer", "format", "model", "data")
+CONFIG_KEYS = ("ladder", "stabilizer", "config_format", "model", "data")
 GROUP_KEYS = ("model", "data", "target_ppl", "group")
 # The paper's ladder, then the stabilized full-FP4 rungs; anything else sorts after.
-try:
-    from fp4.names import Ladder, Stabilizer, choices
-    LADDER_ORDER = choices(Ladder)
-    STABILIZED_ORDER = tuple(s for s in choices(Stabilizer) if s != Stabilizer.none)
-except ImportError:  # before fp4/names.py: the same tables from the recipe
-    from fp4.recipe import LADDERS as LADDER_ORDER, STABILIZERS as _STABILIZERS
-    STABILIZED_ORDER = tuple(s for s in _STABILIZERS if s != "none")
+from fp4.names import Ladder, RecipeFormat, Stabilizer, choices
+LADDER_ORDER = choices(Ladder)
+STABILIZED_ORDER = tuple(s for s in choices(Stabilizer) if s != Stabilizer.none)
+# Rows of MXFP4 (and of the format-free fp8 / bf16 rungs) first, then each other format's rows.
+FORMAT_ORDER = choices(RecipeFormat)
 
 
 class MissingBaselineError(ReportError):
@@ -182,7 +186,8 @@ def net_speedup(gain: float, cost: float) -> float:
 
 
 def config_rank(ladder: str, stabilizer: str, fmt: str) -> tuple:
-    """Sort key: bf16, fp8, fprop, dgrad, wgrad, wgrad+sr/rht/h16, then everything else."""
+    """Sort key: bf16, fp8, fprop, dgrad, wgrad, wgrad+sr/rht/h16/h16_all, then everything else; the
+    MXFP4 and format-free ("") rows first, then the rows of each other format in that order."""
     if stabilizer == "none" and ladder in LADDER_ORDER:
         r = LADDER_ORDER.index(ladder)
     elif ladder == "bf16":
@@ -191,15 +196,14 @@ def config_rank(ladder: str, stabilizer: str, fmt: str) -> tuple:
         r = len(LADDER_ORDER) + STABILIZED_ORDER.index(stabilizer)
     else:
         r = 100 + (LADDER_ORDER.index(ladder) if ladder in LADDER_ORDER else len(LADDER_ORDER))
-    return (r, ladder, stabilizer, fmt != "mxfp4", fmt)
+    f = FORMAT_ORDER.index(fmt) if fmt in FORMAT_ORDER else (0 if fmt == "" else len(FORMAT_ORDER))
+    return (f, r, ladder, stabilizer, fmt)
 
 
 def config_label(ladder: str, stabilizer: str, fmt: str) -> str:
-    if ladder in ("bf16", "fp8"):
-        label = ladder if stabilizer == "none" else f"{ladder}+{stabilizer}"
-        return label if fmt == "mxfp4" else f"{label} ({fmt})"
+    """'wgrad+h16 (mxfp4)'; a rung without an FP4 GEMM has no format to name: 'fp8', 'bf16'."""
     label = ladder if stabilizer == "none" else f"{ladder}+{stabilizer}"
-    return f"{label} ({fmt})"
+    return label if ladder in NO_FP4_LADDERS else f"{label} ({fmt})"
 
 
 def target_groups(runs: pd.DataFrame) -> List[str]:
@@ -230,7 +234,8 @@ def assign_baselines(runs: pd.DataFrame, issues: Sequence[Issue] = ()) -> Dict[s
             needed_by.setdefault(combo, []).append(r["run"])
             groups.setdefault(combo, set()).add(r["group"])
             continue
-        best = min(cands, key=lambda b: (b["stabilizer"] != "none", b["format"] != r["format"], b["run"]))
+        # One FP8 run per (group, stabilizer, seed) survives the duplicate rule, whatever its format.
+        best = min(cands, key=lambda b: (b["stabilizer"] != "none", b["run"]))
         out[r["run_dir"]] = best["run_dir"]
     if missing:
         excluded = [i.name for i in issues if i.name.startswith("fp8-")]
@@ -245,9 +250,11 @@ def _positive(x) -> bool:
 def _config_row(key: tuple, sub: pd.DataFrame, runs_by_dir: Dict[str, dict], baselines: Dict[str, str],
                 outliers: Dict[str, float]) -> dict:
     row = dict(zip(CONFIG_KEYS + ("target_ppl", "group", "group_id"), key))
-    row["label"] = config_label(row["ladder"], row["stabilizer"], row["format"])
-    row["rank"] = config_rank(row["ladder"], row["stabilizer"], row["format"])
+    row["label"] = config_label(row["ladder"], row["stabilizer"], row["config_format"])
+    row["rank"] = config_rank(row["ladder"], row["stabilizer"], row["config_format"])
     recs = sub.sort_values("seed").to_dict("records")
+    row["format"] = ";".join(sorted({r["format"] for r in recs}))
+    row["target_posthoc"] = bool(recs[0].get("target_posthoc", False))
     row["seeds"] = [r["seed"] for r in recs]
     row["n_runs"] = len(recs)
     reached = [r for r in recs if r["status"] == "reached"]

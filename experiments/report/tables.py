@@ -16,7 +16,9 @@ whole is built in a fresh directory that replaces the old one (see make_report).
 row has a step-throughput gain (no --throughput bench, no --step-speedup, no valid measured
 gain), the Markdown and LaTeX tables leave the gain and net-speedup columns out; the CSV keeps
 them, empty.  The CSV's ``group`` column appears only when the report has several experiment
-groups.
+groups, and its ``target_source`` column (``trained`` / ``post-hoc``) only when some rows have a
+post-hoc target (``--target-ppl``, :func:`.posthoc.apply_posthoc_target`); the Markdown group titles
+say "(post-hoc target ...)" for those (so do the LaTeX ones, which exist only with several groups).
 """
 from __future__ import annotations
 
@@ -177,9 +179,18 @@ def profile_row(row: dict, profiles: Sequence[str]) -> Dict[str, str]:
     return out
 
 
-def group_title(key: tuple) -> str:
+POSTHOC_TITLE = " (post-hoc target: crossing interpolated on the validation curves of fixed-budget runs)"
+
+
+def group_title(key: tuple, posthoc: bool = False) -> str:
     model, data, target, group = key
-    return f"model={model}, data={data}, target ppl={target:g}" + (f", group {group}" if group else "")
+    return (f"model={model}, data={data}, target ppl={target:g}" + (POSTHOC_TITLE if posthoc else "")
+            + (f", group {group}" if group else ""))
+
+
+def _posthoc(rows: Sequence[dict]) -> bool:
+    # One comparison group is all post-hoc or all trained: the group key keeps train.target_ppl.
+    return bool(rows and rows[0].get("target_posthoc"))
 
 
 def has_gains(table: pd.DataFrame) -> bool:
@@ -212,7 +223,7 @@ def to_markdown(table: pd.DataFrame, profiles: Sequence[str] = (), heading_level
     if not has_gains(table):
         profiles = ()  # nothing modeled: no per-profile table either
     for key, rows in groups(table):
-        parts.append(f"{h} {group_title(key)}\n")
+        parts.append(f"{h} {group_title(key, _posthoc(rows))}\n")
         parts.append(tabulate([_cells(r, cols) for r in rows], headers="keys", tablefmt="github",
                               disable_numparse=True) + "\n")
         if profiles:
@@ -226,9 +237,14 @@ def to_csv(table: pd.DataFrame, profiles: Sequence[str] = ()) -> str:
     cols = list(CSV_COLUMNS[:-1]) + [c for p in profiles for c in (f"gain_{p}", f"net_{p}")] + ["notes"]
     if not table["group"].astype(bool).any():
         cols.remove("group")
+    posthoc = "target_posthoc" in table and table["target_posthoc"].astype(bool).any()
+    if posthoc:
+        cols.insert(cols.index("target_ppl") + 1, "target_source")
     flat = []
     for r in table.to_dict("records"):
         d = {c: r.get(c) for c in cols}
+        if posthoc:
+            d["target_source"] = "post-hoc" if r.get("target_posthoc") else "trained"
         d["seeds"] = ";".join(map(str, r["seeds"]))
         d["diverged_at"] = ";".join(str(t) for t in r["diverged_at"])
         d["baseline_outliers"] = ";".join(f"{s}:{z:.3g}" for s, z in sorted((r.get("baseline_outliers") or {}).items()))
@@ -262,7 +278,8 @@ def to_latex(table: pd.DataFrame) -> str:
         if len(grouped) > 1:
             if i:
                 lines.append(r"\midrule")
-            lines.append(rf"\multicolumn{{{len(cols)}}}{{l}}{{\textit{{{latex_escape(group_title(key))}}}}} \\")
+            title = latex_escape(group_title(key, _posthoc(rows)))
+            lines.append(rf"\multicolumn{{{len(cols)}}}{{l}}{{\textit{{{title}}}}} \\")
         for r in rows:
             d = _cells(r, cols + ["notes"])
             lines.append(" & ".join(latex_escape(d[c]) for c in cols) + r" \\")
