@@ -15,8 +15,10 @@ Formats (FORMATS):
 e2m1 / e1m2 / int4 with scale_mode="fp32" (the UFP4 paper's scaling): blocks of 16 along `axis`, one
 unrounded FP32 scale s = fp32(block amax / grid max) each, v = fp32(x / s) rounded onto the grid
 (nearest-even, or SR), x_dq = fp32(q * s), returned in float32 for any x dtype (q * s is not a
-bfloat16 value); an all-zero block stays zero, a block with NaN/Inf is all NaN. Torch reference
-only: "auto" takes it, "triton" raises ValueError. `fake_quantize(x, "e1m2", scale_mode="fp32")`.
+bfloat16 value); an all-zero block stays zero, a block with NaN/Inf is all NaN. The Triton kernel
+(fp4/kernels/fp32_block_quant.py) is bit-identical to `_fp32_blocks`, stochastic rounding included:
+it reads the same torch.rand uniforms (same call, same generator). `fake_quantize(x, "e1m2",
+scale_mode="fp32")`.
 
 The scale rules are in fp4.scaling and the element rounding in fp4.formats; this module does
 the layout and the dispatch. `quantize_operand` returns x_dq *without* the per-tensor scale
@@ -35,7 +37,9 @@ Stochastic rounding draws one float32 uniform per element, torch.rand(shape, gen
 the blocked working layout: [..., nblocks, block] with `axis` last and the pad included (tiles
 flattened row-major for block_2d; x's own shape for the per-tensor FP8 formats). Hence a padded
 input and its manually zero-padded version draw the same numbers, and the same generator state
-reproduces the same bits. generator=None draws from torch's global RNG. MX formats default to
+reproduces the same bits. generator=None draws from torch's global RNG. The scale-mode-fp32 kernel
+makes this same draw and so matches the reference bit for bit; the MX / NVFP4 / FP8 kernels draw
+Philox bits in-kernel from a seed taken from the generator (same distribution, other bits). MX formats default to
 the `rceil` scale under SR (never clips); NVFP4 rounds its E4M3 block scale up under SR.
 
 Hadamard (hadamard_block, hadamard_signs) is applied along `axis` first, before any amax. Its
@@ -105,19 +109,22 @@ def _validate(fmt, rounding, scale_mode, block_2d, hadamard_block, hadamard_sign
 # only these to Triton. The first GPU check found the *reference* off by an ulp on CUDA (torch
 # evaluates `tensor / python_float` as tensor * fp32(1 / float)); scaling._div_fp32 now divides
 # by a device tensor, and the benchmark's same-GPU comparison shows 0 mismatches for every format.
-# e2m1 under an MX scale mode launches exactly the mxfp4 kernel. Scale mode "fp32" has no kernel.
+# e2m1 under an MX scale mode launches exactly the mxfp4 kernel. Scale mode "fp32" has its own kernel
+# (fp4.kernels.fp32_block_quant), checked on an H200 by experiments/gpu/fp32_block_kernel_check.py.
 TRITON_GPU_VERIFIED = frozenset(choices(OperandFormat))
-NO_KERNEL_SCALE_MODES = frozenset({ScaleMode.fp32.value})
+# Scale modes without a Triton kernel ("auto" takes the reference, "triton" raises): none at present.
+NO_KERNEL_SCALE_MODES: frozenset = frozenset()
 
 
 def use_triton(x: torch.Tensor, backend: str, fmt: str = "mxfp4", scale_mode: Optional[str] = None) -> bool:
     """The dispatch decision: whether quantize_operand (and fp8_gemm.quantize_fp8) hand x to a kernel.
 
     float64 never goes to a kernel, even when forced: the kernels read float32 / bfloat16 / float16
-    bits, and the float64 reference is already exact. A scale mode without a kernel (fp32) goes to
-    the reference under "auto" and is a ValueError under "triton" (a forced backend that silently
-    ran elsewhere would mislabel a benchmark). "triton" forces the kernel otherwise; "auto" takes
-    it for CUDA tensors of a GPU-verified format when the kernels can run.
+    bits, and the float64 reference is already exact. A scale mode without a kernel
+    (NO_KERNEL_SCALE_MODES; none at present, scale mode fp32 has one) would go to the reference
+    under "auto" and be a ValueError under "triton" (a forced backend that silently ran elsewhere
+    would mislabel a benchmark). "triton" forces the kernel otherwise; "auto" takes it for CUDA
+    tensors of a GPU-verified format when the kernels can run.
     """
     if backend == "torch" or x.dtype == torch.float64:
         return False

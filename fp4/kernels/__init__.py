@@ -5,6 +5,9 @@ Modules:
                 kernels are subnormal-safe on a flushing GPU; read its docstring first)
   mx_quant.py   one fused pass per operand for MX and NVFP4 (and FP8 behind a Hadamard), blocks
                 along the last axis or along the first (token) axis without a transposed copy
+  fp32_block_quant.py  scale mode "fp32" (UFP4: one unrounded float32 scale per 16, e2m1 / e1m2 /
+                int4 elements), both orientations, fused Hadamard, bit-identical to the reference
+                under stochastic rounding too (it reads the reference's own torch.rand uniforms)
   fp8_quant.py  FP8 per-tensor current scaling: amax pre-pass + fused scale/round/cast, with an
                 optional real float8 output for torch._scaled_mm
   packing.py    plain-torch packing of E2M1 codes (two per byte, low nibble first), E8M0 / E4M3
@@ -26,8 +29,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..formats import FP8_DTYPES, MX_ELEMENTS, MX_FORMATS, OPERAND_FORMATS
-from ..names import OperandFormat
+from ..formats import FP32_BLOCK, FP8_DTYPES, MX_ELEMENTS, MX_FORMATS, OPERAND_FORMATS
+from ..names import OperandFormat, ScaleMode
 from ..scaling import MX_SCALE_MODES, resolve_scale_mode
 from .packing import (FP4_BLOCK, decode_scales, dequantize_packed, e2m1_codes, e2m1_decode,
                       expand_2d_scales, from_blocked, pack_fp4, to_blocked, unpack_fp4)
@@ -84,14 +87,18 @@ def triton_quantize_operand_ex(x: torch.Tensor, fmt: str, axis: int, rounding: s
                                return_scales: bool = False):
     """(x_dq, tensor_scale, scale_codes): triton_quantize_operand plus, with return_scales, the
     per-block scale bytes (uint8: E8M0 e + 127 for MX, E4M3 code of s_b for NVFP4) shaped
-    [B, R/RB, C/CB] for the folded [B, R, C] view (see packing.py), or None for FP8.
+    [B, R/RB, C/CB] for the folded [B, R, C] view (see packing.py), or None for FP8; for scale
+    mode "fp32" the float32 block scales s themselves, same shape (fp32_block_quant.py).
 
     Arguments are taken as resolved: validating them and choosing between kernel and reference
     is fp4.quantize's job (the dispatcher). Only what the kernel itself needs is checked here."""
     scale_mode = resolve_scale_mode(fmt, rounding, scale_mode)
-    if scale_mode is not None and scale_mode not in MX_SCALE_MODES:
+    fp32_blocks = scale_mode == ScaleMode.fp32
+    if scale_mode is not None and scale_mode not in MX_SCALE_MODES and not fp32_blocks:
         raise ValueError(f"no Triton kernel for scale_mode={scale_mode!r} (the kernels implement the MX "
-                         f"modes {', '.join(MX_SCALE_MODES)}); use fp4.quantize with backend 'torch'")
+                         f"modes {', '.join(MX_SCALE_MODES)} and fp32); use fp4.quantize with backend 'torch'")
+    if fp32_blocks and x.dim() == 0:
+        raise IndexError(f"axis {axis} out of range for a tensor of rank 0")  # as the reference
     if hadamard_signs is not None and hadamard_signs.shape != (hadamard_block,):
         raise ValueError(f"signs must have shape ({hadamard_block},), got "
                          f"{tuple(hadamard_signs.shape)}")
@@ -107,6 +114,9 @@ def triton_quantize_operand_ex(x: torch.Tensor, fmt: str, axis: int, rounding: s
         if hadamard_signs is not None:
             x = x * hadamard_signs.to(device=x.device, dtype=x.dtype)
             hadamard_signs = None
+    if fp32_blocks:
+        return _fp32_blocks(x, MX_ELEMENTS[fmt].name, axis, rounding, generator, hb, hadamard_signs,
+                            return_scales)
     x3, kaxis = _fold(x, axis, block_2d)
     if fmt in FP8_DTYPES and hb is None:
         from .fp8_quant import fp8_quantize
@@ -123,6 +133,20 @@ def triton_quantize_operand_ex(x: torch.Tensor, fmt: str, axis: int, rounding: s
                                      block_2d, hb, hadamard_signs,
                                      write_scales=return_scales and kind != KIND_FP8)
     return out.view(x.shape), ts, scales
+
+
+def _fp32_blocks(x, elem, axis, rounding, generator, hb, signs, return_scales):
+    """Scale mode fp32 (fp32_block_quant.py): x_dq float32, no tensor scale, float32 block scales."""
+    from .fp32_block_quant import fp32_block_quantize
+    if not -x.dim() <= axis < x.dim():
+        raise IndexError(f"axis {axis} out of range for a tensor of rank {x.dim()}")
+    x3, kaxis = _fold(x, axis, False)
+    # The reference's uniforms: its blocked layout is x with the axis moved last, in blocks of 16.
+    rest = [n for i, n in enumerate(x.shape) if i != axis % x.dim()]
+    ushape = (*rest, -(-x.shape[axis] // FP32_BLOCK), FP32_BLOCK)
+    out, scales = fp32_block_quantize(x3, elem, kaxis, rounding, generator, ushape, hb, signs,
+                                      write_scales=return_scales)
+    return out.view(x.shape), None, scales
 
 
 def triton_quantize_operand(x: torch.Tensor, fmt: str, axis: int, rounding: str = "nearest",

@@ -382,14 +382,10 @@ def test_stochastic_counters_unique_odd_width():
     assert len(rows) > 60
 
 
-def test_e2m1_runs_the_mxfp4_kernel_and_fp32_scales_have_none():
-    """fmt e2m1 under an MX scale mode is mxfp4 bit for bit; scale mode fp32 (UFP4 blocks) has no
-    kernel: the kernel entry refuses it, quantize_operand(backend="triton") too."""
+def test_e2m1_runs_the_mxfp4_kernel():
+    """fmt e2m1 under an MX scale mode is mxfp4 bit for bit (scale mode fp32, the UFP4 blocks, has
+    its own kernel: tests/fp4/test_kernels_fp32_blocks.py)."""
     x = wide((32, 64), torch.bfloat16, seed=17)
     for mode in ("even", "floor"):
         assert mismatches(triton_quantize_operand(x, "e2m1", -1, scale_mode=mode)[0].cpu(),
                           reference(x, "mxfp4", -1, scale_mode=mode)[0]) == 0
-    with pytest.raises(ValueError, match="no Triton kernel"):
-        triton_quantize_operand(x, "e2m1", -1, scale_mode="fp32")
-    with pytest.raises(ValueError, match="no scale_mode='fp32'"):
-        quantize_operand(x, "e1m2", -1, scale_mode="fp32", backend="triton")

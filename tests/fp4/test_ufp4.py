@@ -122,10 +122,16 @@ def test_e2m1_is_mxfp4_under_mx_scales_and_fp32_is_not():
         fp4.fake_quantize(x, "nvfp4", scale_mode="fp32")
 
 
-def test_fp32_scale_has_no_kernel_and_forcing_one_is_an_error():
+def test_fp32_scale_kernel_equals_the_reference_and_returns_float32():
+    pytest.importorskip("triton")
     x = _wide(seed=5)
-    with pytest.raises(ValueError, match="no scale_mode='fp32'"):
-        quantize_operand(x, "e1m2", -1, scale_mode="fp32", backend="triton")
+    for rounding in ("nearest", "stochastic"):
+        got = quantize_operand(x, "e1m2", -1, rounding=rounding, scale_mode="fp32", backend="triton",
+                               generator=torch.Generator().manual_seed(3))
+        want = quantize_operand(x, "e1m2", -1, rounding=rounding, scale_mode="fp32", backend="torch",
+                                generator=torch.Generator().manual_seed(3))
+        assert got[1] is None and want[1] is None
+        assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32)), rounding
     # auto takes the reference (here on the CPU anyway) and bfloat16 input still gives float32 values.
     x_dq, ts = quantize_operand(x.bfloat16(), "e1m2", -1, scale_mode="fp32")
     assert ts is None and x_dq.dtype == torch.float32
