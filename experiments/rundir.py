@@ -352,6 +352,8 @@ class Summary:
     git_commit: Optional[str] = _doc("commit of the code that ran", default=None)
     git_dirty: Optional[bool] = _doc("working tree differed from it (null: unknown)", default=None)
     recipe: Optional[Dict[str, Any]] = _doc("Recipe.describe()", default=None)
+    time_s: Optional[Dict[str, float]] = _doc("seconds, over all attempts: {steps, evaluation, diagnostics, "
+                                              "checkpoints}; without a resume, wall_time_s less their sum is the start-up", default=None)
     wall_time_s: Optional[float] = _doc("wall time of this attempt", default=None)
     error: Optional[str] = _doc("failed runs only: the exception", default=None)
     world_size: Optional[int] = _doc("processes that trained the run (torchrun); null in older runs: 1",

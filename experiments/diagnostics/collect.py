@@ -16,8 +16,11 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Union
 
+import torch
+
 from .consistency import feed as feed_consistency
-from .metrics import ErrorConsistency, operand_metrics, output_metrics
+from .metrics import (ErrorConsistency, e8m0_histogram, operand_from_sums, operand_sums, output_from_sums,
+                      output_sums)
 
 OPERAND_KEYS = ("rel_err", "sqnr_db", "bias", "flushed", "clipped", "log2_scale_min", "log2_scale_median",
                 "log2_scale_max")
@@ -38,7 +41,7 @@ class Collector:
     def __init__(self, layers: Optional[Sequence[Union[str, int]]] = None, consistency: bool = False,
                  e8m0_hist: bool = False):
         self.selected = layer_selector(layers)
-        self.records: List[Dict[str, object]] = []
+        self._pending: List[tuple] = []  # (record, {operand or "out": sums}) until take()
         self.consistency = ErrorConsistency() if consistency else None
         self.e8m0_hist = e8m0_hist
 
@@ -47,26 +50,41 @@ class Collector:
             return
         rec: Dict[str, object] = {"step": obs.step, "layer": obs.layer, "layer_index": obs.layer_index,
                                   "gemm": obs.gemm, "call": obs.call, "path": obs.path}
+        # Sums only (device tensors, no sync): take() turns every pending record into numbers at once.
+        sums: Dict[str, dict] = {}
         ops = (obs.spec.a, obs.spec.b)
         for name, x, q, op, axis in zip(obs.operands, obs.quantized_from, obs.quantized, ops, obs.axes):
-            m = operand_metrics(x, q, op, axis)
-            for key in OPERAND_KEYS:
-                rec[f"{name}.{key}"] = m[key]
-            if self.e8m0_hist and "e8m0_hist" in m:
-                rec[f"{name}.e8m0_hist"] = m["e8m0_hist"]
-        exact = obs.exact()
-        for key, value in output_metrics(obs.output, exact).items():
-            rec[f"out.{key}"] = value
+            sums[name] = operand_sums(x, q, op, axis)
+            if self.e8m0_hist:
+                hist = e8m0_histogram(x, op, axis)
+                if hist is not None:
+                    rec[f"{name}.e8m0_hist"] = hist
+        sums["out"] = output_sums(obs.output, obs.exact())
         if self.consistency is not None:
             feed_consistency(self.consistency, obs)
-        self.records.append(rec)
+        self._pending.append((rec, sums))
 
     def end_step(self) -> None:
         if self.consistency is not None:
             self.consistency.end_step()
 
     def take(self) -> List[Dict[str, object]]:
-        records, self.records = self.records, []
+        """The records since the last take, their metrics moved to the host in one transfer."""
+        pending, self._pending = self._pending, []
+        flat = [t for _, sums in pending for d in sums.values() for t in d.values() if isinstance(t, torch.Tensor)]
+        values = iter(torch.stack([t.to(torch.float64).reshape(()) for t in flat]).cpu().tolist()
+                      if flat else [])
+        records = []
+        for rec, sums in pending:
+            host = {name: {k: next(values) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+                    for name, d in sums.items()}
+            for name, d in host.items():
+                if name == "out":
+                    rec.update({f"out.{k}": v for k, v in output_from_sums(d).items()})
+                else:
+                    m = operand_from_sums(d)
+                    rec.update({f"{name}.{key}": m[key] for key in OPERAND_KEYS})
+            records.append(rec)
         return records
 
 

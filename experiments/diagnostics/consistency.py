@@ -135,10 +135,9 @@ class Window:
 
     def records(self) -> List[Dict[str, object]]:
         out = []
-        for key in self.tracker.keys():
+        for key, (corr, coh) in self.tracker.results().items():
             gemm, layer, index = key
             out.append({"kind": CONSISTENCY, "step": self.last, "first_step": self.first, "last_step": self.last,
                         "layer": layer, "layer_index": index, "gemm": gemm, "error": ERROR_OF[gemm],
-                        "step_corr": self.tracker.step_corr(key), "coherence": self.tracker.coherence(key),
-                        "k": self.tracker.steps(key)})
+                        "step_corr": corr, "coherence": coh, "k": self.tracker.steps(key)})
         return out

@@ -101,55 +101,121 @@ def _element_max(fmt: str) -> float:
     return (MX_ELEMENTS.get(fmt) or FP8_ELEMENTS[fmt]).max
 
 
+# The metrics are computed in two halves: the sums, as 0-dim float64 tensors on x's device (no host
+# sync), and the ratios, on the host from those sums. A probed training step collects the sums of
+# every GEMM and moves them to the host in one transfer (collect.py): on a GPU shared by several
+# runs each sync waits for the others' time slices, and a sync per metric made a probed llama-3m step
+# 100x a plain one (results/ladder-long/README.md).
+
+def to_host(sums: Dict[str, object]) -> Dict[str, object]:
+    """Every tensor value of ``sums`` as a Python float, in one device-to-host transfer."""
+    keys = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(sums)
+    values = torch.stack([sums[k].to(torch.float64).reshape(()) for k in keys]).cpu().tolist()
+    return {**sums, **dict(zip(keys, values))}
+
+
 @torch.no_grad()
-def operand_metrics(x: torch.Tensor, q: torch.Tensor, op=None, axis: int = -1) -> Dict[str, object]:
-    """The operand metrics of the module docstring; `op` (OperandSpec) and `axis` are needed for the
-    clipping and block-scale entries (None / fmt None: they are None)."""
+def operand_sums(x: torch.Tensor, q: torch.Tensor, op=None, axis: int = -1) -> Dict[str, object]:
+    """The sums behind :func:`operand_metrics`, as 0-dim tensors (NaN where a quantity is undefined)."""
     x64, q64 = x.detach().to(torch.float64), q.detach().to(torch.float64)
     e = q64 - x64
-    xx, ee = float((x64 * x64).sum()), float((e * e).sum())
     nonzero = x64 != 0
-    n_nonzero = int(nonzero.sum())
+    sums: Dict[str, object] = {"xx": (x64 * x64).sum(), "ee": (e * e).sum(), "xq": (x64 * q64).sum(),
+                               "n_nonzero": nonzero.sum(), "n_flushed": (nonzero & (q64 == 0)).sum(),
+                               "numel": x64.numel(), "blocks": op is not None and op.fmt is not None}
+    if not sums["blocks"]:
+        return sums
+    per_element, per_block = block_scales(x64, op, axis)
+    sums["n_clipped"] = (x64.abs() > _element_max(op.fmt) * per_element).sum()
+    usable = torch.isfinite(per_block) & (per_block > 0)
+    log2 = torch.log2(torch.where(usable, per_block, torch.ones_like(per_block)))
+    nan = torch.full_like(log2, math.nan)
+    sums["log2_min"] = torch.where(usable, log2, torch.full_like(log2, math.inf)).amin()
+    sums["log2_max"] = torch.where(usable, log2, torch.full_like(log2, -math.inf)).amax()
+    sums["log2_median"] = torch.where(usable, log2, nan).nanmedian()  # NaN: no usable block
+    return sums
+
+
+def operand_from_sums(s: Dict[str, object]) -> Dict[str, object]:
+    """The operand metrics of the module docstring from :func:`operand_sums` on the host."""
+    xx, ee, n_nonzero = s["xx"], s["ee"], int(s["n_nonzero"])
     out: Dict[str, object] = {
         "rel_err": _ratio(math.sqrt(ee), math.sqrt(xx)),
         "sqnr_db": _finite_or_none(10 * math.log10(xx / ee)) if ee > 0 and xx > 0 else None,
-        "bias": _finite_or_none(float((x64 * q64).sum()) / xx - 1) if xx > 0 else None,
-        "flushed": (int((nonzero & (q64 == 0)).sum()) / n_nonzero) if n_nonzero else 0.0,
+        "bias": _finite_or_none(s["xq"] / xx - 1) if xx > 0 else None,
+        "flushed": (int(s["n_flushed"]) / n_nonzero) if n_nonzero else 0.0,
         "clipped": None, "log2_scale_min": None, "log2_scale_median": None, "log2_scale_max": None,
     }
-    if op is None or op.fmt is None:
+    if not s["blocks"]:
         return out
-    per_element, per_block = block_scales(x64, op, axis)
-    limit = _element_max(op.fmt) * per_element
-    out["clipped"] = int((x64.abs() > limit).sum()) / max(x64.numel(), 1)
-    usable = per_block[torch.isfinite(per_block) & (per_block > 0)]
-    if usable.numel():
-        log2 = torch.log2(usable)
-        out["log2_scale_min"], out["log2_scale_max"] = float(log2.min()), float(log2.max())
-        out["log2_scale_median"] = float(log2.median())
-        if op.fmt in MX_ELEMENTS and resolve_scale_mode(op.fmt, op.rounding, op.scale_mode) != ScaleMode.fp32:
-            exps, counts = torch.unique(log2.round().to(torch.int64), return_counts=True)
-            out["e8m0_hist"] = {int(k): int(c) for k, c in zip(exps.tolist(), counts.tolist())}
+    out["clipped"] = int(s["n_clipped"]) / max(s["numel"], 1)
+    if math.isfinite(s["log2_median"]):
+        out["log2_scale_min"], out["log2_scale_max"] = s["log2_min"], s["log2_max"]
+        out["log2_scale_median"] = s["log2_median"]
     return out
 
 
 @torch.no_grad()
-def output_metrics(y: torch.Tensor, exact: torch.Tensor) -> Dict[str, Optional[float]]:
-    """cos, rel_err, bias of a GEMM output y against the exact product (module docstring)."""
+def e8m0_histogram(x: torch.Tensor, op, axis: int) -> Optional[Dict[int, int]]:
+    """{E8M0 exponent: #blocks} of an MX operand (None for other formats); syncs (torch.unique)."""
+    if op is None or op.fmt not in MX_ELEMENTS or \
+            resolve_scale_mode(op.fmt, op.rounding, op.scale_mode) == ScaleMode.fp32:
+        return None
+    per_block = block_scales(x.detach().to(torch.float64), op, axis)[1]
+    usable = per_block[torch.isfinite(per_block) & (per_block > 0)]
+    if not usable.numel():
+        return None
+    exps, counts = torch.unique(torch.log2(usable).round().to(torch.int64), return_counts=True)
+    return {int(k): int(c) for k, c in zip(exps.tolist(), counts.tolist())}
+
+
+def operand_metrics(x: torch.Tensor, q: torch.Tensor, op=None, axis: int = -1) -> Dict[str, object]:
+    """The operand metrics of the module docstring; `op` (OperandSpec) and `axis` are needed for the
+    clipping and block-scale entries (None / fmt None: they are None)."""
+    out = operand_from_sums(to_host(operand_sums(x, q, op, axis)))
+    hist = e8m0_histogram(x, op, axis) if out["log2_scale_median"] is not None else None
+    if hist is not None:
+        out["e8m0_hist"] = hist
+    return out
+
+
+@torch.no_grad()
+def output_sums(y: torch.Tensor, exact: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The sums behind :func:`output_metrics`, as 0-dim tensors."""
     y64, ex = y.detach().to(torch.float64), exact.detach().to(torch.float64)
     e = y64 - ex
-    yy, xx = float((y64 * y64).sum()), float((ex * ex).sum())
-    return {"cos": _ratio(float((y64 * ex).sum()), math.sqrt(yy * xx)),
-            "rel_err": _ratio(math.sqrt(float((e * e).sum())), math.sqrt(xx)),
-            "bias": _ratio(float((e * ex).sum()), xx)}
+    return {"yy": (y64 * y64).sum(), "xx": (ex * ex).sum(), "yx": (y64 * ex).sum(), "ee": (e * e).sum(),
+            "ex": (e * ex).sum()}
+
+
+def output_from_sums(s: Dict[str, float]) -> Dict[str, Optional[float]]:
+    return {"cos": _ratio(s["yx"], math.sqrt(s["yy"] * s["xx"])),
+            "rel_err": _ratio(math.sqrt(s["ee"]), math.sqrt(s["xx"])),
+            "bias": _ratio(s["ex"], s["xx"])}
+
+
+def output_metrics(y: torch.Tensor, exact: torch.Tensor) -> Dict[str, Optional[float]]:
+    """cos, rel_err, bias of a GEMM output y against the exact product (module docstring)."""
+    return output_from_sums(to_host(output_sums(y, exact)))
+
+
+def _correlation(e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of two error tensors as a 0-dim float64 tensor (NaN if one is constant)."""
+    a, b = e1.detach().to(torch.float64).flatten(), e2.detach().to(torch.float64).flatten()
+    a, b = a - a.mean(), b - b.mean()
+    den = torch.sqrt((a * a).sum() * (b * b).sum())
+    return torch.where(den > 0, (a * b).sum() / den, torch.full_like(den, math.nan))
+
+
+def _finite_floats(values) -> list:
+    return [v for v in values if math.isfinite(v)]
 
 
 def step_correlation(e1: torch.Tensor, e2: torch.Tensor) -> Optional[float]:
     """Pearson correlation of two error tensors (flattened, float64); None if one is constant."""
-    a, b = e1.detach().to(torch.float64).flatten(), e2.detach().to(torch.float64).flatten()
-    a, b = a - a.mean(), b - b.mean()
-    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-    return _ratio(float((a * b).sum()), den)
+    return _finite_or_none(float(_correlation(e1, e2)))
 
 
 def coherence(errors: Iterable[torch.Tensor]) -> Optional[float]:
@@ -176,7 +242,7 @@ class ErrorConsistency:
         self.dtype = dtype
         self._current: Dict[object, torch.Tensor] = {}
         self._sum: Dict[object, torch.Tensor] = {}
-        self._norms: Dict[object, float] = {}
+        self._norms: Dict[object, torch.Tensor] = {}  # 0-dim float64, on the errors' device
         self._prev: Dict[object, torch.Tensor] = {}
         self._corrs: Dict[object, list] = {}
         self._steps: Dict[object, int] = {}
@@ -190,13 +256,14 @@ class ErrorConsistency:
 
     def end_step(self) -> None:
         for key, e in self._current.items():
-            if key in self._prev:
-                self._corrs.setdefault(key, []).append(step_correlation(self._prev[key], e))
+            if key in self._prev:  # kept on the device: read in one transfer by results()
+                self._corrs.setdefault(key, []).append(_correlation(self._prev[key], e))
             if key in self._sum:
                 self._sum[key].add_(e)
             else:
                 self._sum[key] = e.clone()  # not an alias of e, which becomes _prev
-            self._norms[key] = self._norms.get(key, 0.0) + float(e.double().norm())
+            norm = e.double().norm()
+            self._norms[key] = self._norms[key] + norm if key in self._norms else norm
             self._steps[key] = self._steps.get(key, 0) + 1
             self._prev[key] = e
         self._current = {}
@@ -215,11 +282,23 @@ class ErrorConsistency:
         """Bytes of the tensors held now (sums, previous errors, the open step's accumulators)."""
         return sum(t.numel() * t.element_size() for d in (self._current, self._sum, self._prev) for t in d.values())
 
+    def results(self, keys=None) -> Dict[object, tuple]:
+        """{key: (step_corr, coherence)} for ``keys`` (default: all), in one device-to-host transfer."""
+        keys = self.keys() if keys is None else list(keys)
+        parts = []
+        for key in keys:
+            parts += self._corrs.get(key, [])
+            parts += [self._sum[key].double().norm(), self._norms[key]] if key in self._sum else []
+        values = iter(torch.stack([p.reshape(()) for p in parts]).cpu().tolist() if parts else [])
+        out = {}
+        for key in keys:
+            corrs = _finite_floats([next(values) for _ in self._corrs.get(key, [])])
+            coh = _ratio(next(values), next(values)) if key in self._sum else None
+            out[key] = (sum(corrs) / len(corrs) if corrs else None, coh)
+        return out
+
     def step_corr(self, key) -> Optional[float]:
-        values = [c for c in self._corrs.get(key, []) if c is not None]
-        return sum(values) / len(values) if values else None
+        return self.results([key])[key][0]
 
     def coherence(self, key) -> Optional[float]:
-        if key not in self._sum:
-            return None
-        return _ratio(float(self._sum[key].double().norm()), self._norms[key])
+        return self.results([key])[key][1]

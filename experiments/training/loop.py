@@ -9,6 +9,7 @@ compiled variant replaces a part, not the loop.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -89,6 +90,9 @@ class Trainer:
         if outcome is None:
             outcome = self._budget_spent()
         outcome.compile = self._compile_report()
+        loop = self.loop
+        log.info("time: steps %.1f s, evaluation %.1f s, diagnostics %.1f s, checkpoints %.1f s",
+                 loop.train_time_s, loop.eval_time_s, loop.diagnostics_time_s, loop.checkpoint_time_s)
         if self.tc.keep_final_checkpoint:
             self.save()
         return outcome
@@ -98,8 +102,10 @@ class Trainer:
         next_eval = (loop.tokens // tc.eval_every_tokens + 1) * tc.eval_every_tokens
         self.model.train()
         while loop.tokens < tc.max_tokens:
+            t0 = time.perf_counter()
             with self.diagnostics.observe(loop):
                 r = self.step(lr_at(loop.tokens, tc))
+            loop.diagnostics_time_s += max(time.perf_counter() - t0 - r.dt, 0.0)
             if len(self.first_dts) < 2:
                 self.first_dts.append(r.dt)
             advance_clock(loop, self.tokens_per_step, r.dt)
@@ -110,7 +116,9 @@ class Trainer:
             self.log.train_record(loop, self.loader.epoch, r, self.tokens_per_step)
             if loop.tokens >= next_eval or loop.tokens >= tc.max_tokens:
                 next_eval += tc.eval_every_tokens
+                t0 = time.perf_counter()
                 outcome = self._evaluate()
+                loop.eval_time_s += time.perf_counter() - t0
                 if outcome is not None and outcome.status == "reached" and not tc.stop_at_target:
                     outcome, self.target = None, None
                 if outcome is not None:
@@ -156,8 +164,11 @@ class Trainer:
         return Outcome("not_reached" if self.tc.target_ppl is not None else "completed")
 
     def save(self) -> None:
+        t0 = time.perf_counter()
         save_checkpoint(self.setup.ckpt_path, self.model, self.setup.optimizer, self.loop,
                         self.loader, self.quant_state, self.device, self.dist)
+        # Counted from the next checkpoint on (this one holds the loop state as it was).
+        self.loop.checkpoint_time_s += time.perf_counter() - t0
 
 
 def train(*, cfg, model, loader, val: torch.Tensor, vocab_size: int, quant_state: QuantState,

@@ -14,6 +14,11 @@ class LoopState:
     untimed_steps: int = 10
     timed_tokens: int = 0
     timed_time_s: float = 0.0
+    # Where the rest of the wall time goes, over all attempts (summary.json time_s): evaluations,
+    # the diagnostics' probes and windows beyond the steps they watch, checkpoint writes.
+    eval_time_s: float = 0.0
+    diagnostics_time_s: float = 0.0
+    checkpoint_time_s: float = 0.0
     loss_ema: Optional[float] = None
     best_loss_ema: float = float("inf")
     last_eval_tokens: int = 0

@@ -205,3 +205,48 @@ def test_diagnose_end_to_end_on_the_demo_model(tmp_path, cache_dir):
         assert 0 < float(r["weight_drift"]) and 0 < float(r["dW_err_coherence"]) <= 1
     # More FP4 GEMMs: further from the exact-gradient trajectory than FP8.
     assert float(configs["wgrad"]["weight_drift"]) > float(configs["fp8"]["weight_drift"])
+
+
+def test_probed_gemms_and_windows_never_sync_until_the_records_are_taken(monkeypatch):
+    """A probed step computes every metric on the device and moves them to the host in one transfer
+    (Collector.take, ErrorConsistency.results): on a GPU shared by many runs each host sync waits for
+    the others' time slices (a sync per metric made a probed step 100x a plain one). Any sync inside
+    the probe callbacks or the window's end_step fails here, also on the CPU."""
+    from torch import nn
+    from fp4.linear import QuantLinear, QuantState
+    from fp4.recipe import Recipe
+    from fp4_experiments.diagnostics.collect import Collector
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host sync inside the probe")
+
+    class Strict(Collector):
+        def __call__(self, obs):
+            with monkeypatch.context() as m:
+                for name in ("item", "tolist", "cpu", "__float__", "__int__", "numpy"):
+                    m.setattr(torch.Tensor, name, refuse)
+                super().__call__(obs)
+
+        def end_step(self):
+            with monkeypatch.context() as m:
+                for name in ("item", "tolist", "cpu", "__float__", "__int__", "numpy"):
+                    m.setattr(torch.Tensor, name, refuse)
+                super().end_step()
+
+    for recipe in (Recipe("wgrad", "h16"), Recipe("fp8", "none"), Recipe("wgrad", "none", "nvfp4")):
+        torch.manual_seed(0)
+        state = QuantState(seed=3)
+        model = nn.Sequential(QuantLinear(64, 96, recipe=recipe, state=state, layer_index=0, name="a"), nn.GELU(),
+                              QuantLinear(96, 64, recipe=recipe, state=state, layer_index=1, name="b"))
+        collector = Strict(consistency=True)
+        for _ in range(3):
+            with state.probe_gemms(collector):
+                y = model(torch.randn(32, 64))
+            y.square().mean().backward()
+            collector.end_step()
+            state.advance_step()
+        records = collector.take()
+        # 3 steps x (Fprop and Wgrad of both layers + Dgrad of the second: X of the first needs none)
+        assert len(records) == 3 * 5 and all(isinstance(r["out.cos"], float) for r in records)
+        results = collector.consistency.results()
+        assert results and all(isinstance(coh, float) for corr, coh in results.values())

@@ -69,6 +69,11 @@ def test_run_directory_is_self_describing(tiny, compose):
                 "device_name", "best_ppl", "epochs"):
         assert s[key] is not None, key
     assert json.loads((run_dir / "summary.json").read_text())["run_key"] == s["run_key"]
+    # Where the wall time went: every part measured, together within this attempt's wall time.
+    parts = s["time_s"]
+    assert set(parts) == {"steps", "evaluation", "diagnostics", "checkpoints"}
+    assert parts["steps"] > 0 and parts["evaluation"] > 0 and all(v >= 0 for v in parts.values())
+    assert sum(parts.values()) <= s["wall_time_s"]
     # The same command again finds the finished run and does not train again.
     again = run_experiment(cfg)
     assert again == s
