@@ -49,7 +49,7 @@ ladder_finish() {
   awk '{s += $3} END {print "sweep wall time so far (all calls):", s, "s over", NR, "call(s)"}' \
     "$STATE/wall_time.log" | tee "$OUT/wall_time.txt"
   tar czf "$OUT/runs.tgz" --exclude=checkpoints -C "$STATE" runs wall_time.log gpu_util.log \
-    $(cd "$STATE" && ls -d calibrate.txt bench report report.log 2>/dev/null)
+    $(cd "$STATE" && ls -d calibrate.txt bench report report.log fp32_block_kernel_check.txt 2>/dev/null)
 }
 
 # One resumable sweep, stopped before DEADLINE (interrupted runs keep their checkpoints here).

@@ -55,6 +55,14 @@ part_settings() {  # PART -> MODEL MAX_TOKENS EVAL_EVERY SEEDS PART_GRID DATA_DI
   esac
 }
 
+case "${GRID:-$MAIN_GRID}" in
+  *ufp4*)  # on a GPU: the FP32-block kernel's chosen tiles were timed but not byte-checked on a GPU yet
+    if command -v nvidia-smi >/dev/null && [ ! -f "$STATE/fp32_block_kernel_check.txt" ]; then
+      python3 experiments/gpu/fp32_block_kernel_check.py > "$STATE/fp32_block_kernel_check.txt" 2>&1 \
+        || { tail -5 "$STATE/fp32_block_kernel_check.txt"; echo "fp32 block kernel check failed"; exit 1; }
+      tail -1 "$STATE/fp32_block_kernel_check.txt"
+    fi ;;
+esac
 for part in ${PARTS:-main size1}; do
   part_settings "$part"
   ls "$DATA_DIR"/*.json*.gz >/dev/null 2>&1 || { echo "part $part: no data in $DATA_DIR"; exit 2; }
