@@ -84,6 +84,9 @@ def precheck(overrides: Sequence[str], *, devices: bool = True):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    conflict = ablation_format_conflict(overrides)
+    if conflict:
+        raise PrecheckError(conflict)
     try:
         cfg = compose(overrides)
     except (HydraException, OmegaConfBaseException) as err:
@@ -93,6 +96,39 @@ def precheck(overrides: Sequence[str], *, devices: bool = True):
     except ConfigError as err:
         raise PrecheckError(str(err)) from None
     return cfg
+
+
+def _override_value(overrides: Sequence[str], key: str) -> Optional[str]:
+    """The value of `key=`, `+key=` or `++key=` in one job's overrides (the last one), else None."""
+    value = None
+    for o in overrides:
+        k, sep, v = o.lstrip("+").partition("=")
+        if sep and k == key:
+            value = v
+    return value
+
+
+def ablation_format_conflict(overrides: Sequence[str]) -> Optional[str]:
+    """The refusal when an ablation cell that sets the format (`override /format: F` in its defaults,
+    e.g. nvfp4_wgrad) meets `format=G` on the command line: Hydra lets the command line win, so the
+    cell would silently run G. None when there is no such conflict."""
+    import os
+    import yaml
+    cell, fmt = _override_value(overrides, "ablation"), _override_value(overrides, "format")
+    if not cell or not fmt:
+        return None
+    path = os.path.join(os.path.dirname(_config_yaml()), "ablation", f"{cell}.yaml")
+    if not os.path.isfile(path):
+        return None  # an unknown cell: composition names the valid ones
+    with open(path) as f:
+        defaults = (yaml.safe_load(f) or {}).get("defaults") or []
+    for entry in defaults:
+        if isinstance(entry, dict) and "override /format" in entry and str(entry["override /format"]) != fmt:
+            cell_fmt = entry["override /format"]
+            return (f"+ablation={cell} sets format={cell_fmt}, and format={fmt} on the command line would "
+                    f"silently win over it (Hydra's rule): drop format={fmt}, or use +ablation=wgrad "
+                    f"format={fmt}")
+    return None
 
 
 # Hydra lists every folder of configs/ as a config group in --help; these are data for the

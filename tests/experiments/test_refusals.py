@@ -48,6 +48,8 @@ CASES = [
     ("opt-stabilizer", ["+stabilizer=h17"], ["stabilizer/h17", "h16"]),
     ("opt-ablation", ["+ablation=wgrad_h17"], ["ablation/wgrad_h17", "wgrad_h16"]),
     ("opt-format", ["format=mxfp5"], ["format/mxfp5", "mxfp4"]),
+    ("ablation-format", ["+ablation=nvfp4_wgrad", "format=mxfp4"],
+     ["+ablation=nvfp4_wgrad sets format=nvfp4", "format=mxfp4 on the command line", "drop format=mxfp4"]),
     ("opt-model", ["model=llama-21m"], ["model/llama-21m", "llama-20m"]),
     ("opt-data", ["data=c5"], ["data/c5", "c4_local"]),
     ("opt-tokenizer", ["tokenizer=bp"], ["tokenizer/bp", "bpe"]),
