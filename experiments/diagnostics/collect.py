@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from .consistency import feed as feed_consistency
-from .metrics import (ErrorConsistency, e8m0_histogram, operand_from_sums, operand_sums, output_from_sums,
-                      output_sums)
+from .metrics import (ErrorConsistency, e8m0_histogram, host_floats, operand_from_sums, operand_sums,
+                      output_from_sums, output_sums)
 
 OPERAND_KEYS = ("rel_err", "sqnr_db", "bias", "flushed", "clipped", "log2_scale_min", "log2_scale_median",
                 "log2_scale_max")
@@ -72,8 +72,7 @@ class Collector:
         """The records since the last take, their metrics moved to the host in one transfer."""
         pending, self._pending = self._pending, []
         flat = [t for _, sums in pending for d in sums.values() for t in d.values() if isinstance(t, torch.Tensor)]
-        values = iter(torch.stack([t.to(torch.float64).reshape(()) for t in flat]).cpu().tolist()
-                      if flat else [])
+        values = iter(host_floats(flat))
         records = []
         for rec, sums in pending:
             host = {name: {k: next(values) if isinstance(v, torch.Tensor) else v for k, v in d.items()}

@@ -107,13 +107,18 @@ def _element_max(fmt: str) -> float:
 # runs each sync waits for the others' time slices, and a sync per metric made a probed llama-3m step
 # 100x a plain one (results/ladder-long/README.md).
 
+def host_floats(tensors) -> list:
+    """0-dim (or one-element) tensors as Python floats, in one device-to-host transfer."""
+    tensors = list(tensors)
+    if not tensors:
+        return []
+    return torch.stack([t.to(torch.float64).reshape(()) for t in tensors]).cpu().tolist()
+
+
 def to_host(sums: Dict[str, object]) -> Dict[str, object]:
     """Every tensor value of ``sums`` as a Python float, in one device-to-host transfer."""
     keys = [k for k, v in sums.items() if isinstance(v, torch.Tensor)]
-    if not keys:
-        return dict(sums)
-    values = torch.stack([sums[k].to(torch.float64).reshape(()) for k in keys]).cpu().tolist()
-    return {**sums, **dict(zip(keys, values))}
+    return {**sums, **dict(zip(keys, host_floats(sums[k] for k in keys)))}
 
 
 @torch.no_grad()
@@ -289,7 +294,7 @@ class ErrorConsistency:
         for key in keys:
             parts += self._corrs.get(key, [])
             parts += [self._sum[key].double().norm(), self._norms[key]] if key in self._sum else []
-        values = iter(torch.stack([p.reshape(()) for p in parts]).cpu().tolist() if parts else [])
+        values = iter(host_floats(parts))
         out = {}
         for key in keys:
             corrs = _finite_floats([next(values) for _ in self._corrs.get(key, [])])

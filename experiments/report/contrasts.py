@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from .estimator import target_or_none
 from .runs import config_format
 from .stats import GROUP_KEYS, LADDER_ORDER, STABILIZED_ORDER, config_label, mean_ci, seeds_needed
 
@@ -180,14 +181,10 @@ def eq_contrasts(est) -> pd.DataFrame:
         groups.setdefault((r["model"], r["data"], r["egroup"], r["target_key"]), []).append(r)
     rows = []
     # Fixed budget (no target) first, then by target, as the estimator's table.
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], -1.0 if _no_target(k[3]) else k[3])):
-        keys = dict(zip(EQ_KEYS, key[:3] + (None if _no_target(key[3]) else float(key[3]),)))
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], -1.0 if target_or_none(k[3]) is None else k[3])):
+        keys = dict(zip(EQ_KEYS, key[:3] + (target_or_none(key[3]),)))
         rows += _group_rows(pd.DataFrame(groups[key]), keys, value, why)
     return pd.DataFrame(rows, columns=list(EQ_CSV_COLUMNS))
-
-
-def _no_target(t) -> bool:
-    return t is None or (isinstance(t, float) and math.isnan(t))
 
 
 # ----------------------------------------------------------------------------- output
@@ -247,7 +244,7 @@ def eq_to_markdown(table: pd.DataFrame, heading_level: int = 2) -> str:
 
     def title(key: tuple) -> str:
         model, data, egroup, target, fmt = key
-        runs = "fixed budget (no target)" if _no_target(target) else f"target ppl={target:g}"
+        runs = "fixed budget (no target)" if target_or_none(target) is None else f"target ppl={target:g}"
         return f"model={model}, data={data}, {runs}{', group ' + egroup if egroup else ''}, {fmt}"
 
     h = "#" * heading_level

@@ -68,7 +68,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from .runs import ReportError, group_labels
+from .runs import ReportError, formats_of, group_labels
 from .stats import config_label, config_rank, mean_ci, seeds_needed
 
 DEFAULT_WINDOW = (0.5, 1.0)
@@ -195,7 +195,8 @@ def egroup_id(group_dict: Dict) -> Tuple[str, Dict]:
     return hashlib.sha256(blob.encode()).hexdigest()[:8], d
 
 
-def _target_key(x) -> Optional[float]:
+def target_or_none(x) -> Optional[float]:
+    """A run's or row's target as a float, None for a fixed budget (no target: None or NaN)."""
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
@@ -236,7 +237,7 @@ def estimate(runs: pd.DataFrame, window: Tuple[float, float] = DEFAULT_WINDOW) -
     runs["egroup_id"] = [i for i, _ in ids]
     labels = group_labels({i: d for i, d in ids})
     runs["egroup"] = [labels[i] for i, _ in ids]
-    runs["target_key"] = [_target_key(t) for t in runs["target_ppl"]]
+    runs["target_key"] = [target_or_none(t) for t in runs["target_ppl"]]
     baselines = choose_baselines(runs)
     fits: Dict[str, object] = {}
     per_run: Dict[str, RunCost] = {}
@@ -278,8 +279,8 @@ def estimate(runs: pd.DataFrame, window: Tuple[float, float] = DEFAULT_WINDOW) -
         rows.append({
             "egroup_id": first["egroup_id"], "egroup": first["egroup"], "model": first["model"],
             "data": first["data"], "ladder": first["ladder"], "stabilizer": first["stabilizer"],
-            "format": ";".join(sorted({r["format"] for r in recs})), "config_format": first["config_format"],
-            "target_ppl": _target_key(first["target_key"]),
+            "format": formats_of(recs), "config_format": first["config_format"],
+            "target_ppl": target_or_none(first["target_key"]),
             "label": config_label(first["ladder"], first["stabilizer"], first["config_format"]),
             "rank": config_rank(first["ladder"], first["stabilizer"], first["config_format"]),
             "n_runs": len(recs), "seeds": [int(r["seed"]) for r in recs],
@@ -373,7 +374,7 @@ def to_markdown(est: Estimate, heading_level: int = 2, posthoc: bool = False) ->
         for r in sub.to_dict("records"):
             body.append({
                 "configuration": r["label"],
-                "runs": ("fixed budget (no target)" if _target_key(r["target_ppl"]) is None
+                "runs": ("fixed budget (no target)" if target_or_none(r["target_ppl"]) is None
                          else f"target ppl {r['target_ppl']:g}"),
                 "equivalent-token cost": ("0 (the FP8 curve itself)" if r["is_baseline"] else
                                           fmt_eq(r["eq_cost_mean"], r["eq_cost_lo"], r["eq_cost_hi"], r["eq_n"])),

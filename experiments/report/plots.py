@@ -177,7 +177,7 @@ def eq_slug(model: str, data: str, egroup: str) -> str:
 
 def plot_eq_cost(est, rows: List[dict], title: str, path: Path) -> Path:
     """Equivalent-token cost vs tokens: mean and 95% band over seeds per configuration."""
-    from .estimator import _target_key, cost_curve
+    from .estimator import cost_curve, target_or_none
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     tmax = 0.0
@@ -189,7 +189,7 @@ def plot_eq_cost(est, rows: List[dict], title: str, path: Path) -> Path:
         if cc.empty:
             continue
         color = colors[i % len(colors)]
-        target = _target_key(row["target_ppl"])
+        target = target_or_none(row["target_ppl"])
         kind = ", fixed budget" if target is None else f", target {target:g}"
         if any(r["label"] == row["label"] and r is not row for r in rows):
             kind = " (fixed budget)" if target is None else " (target run)"

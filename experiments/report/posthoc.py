@@ -28,7 +28,7 @@ import pandas as pd
 
 from ..calibrate import ppl_at, target_from
 from ..rundir import Status, read_config, read_json
-from .runs import ReportError
+from .runs import ReportError, trained_without_target
 
 DEFAULT_CALIBRATE_FRACTION = 0.7
 
@@ -84,8 +84,8 @@ class PosthocChoice(NamedTuple):
 
 
 def is_fixed_budget(r: dict) -> bool:
-    """A run trained without a target (the same rule as the calibration runs of :func:`_row`)."""
-    return r["status"] == Status.completed.value or not math.isfinite(r["target_ppl"])
+    """A run of a runs table trained without a target (:func:`.runs.trained_without_target`)."""
+    return trained_without_target(r["status"], r["target_ppl"])
 
 
 def first_crossing(curve: Sequence[Tuple[float, float]], target: float, vocab_size) -> Optional[float]:

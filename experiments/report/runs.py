@@ -72,6 +72,18 @@ def config_format(ladder: str, fmt: str) -> str:
     return "" if ladder in NO_FP4_LADDERS else fmt
 
 
+def trained_without_target(status, target_ppl) -> bool:
+    """A fixed-budget run: status completed, or no target (None, or NaN in a runs table's row)."""
+    no_target = target_ppl is None or (isinstance(target_ppl, float) and math.isnan(target_ppl))
+    return Status(status) == Status.completed or no_target
+
+
+def formats_of(recs) -> str:
+    """A table row's ``format`` column: its runs' format.name, ";"-joined when an FP8 or BF16 row's
+    seeds were started with different ones."""
+    return ";".join(sorted({r["format"] for r in recs}))
+
+
 class ReportError(Exception):
     """Base of every error the report raises on purpose; the CLI prints these as a message."""
 
@@ -161,7 +173,7 @@ def _row(rec: RunRecord, include_completed: bool = False) -> Dict[str, Any]:
     cannot use (failed runs; calibration runs unless ``include_completed``: the equivalent-token
     estimator reads those, with target_ppl NaN)."""
     s, run_dir = rec.summary, rec.run_dir
-    fixed_budget = s.status == Status.completed or s.target_ppl is None
+    fixed_budget = trained_without_target(s.status, s.target_ppl)
     if fixed_budget and not include_completed:
         raise RunFormatError(f"{CALIBRATION} (no target_ppl, status {s.status}): no tokens-to-target "
                              "to report; `fp4-ablate calibrate` reads it")

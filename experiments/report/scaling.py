@@ -81,7 +81,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..rundir import SUMMARY, atomic_write_bytes, read_json  # noqa: E402
-from .estimator import Estimate, fmt_eq  # noqa: E402
+from .estimator import Estimate, fmt_eq, target_or_none  # noqa: E402
 from .runs import ReportError  # noqa: E402
 from .stats import t_ppf  # noqa: E402
 
@@ -149,8 +149,7 @@ def _se(lo: float, hi: float, n: int) -> float:
 
 
 def _runs_kind(target) -> str:
-    return "fixed budget" if target is None or (isinstance(target, float) and math.isnan(target)) \
-        else f"target ppl {target:g}"
+    return "fixed budget" if target_or_none(target) is None else f"target ppl {target:g}"
 
 
 def _pick(sub: pd.DataFrame) -> tuple:

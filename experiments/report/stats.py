@@ -58,7 +58,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as _t
 
-from .runs import NO_FP4_LADDERS, Issue, ReportError, group_warnings
+from .runs import NO_FP4_LADDERS, Issue, ReportError, formats_of, group_warnings
 
 CONFIG_KEYS = ("ladder", "stabilizer", "config_format", "model", "data")
 GROUP_KEYS = ("model", "data", "target_ppl", "group")
@@ -253,7 +253,7 @@ def _config_row(key: tuple, sub: pd.DataFrame, runs_by_dir: Dict[str, dict], bas
     row["label"] = config_label(row["ladder"], row["stabilizer"], row["config_format"])
     row["rank"] = config_rank(row["ladder"], row["stabilizer"], row["config_format"])
     recs = sub.sort_values("seed").to_dict("records")
-    row["format"] = ";".join(sorted({r["format"] for r in recs}))
+    row["format"] = formats_of(recs)
     row["target_posthoc"] = bool(recs[0].get("target_posthoc", False))
     row["seeds"] = [r["seed"] for r in recs]
     row["n_runs"] = len(recs)
