@@ -63,6 +63,8 @@ ladder_sweep() {
   $limit $FP4_ABLATE_CLI sweep $COMMON "$@" 2>&1 \
     | grep --line-buffered -E "^\[sweep|sweep finished|FAILED|Error|fp4-ablate sweep"
   local rc=${PIPESTATUS[0]}
-  pkill -f "python3 -m fp4_ablate" 2>/dev/null; pkill -f loky 2>/dev/null; sleep 2  # orphans of a timeout
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then  # orphans of a timeout (only then: another sweep may share the GPU)
+    pkill -f "python3 -m fp4_ablate" 2>/dev/null; pkill -f loky 2>/dev/null; sleep 2
+  fi
   return "$rc"
 }

@@ -15,7 +15,8 @@
 #   bash experiments/gpu/ladder_repro.sh --prepare    (.carry/mix, .carry/c4val, .carry/whl)
 # then on the GPU machine, repo root, .carry carried:
 #   PARTS=main bash experiments/gpu/ladder_long.sh <git commit>
-# Knobs (environment): PARTS (default "main size1"), SEED_FROM/SEED_TO (override a part's seed
+# Knobs (environment): PARTS (default "main size1"), PARTS_TOGETHER (1: the parts' sweeps side by
+# side, below), KERNEL_CHECK (first|background), SEED_FROM/SEED_TO (override a part's seed
 # range, e.g. to split a part over calls), GRID (override the part's grid), JOBS_PER_GPU,
 # DEADLINE (epoch seconds: stop in time to pack what is done), RESTORE (runs.tgz of an earlier
 # call, or a results directory such as results/ladder-long, brought into a fresh $STATE), OUT,
@@ -55,14 +56,27 @@ part_settings() {  # PART -> MODEL MAX_TOKENS EVAL_EVERY SEEDS PART_GRID DATA_DI
   esac
 }
 
+# On a GPU, before any ufp4 run: the FP32-block kernel's chosen tiles were timed but not
+# byte-checked on a GPU yet. KERNEL_CHECK=first (default) waits for the check; =background runs it
+# beside the sweeps (~1 min of 15 idle runs saved) and a failure then only marks the ufp4 runs
+# invalid in $STATE/fp32_block_kernel_check.txt.
 case "${GRID:-$MAIN_GRID}" in
-  *ufp4*)  # on a GPU: the FP32-block kernel's chosen tiles were timed but not byte-checked on a GPU yet
+  *ufp4*)
     if command -v nvidia-smi >/dev/null && [ ! -f "$STATE/fp32_block_kernel_check.txt" ]; then
-      python3 experiments/gpu/fp32_block_kernel_check.py > "$STATE/fp32_block_kernel_check.txt" 2>&1 \
-        || { tail -5 "$STATE/fp32_block_kernel_check.txt"; echo "fp32 block kernel check failed"; exit 1; }
-      tail -1 "$STATE/fp32_block_kernel_check.txt"
+      check() {
+        python3 experiments/gpu/fp32_block_kernel_check.py > "$STATE/fp32_block_kernel_check.part" 2>&1
+        local rc=$?; mv "$STATE/fp32_block_kernel_check.part" "$STATE/fp32_block_kernel_check.txt"
+        tail -1 "$STATE/fp32_block_kernel_check.txt"; return $rc
+      }
+      if [ "${KERNEL_CHECK:-first}" = background ]; then check & else
+        check || { echo "fp32 block kernel check failed"; exit 1; }
+      fi
     fi ;;
 esac
+# PARTS_TOGETHER=1 runs the parts' sweeps side by side, sharing the JOBS_PER_GPU seats (gpu_slots
+# locks them in the shared cache dir): the short size-point runs fill the seats the main point's
+# equal-length waves leave idle, instead of waiting for its last wave.
+warmed="" sweeps=""
 for part in ${PARTS:-main size1}; do
   part_settings "$part"
   ls "$DATA_DIR"/*.json*.gz >/dev/null 2>&1 || { echo "part $part: no data in $DATA_DIR"; exit 2; }
@@ -73,17 +87,28 @@ for part in ${PARTS:-main size1}; do
     train.warmup_tokens=$((MAX_TOKENS / 20)) train.eval_every_tokens=$EVAL_EVERY +diagnostics=on
     cache_dir=${CACHE:-/tmp/cache} results_dir=$RESULTS train.progress_bar=false
     sweep.jobs_per_gpu=$JOBS_PER_GPU ${EXTRA:-}"
-  echo "== $part: token cache (built once, before the runs share it)"
-  stage=$part-cache
-  # One step and an evaluation of the FP8 rung, compiled as the runs are: a failure here stops
-  # the call before 14 runs each fail the same way.
-  $FP4_ABLATE_CLI run $COMMON train.max_tokens=32768 train.warmup_tokens=0 \
-    results_dir=/tmp/cache-warmup sweep.force=true 2>&1 | grep -E "data ready|Error"
-  [ "${PIPESTATUS[0]}" = 0 ] || { echo "part $part: the warm-up run failed"; exit 1; }
+  case " $warmed " in
+    *" $DATA_DIR "*) ;;  # its token cache is built; side by side, a second warm-up would only delay
+    *)
+      echo "== $part: token cache (built once, before the runs share it)"
+      stage=$part-cache
+      # One step and an evaluation of the FP8 rung, compiled as the runs are: a failure here
+      # stops the call before 14 runs each fail the same way.
+      $FP4_ABLATE_CLI run $COMMON train.max_tokens=32768 train.warmup_tokens=0 \
+        results_dir=/tmp/cache-warmup sweep.force=true 2>&1 | grep -E "data ready|Error"
+      [ "${PIPESTATUS[0]}" = 0 ] || { echo "part $part: the warm-up run failed"; exit 1; }
+      [ "${PARTS_TOGETHER:-0}" = 1 ] && warmed="$warmed $DATA_DIR" ;;
+  esac
   echo "== $part: $MODEL, $MAX_TOKENS tokens per run, seeds ${SEED_FROM:-0}..$(( ${SEED_TO:-$SEEDS} - 1 )), grid ${GRID:-$PART_GRID}"
   stage=$part
-  ladder_sweep "seed=range(${SEED_FROM:-0},${SEED_TO:-$SEEDS})" "+ablation=${GRID:-$PART_GRID}" || exit 1
+  if [ "${PARTS_TOGETHER:-0}" = 1 ]; then
+    ladder_sweep "seed=range(${SEED_FROM:-0},${SEED_TO:-$SEEDS})" "+ablation=${GRID:-$PART_GRID}" &
+    sweeps="$sweeps $!"
+  else
+    ladder_sweep "seed=range(${SEED_FROM:-0},${SEED_TO:-$SEEDS})" "+ablation=${GRID:-$PART_GRID}" || exit 1
+  fi
 done
+for pid in $sweeps; do wait "$pid" || { stage=failed; exit 1; }; done
 stage=done
 $FP4_ABLATE_CLI report "$RESULTS" --out "$STATE/report" --target-ppl calibrate \
   > "$STATE/report.log" 2>&1; head -40 "$STATE/report.log"
