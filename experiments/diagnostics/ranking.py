@@ -10,7 +10,10 @@ interval from Fisher's z with the Fieller-Hartley-Pearson variance 1.06 / (n - 3
 approximation; with n ~ 7 it is wide, which is the honest answer), and the exact two-sided
 permutation p-value (all n! orderings for n <= 8). Higher metric = predicted costlier.
 
-    python -m fp4_experiments.diagnostics.ranking DIAGNOSE_JSON TABLE_CSV [--metrics a,b]
+    python -m fp4_experiments.diagnostics.ranking DIAGNOSE_JSON TABLE_CSV [--metrics a,b] [--model M]
+
+A table of several experiment groups (a report over several models) needs --model; rows of other
+formats are their own configurations (nvfp4_wgrad, ufp4_wgrad), as the ablation cells name them.
 """
 from __future__ import annotations
 
@@ -29,9 +32,11 @@ DEFAULT_METRICS = ("weight_drift", "W_err_coherence", "dW_err_coherence", "wgrad
 COSTS = ("cost_mean", "eq_cost_mean")
 
 
-def config_name(ladder: str, stabilizer: str) -> str:
-    """The ablation-group name of a table row: (wgrad, sr) -> wgrad_sr, (fp8, none) -> fp8."""
-    return ladder if stabilizer in ("", "none") else f"{ladder}_{stabilizer}"
+def config_name(ladder: str, stabilizer: str, fmt: str = "") -> str:
+    """The ablation-group name of a table row: (wgrad, sr) -> wgrad_sr, (fp8, none) -> fp8, and a
+    format other than the default MXFP4 as the cells name it: (wgrad, none, nvfp4) -> nvfp4_wgrad."""
+    name = ladder if stabilizer in ("", "none") else f"{ladder}_{stabilizer}"
+    return name if fmt in ("", "mxfp4") else f"{fmt}_{name}"
 
 
 def diagnostic_metrics(diagnose: dict) -> Dict[str, Dict[str, float]]:
@@ -50,21 +55,43 @@ def diagnostic_metrics(diagnose: dict) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def full_run_costs(table_csv: Path) -> Dict[str, Dict[str, float]]:
-    """config -> cost column -> mean cost over seeds (FP8 baseline: 0)."""
-    costs: Dict[str, Dict[str, float]] = {}
+def full_run_costs(table_csv: Path, model: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """config -> cost column -> mean cost over seeds (FP8 baseline: 0), for one experiment group.
+
+    A table of several groups (models, budgets) must be narrowed with `model` to one of them: costs
+    of different experiments are never ranked together. Raises ValueError naming the choices."""
     with open(table_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            name = config_name(row["ladder"], row["stabilizer"])
-            entry = {}
-            for col in COSTS:
-                value = row.get(col, "")
-                if value not in ("", None):
-                    entry[col] = float(value)
-                elif row["ladder"] == "fp8" and row["stabilizer"] == "none" and col == "cost_mean":
-                    entry[col] = 0.0
-            costs[name] = entry
+        rows = list(csv.DictReader(f))
+    groups = sorted({(r.get("model", ""), r.get("group", "")) for r in rows})
+    if model is not None:
+        rows = [r for r in rows if r.get("model") == model]
+        groups = sorted({(r.get("model", ""), r.get("group", "")) for r in rows})
+        if not rows:
+            raise ValueError(f"--model {model!r}: not in {table_csv}; choose one of "
+                             f"{', '.join(sorted({g[0] for g in groups_of(table_csv)}))}")
+    if len(groups) > 1:
+        raise ValueError(f"{table_csv} holds {len(groups)} experiment groups ("
+                         + "; ".join(f"model={m}" + (f" group {g.split(':')[0]}" if g else "") for m, g in groups)
+                         + "): choose one with --model")
+    costs: Dict[str, Dict[str, float]] = {}
+    for row in rows:
+        name = config_name(row["ladder"], row["stabilizer"], row.get("format", ""))
+        if name in costs:
+            raise ValueError(f"{table_csv}: two rows of configuration {name} in one group")
+        entry = {}
+        for col in COSTS:
+            value = row.get(col, "")
+            if value not in ("", None):
+                entry[col] = float(value)
+            elif row["ladder"] == "fp8" and row["stabilizer"] == "none" and col == "cost_mean":
+                entry[col] = 0.0
+        costs[name] = entry
     return costs
+
+
+def groups_of(table_csv: Path) -> List[Tuple[str, str]]:
+    with open(table_csv, newline="") as f:
+        return sorted({(r.get("model", ""), r.get("group", "")) for r in csv.DictReader(f)})
 
 
 def fisher_interval(rho: float, n: int, level: float = 0.95) -> Tuple[float, float]:
@@ -121,8 +148,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("diagnose_json", type=Path)
     parser.add_argument("table_csv", type=Path)
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS))
+    parser.add_argument("--model", help="the experiment group's model, for a table of several groups")
     args = parser.parse_args(argv)
-    rows = rank_agreement(json.loads(args.diagnose_json.read_text()), full_run_costs(args.table_csv),
+    try:
+        costs = full_run_costs(args.table_csv, args.model)
+    except ValueError as e:
+        parser.error(str(e))
+    rows = rank_agreement(json.loads(args.diagnose_json.read_text()), costs,
                           [m for m in args.metrics.split(",") if m])
     print(to_markdown(rows))
     return 0

@@ -2,7 +2,7 @@
 
 Input: every run the report read, with or without a perplexity target (experiments/report/ passes
 the fixed-budget runs too: diagnostics do not need a target). Runs without a non-empty
-diagnostics.jsonl are not mentioned; no run with one: no section, no files. A configuration is
+diagnostics.jsonl (or its gzipped copy, diagnostics.jsonl.gz) are not mentioned; no run with one: no section, no files. A configuration is
 ladder / stabilizer / format, plus the experiment group's label when the runs belong to several
 groups (runs of different models or budgets are never pooled); seeds are pooled.
 
@@ -22,6 +22,7 @@ Two tables, each also written as a CSV, each with a plot over training:
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
@@ -31,16 +32,23 @@ from typing import Dict, List, Sequence, Tuple
 from fp4.names import GEMM_OPERANDS
 from .collect import mean_by
 from .consistency import CONSISTENCY
-from .training import DIAGNOSTICS
+from .training import DIAGNOSTICS, DIAGNOSTICS_GZ
 
 COLUMNS = ("out.rel_err", "out.cos", "out.bias")
 OPERAND_COLUMNS = ("rel_err", "bias", "flushed", "clipped")
 GEMMS = ("fprop", "dgrad", "wgrad")
 
 
-def _read(path: Path) -> List[dict]:
+def _read(run_dir: Path) -> List[dict]:
+    """A run's diagnostics records, from diagnostics.jsonl or, published, diagnostics.jsonl.gz."""
+    if (run_dir / DIAGNOSTICS).is_file():
+        text = (run_dir / DIAGNOSTICS).read_text()
+    elif (run_dir / DIAGNOSTICS_GZ).is_file():
+        text = gzip.decompress((run_dir / DIAGNOSTICS_GZ).read_bytes()).decode()
+    else:
+        return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:
@@ -75,8 +83,7 @@ def diagnostics_summary(runs, out_dir: Path) -> Tuple[str, Dict[str, Path]]:
     gemm_recs: Dict[str, List[dict]] = {}
     cons_recs: Dict[str, List[dict]] = {}
     for r in runs.to_dict("records"):
-        path = Path(str(r.get("run_dir", ""))) / DIAGNOSTICS
-        records = _read(path) if path.is_file() else []
+        records = _read(Path(str(r.get("run_dir", ""))))
         config = _config(r)
         gemm_recs.setdefault(config, []).append([x for x in records if x.get("kind") == "gemm"])
         cons_recs.setdefault(config, []).append([x for x in records if x.get("kind") == CONSISTENCY])

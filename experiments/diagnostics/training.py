@@ -49,6 +49,9 @@ from .collect import Collector, layer_selector
 from .consistency import ConsistencyProbe, Window
 
 DIAGNOSTICS = "diagnostics.jsonl"
+# A published finished run may hold it gzipped (`gzip -9 <run>/diagnostics.jsonl`: ~6x smaller, so a
+# results folder of many runs stays small enough to travel with the repo); readers take either.
+DIAGNOSTICS_GZ = DIAGNOSTICS + ".gz"
 
 
 def _all(probes):

@@ -5,7 +5,8 @@
 #   - the first call starts ladder_long.sh in the background, detached, with all of its state
 #     (runs, checkpoints, token cache, logs) in $LEASE, an ignored folder of the repo;
 #   - every call (the first included) watches it for WATCH_S seconds, printing progress, then
-#     packs what has finished into $OUT/runs.tgz (checkpoints excluded, as ladder_lib's packing);
+#     packs what has finished into $OUT/runs.tgz.part-* (checkpoints excluded, as ladder_lib's
+#     packing; in parts, below);
 #   - a call that finds the ladder not running (it finished, or the machine is a fresh one)
 #     starts it again: the sweep skips finished runs and resumes interrupted ones from their
 #     checkpoints, so a restart loses at most the steps since each run's last checkpoint.
@@ -16,7 +17,7 @@
 #     bash experiments/gpu/ladder_lease.sh <git commit>        (repo root, .carry carried once)
 #
 # The environment (PARTS, GRID, JOBS_PER_GPU, ...) reaches ladder_long.sh only when this call
-# starts it; later calls just watch. STOP=1 ends the ladder at the end of the watch, after packing.
+# starts it; later calls just watch. STOP=1 (the last call of a lease) ends the ladder before packing.
 set -u
 LEASE=${LEASE:-.lease}
 WATCH_S=${WATCH_S:-540}
@@ -57,9 +58,13 @@ print(f"[lease +{time.time() - started:.0f}s] finished {len(done)}; in flight {l
 EOF
 }
 
+# A call brings back at most 8 files of 16 MiB each: the archive travels in 15 MB parts
+# (runs.tgz.part-aa, -ab, ...; `cat runs.tgz.part-* | tar xz` here). ~290 kB per finished run.
 pack() {
-  tar czf "$OUT/runs.tgz" --exclude=checkpoints -C "$STATE" runs \
-    $(cd "$STATE" && ls -d wall_time.log gpu_util.log fp32_block_kernel_check.txt report report.log 2>/dev/null)
+  rm -f "$OUT"/runs.tgz.part-*
+  tar czf - --exclude=checkpoints --exclude=run.lock -C "$STATE" runs \
+    $(cd "$STATE" && ls -d wall_time.log gpu_util.log fp32_block_kernel_check.txt report report.log 2>/dev/null) \
+    | split -b 15000000 - "$OUT/runs.tgz.part-"
   cp "$LEASE/ladder.log" "$OUT/ladder.log" 2>/dev/null
   echo "$t_call $(date +%s) $(( $(date +%s) - t_call )) ${WATCH_S}" >> "$LEASE/calls.log"
   cp "$LEASE/calls.log" "$OUT/calls.log"
@@ -83,6 +88,8 @@ while [ "$(date +%s)" -lt "$end" ] && running; do
   progress
 done
 running || { echo "ladder ended:"; tail -25 "$LEASE/ladder.log"; }
-if [ "${STOP:-0}" = 1 ]; then pkill -f "experiments/gpu/ladder_long.sh"; pkill -f "python3 -m fp4_ablate"; fi
+if [ "${STOP:-0}" = 1 ]; then  # the last call of a lease: nothing may train while it packs
+  pkill -f "experiments/gpu/ladder_long.sh"; pkill -f "python3 -m fp4_ablate"; sleep 2
+fi
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
 pack

@@ -52,10 +52,11 @@ import numpy as np
 import pandas as pd
 
 from .posthoc import PosthocTarget, apply_posthoc_target, parse_target
-from .runs import DEFAULT_RESULTS_DIR, Issue, ReportError, load_runs
+from .runs import DEFAULT_RESULTS_DIR, Issue, ReportError, ResultsDirs, load_runs
 from .scaling import (PAPER_MODEL, extrapolate, has_points, model_params, scaling_table, trend,
                       to_markdown as scaling_markdown, write_files as scaling_files)
-from .stats import MissingBaselineError, summarize
+from .stats import UNPAIRED, MissingBaselineError, summarize, without_baseline
+UNPAIRED_CHOICES = ("error", "exclude")
 from .throughput import HardwareProfileError, add_throughput, load_isolated_throughput
 from .tables import atomic_write, has_gains, to_csv, to_markdown, write_tables
 from ..rundir import process_umask
@@ -118,8 +119,10 @@ def _tool_commit() -> Optional[str]:
         return None
 
 
-def _default_out_dir(results_dir: Path) -> Path:
-    return results_dir.parent / "report" if results_dir.name == "runs" else Path("results") / "report"
+def _default_out_dir(results_dir: ResultsDirs) -> Path:
+    if len(results_dir) == 1 and results_dir[0].name == "runs":
+        return results_dir[0].parent / "report"
+    return Path("results") / "report"
 
 
 def _issue_lines(issues: Sequence[Issue]) -> List[str]:
@@ -251,7 +254,7 @@ def _open_staging(out_dir: Path) -> Path:
         raise ReportError(f"cannot write the report to {out_dir}: {e.strerror or e}") from None
 
 
-def _eq_only_report(results_dir: Path, out_dir: Path, eq_runs, issues, est) -> "Report":
+def _eq_only_report(results_dir: ResultsDirs, out_dir: Path, eq_runs, issues, est) -> "Report":
     """Fixed-budget runs only: the estimator's section and contrasts, eq_cost.csv, eq_contrasts.csv,
     its plot and report.json."""
     eq_paired = eq_contrasts(est)
@@ -358,8 +361,9 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 
 def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x", "b200"),
                 step_speedup: Union[None, float, Mapping[str, float]] = None, wandb: bool = False,
-                throughput=None, eq_window=DEFAULT_WINDOW, target_ppl=None) -> Report:
-    """Build the report for the runs under ``results_dir``; returns its Markdown as a :class:`Report`.
+                throughput=None, eq_window=DEFAULT_WINDOW, target_ppl=None, unpaired="error") -> Report:
+    """Build the report for the runs under ``results_dir`` (a directory, or several read as one set:
+    a list of them); returns its Markdown as a :class:`Report`.
 
     ``out_dir`` defaults to ``<results_dir>/../report`` (``results/report``); the whole report is
     written into a fresh sibling directory and then replaces ``out_dir`` (files of an earlier report
@@ -370,16 +374,20 @@ def make_report(results_dir=DEFAULT_RESULTS_DIR, out_dir=None, profiles=("mi355x
     of isolated tokens/s (needed to model the gain of runs that shared a GPU).  ``eq_window``:
     (a, b), the equivalent-token cost averages each run's evaluations in [a, b] x its tokens
     (:mod:`.estimator`).  ``target_ppl``: a post-hoc target for the runs trained without one -- a
-    perplexity, "calibrate" / "calibrate:F" or a :class:`.posthoc.PosthocTarget` (:mod:`.posthoc`).  A
+    perplexity, "calibrate" / "calibrate:F" or a :class:`.posthoc.PosthocTarget` (:mod:`.posthoc`).
+    ``unpaired``: "error" (a run with no FP8 run of its group and seed raises MissingBaselineError)
+    or "exclude" (such runs are left out and listed with the excluded runs: a ladder in progress).  A
     directory of fixed-budget runs only (no target) and no ``target_ppl`` gives a report of the
     equivalent-token cost alone.  Raises ReportError
     subclasses (NoRunsError, MissingBaselineError, HardwareProfileError) with a message.
     """
-    results_dir = Path(results_dir)
+    results_dir = ResultsDirs(results_dir)
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(results_dir)
     isolated = load_isolated_throughput(throughput) if throughput is not None else None
     posthoc = _posthoc_spec(target_ppl)
-    runs, eq_runs, issues, est, choices = _load_inputs(results_dir, eq_window, posthoc)
+    if unpaired not in UNPAIRED_CHOICES:
+        raise ReportError(f"unpaired {unpaired!r}: choose one of {', '.join(UNPAIRED_CHOICES)}")
+    runs, eq_runs, issues, est, choices = _load_inputs(results_dir, eq_window, posthoc, unpaired)
     if runs.empty:
         return _eq_only_report(results_dir, out_dir, eq_runs, issues, est)
     stats, warnings, baselines = summarize(runs, issues)
@@ -424,17 +432,23 @@ def _posthoc_spec(target_ppl) -> Optional[PosthocTarget]:
         raise ReportError(f"target_ppl {e}") from None
 
 
-def _load_inputs(results_dir: Path, eq_window, posthoc: Optional[PosthocTarget] = None):
+def _load_inputs(results_dir: ResultsDirs, eq_window, posthoc: Optional[PosthocTarget] = None, unpaired="error"):
     """(runs with a target -- trained or post-hoc --, every finished run as trained for the estimator,
     issues, the estimate, the post-hoc target chosen per group)."""
-    if not results_dir.is_dir():
-        raise ReportError(f"no such directory: {results_dir}")
+    if results_dir.missing():
+        raise ReportError(f"no such directory: {', '.join(map(str, results_dir.missing()))}")
     eq_runs, eq_issues = load_runs(results_dir, include_completed=True)
     if posthoc is None:
         runs, issues = load_runs(results_dir)
         choices = []
     else:  # every run is a row then: the fixed-budget ones are given the post-hoc target
         (runs, choices), issues = apply_posthoc_target(eq_runs, posthoc), eq_issues
+    if unpaired == "exclude" and not eq_runs.empty:
+        # Both tables pair by the same rule, so one mask over the finished runs serves both.
+        dropped = set(eq_runs.loc[without_baseline(eq_runs), "run_dir"])
+        issues = list(issues) + [Issue(d, UNPAIRED) for d in sorted(dropped)]
+        eq_runs = eq_runs[~eq_runs["run_dir"].isin(dropped)]
+        runs = runs[~runs["run_dir"].isin(dropped)] if not runs.empty else runs
     if eq_runs.empty:
         found = "\n".join(f"  {i.name}: {i.problem}" for i in issues) or "  (no run directories)"
         raise NoRunsError(f"no finished valid runs under {results_dir}:\n{found}")

@@ -39,8 +39,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "RESULTS_DIR: tokens to target with 95%% intervals over seeds, extra-token "
                     "cost paired by seed against the FP8 baseline, step-throughput gain and net "
                     "speedup.")
-    ap.add_argument("results_dir", nargs="?", default=str(DEFAULT_RESULTS_DIR),
-                    help="directory of run directories (default: %(default)s)")
+    ap.add_argument("results_dir", nargs="*", default=[str(DEFAULT_RESULTS_DIR)],
+                    help="directory of run directories (default: results/runs); several are read as one "
+                         "set (each experiment group still its own table; the scaling section spans them)")
     ap.add_argument("--out", help="report directory (default: RESULTS_DIR/../report)")
     ap.add_argument("--profile", action="append", dest="profiles", metavar="NAME",
                     help="hardware profile for the modeled step gain (configs/hardware/profile/"
@@ -61,6 +62,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "target at perplexity T, interpolated on their validation curve as training does; "
                          "calibrate[:F]: T per experiment group by `fp4-ablate calibrate --fraction F`'s rule "
                          "over its FP8 runs (default F 0.7). Runs trained with a target keep theirs")
+    ap.add_argument("--unpaired", choices=("error", "exclude"), default="error",
+                    help="runs with no FP8 run of their experiment group and seed: error (default) or "
+                         "exclude (leave them out, listed with the excluded runs: a ladder in progress)")
     ap.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")
     args = ap.parse_args(argv)
     step_speedup = _parse_step_speedup(ap, args.step_speedup)
@@ -77,7 +81,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = make_report(args.results_dir, out_dir=args.out,
                              profiles=tuple(args.profiles or ("mi355x", "b200")),
                              step_speedup=step_speedup, wandb=args.wandb,
-                             throughput=args.throughput, eq_window=eq_window, target_ppl=target)
+                             throughput=args.throughput, eq_window=eq_window, target_ppl=target,
+                             unpaired=args.unpaired)
     except ReportError as err:
         print(f"fp4-ablate report: {err}", file=sys.stderr)
         return 2

@@ -286,8 +286,30 @@ def _differing_config(a: dict, b: dict) -> str:
     return ", ".join(keys[:6]) + (f", +{len(keys) - 6} more" if len(keys) > 6 else "")
 
 
+class ResultsDirs(tuple):
+    """One or more directories of run directories read as one set of results (a report across two
+    ladders, say: each experiment group is still its own table). Formats like a path for the report's
+    text: the directories joined by ", "."""
+
+    def __new__(cls, dirs=DEFAULT_RESULTS_DIR):
+        items = (dirs,) if isinstance(dirs, (str, os.PathLike)) else tuple(dirs)
+        if not items:
+            raise ReportError("no results directory given")
+        return super().__new__(cls, tuple(Path(d) for d in items))
+
+    def __str__(self) -> str:
+        return ", ".join(str(d) for d in self)
+
+    def resolve(self) -> "ResultsDirs":
+        return ResultsDirs(d.resolve() for d in self)
+
+    def missing(self) -> List[Path]:
+        return [d for d in self if not d.is_dir()]
+
+
 def load_runs(results_dir=DEFAULT_RESULTS_DIR, include_completed: bool = False) -> Tuple[pd.DataFrame, List[Issue]]:
-    """Every run directory under ``results_dir``: (DataFrame of valid runs, issues).
+    """Every run directory under ``results_dir`` (a directory or several, :class:`ResultsDirs`):
+    (DataFrame of valid runs, issues).
 
     A subdirectory counts as a run directory when it holds any of the run files; others
     (a stray ``wandb/``, hidden folders) are ignored.  Rows are sorted by run name and carry
@@ -297,12 +319,12 @@ def load_runs(results_dir=DEFAULT_RESULTS_DIR, include_completed: bool = False) 
     equivalent-token estimator uses them, the tokens-to-target table only once
     :func:`apply_posthoc_target` gave them a target.
     """
-    results_dir = Path(results_dir)
-    if not results_dir.is_dir():
-        raise ReportError(f"no such directory: {results_dir}")
+    results_dirs = ResultsDirs(results_dir)
+    if results_dirs.missing():
+        raise ReportError(f"no such directory: {', '.join(map(str, results_dirs.missing()))}")
     rows: List[dict] = []
     issues: List[Issue] = []
-    for d in run_dirs(results_dir):
+    for d in (d for root in results_dirs for d in run_dirs(root)):
         try:
             rows.append(load_run(d, include_completed))
         except RunFormatError as e:

@@ -218,6 +218,18 @@ def target_groups(runs: pd.DataFrame) -> List[str]:
     return warnings
 
 
+UNPAIRED = "no FP8 run of its experiment group and seed (left out by --unpaired exclude)"
+
+
+def without_baseline(runs: pd.DataFrame) -> pd.Series:
+    """Mask of the runs that have no FP8 run of their experiment group and seed to be paired with
+    (assign_baselines' rule), e.g. the seeds of an unfinished ladder whose FP8 run is still to come."""
+    fp8 = runs["ladder"] == "fp8"
+    have = set(zip(runs.loc[fp8, "group_id"], runs.loc[fp8, "seed"]))
+    return pd.Series([(g, s) not in have for g, s in zip(runs["group_id"], runs["seed"])],
+                     index=runs.index, dtype=bool)
+
+
 def assign_baselines(runs: pd.DataFrame, issues: Sequence[Issue] = ()) -> Dict[str, str]:
     """run_dir -> the run_dir of its paired FP8 baseline (same experiment group and seed);
     raises MissingBaselineError."""

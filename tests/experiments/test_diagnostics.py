@@ -175,6 +175,15 @@ def test_report_has_a_diagnostics_section(tiny, compose, tmp_path):
     rows = [l for l in per_gemm.splitlines() if l.startswith("| wgrad/")]
     assert len(rows) == 6  # 2 configurations x 3 GEMMs; the fp8 run has no diagnostics
     assert (tmp_path / "report" / "diagnostics.csv").exists() and (tmp_path / "report" / "diagnostics.png").exists()
+    # Published runs hold their diagnostics gzipped: the same section, byte for byte.
+    import gzip
+    for plain in results.glob("*/diagnostics.jsonl"):
+        plain.with_name(plain.name + ".gz").write_bytes(gzip.compress(plain.read_bytes()))
+        plain.unlink()
+    again = make_report(results, tmp_path / "report-gz", profiles=()).markdown
+    section = lambda t: t.split("## GEMM quantization diagnostics", 1)[1].split("\n## ", 1)[0]
+    assert section(again) == section(text)
+    assert (tmp_path / "report-gz" / "diagnostics.csv").read_bytes() == (tmp_path / "report" / "diagnostics.csv").read_bytes()
 
 
 def test_diagnose_end_to_end_on_the_demo_model(tmp_path, cache_dir):

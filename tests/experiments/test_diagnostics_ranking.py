@@ -48,3 +48,23 @@ def test_committed_diagnose_against_committed_ladder():
     rows = ranking.rank_agreement(diag, costs)
     drift = next(r for r in rows if r["metric"] == "weight_drift" and r["cost"] == "cost_mean")
     assert drift["n"] == 7 and -1 <= drift["lo"] <= drift["rho"] <= drift["hi"] <= 1
+
+
+def test_a_table_of_several_groups_needs_a_model_and_formats_stay_apart(tmp_path):
+    """A report over two models lists each configuration twice, and the wgrad rows of other formats
+    share ladder and stabilizer with MXFP4's: neither may overwrite another row's cost."""
+    assert ranking.config_name("wgrad", "none", "nvfp4") == "nvfp4_wgrad"
+    assert ranking.config_name("wgrad", "h16", "mxfp4") == "wgrad_h16"
+    table = tmp_path / "table.csv"
+    table.write_text("model,group,ladder,stabilizer,format,cost_mean,eq_cost_mean\n"
+                     "m1,a,fp8,none,mxfp4,,0\nm1,a,wgrad,none,mxfp4,0.5,0.4\n"
+                     "m3,b,fp8,none,mxfp4,,0\nm3,b,wgrad,none,mxfp4,0.2,0.1\nm3,b,wgrad,none,ufp4,0.05,0.04\n")
+    with pytest.raises(ValueError, match="2 experiment groups.*--model"):
+        ranking.full_run_costs(table)
+    with pytest.raises(ValueError, match="'m9'.*m1, m3"):
+        ranking.full_run_costs(table, "m9")
+    costs = ranking.full_run_costs(table, "m3")
+    assert costs == {"fp8": {"cost_mean": 0.0, "eq_cost_mean": 0.0}, "wgrad": {"cost_mean": 0.2, "eq_cost_mean": 0.1},
+                     "ufp4_wgrad": {"cost_mean": 0.05, "eq_cost_mean": 0.04}}
+    with pytest.raises(SystemExit):  # the command line: a usage error, exit 2, before any output
+        ranking.main([str(tmp_path / "d.json"), str(table)])

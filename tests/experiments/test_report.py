@@ -390,6 +390,42 @@ def test_missing_baseline_error_names_the_combination(sweep, tmp_path):
     assert isinstance(e.value, ReportError) and e.value.missing == [(MODEL, DATA, 30.0, 3)]
 
 
+def test_unpaired_runs_are_excluded_on_request(tmp_path):
+    """A ladder in progress: seed 3's FP8 run is still to come. --unpaired exclude leaves its runs
+    out, listed with the excluded run dirs, and reports seeds 1-2 as they are."""
+    root = tmp_path / "results" / "runs"
+    for seed in (1, 2):
+        write_run(root, "fp8", "none", seed, tokens=1000)
+        write_run(root, "wgrad", "none", seed, tokens=1000 + 100 * seed)
+    waiting = write_run(root, "wgrad", "none", 3, tokens=5000)
+    with pytest.raises(MissingBaselineError):
+        make_report(root, out_dir=tmp_path / "rep")
+    rep = make_report(root, out_dir=tmp_path / "rep", unpaired="exclude")
+    assert row(rep.table, "wgrad (mxfp4)").cost_mean == pytest.approx(0.15)  # (0.1 + 0.2) / 2, seed 3 out
+    assert f"`{waiting.name}`: no FP8 run of its experiment group and seed" in rep
+    assert "1 excluded" in rep
+    assert [i.name for i in rep.issues] == [waiting.name]
+    with pytest.raises(ReportError, match="unpaired 'skip': choose one of error, exclude"):
+        make_report(root, out_dir=tmp_path / "rep2", unpaired="skip")
+    assert not (tmp_path / "rep2").exists()
+
+
+def test_several_results_dirs_are_one_set(tmp_path):
+    """Two folders (two ladders, say) give the report one folder of all their runs would."""
+    a, b, both = tmp_path / "a" / "runs", tmp_path / "b" / "runs", tmp_path / "both" / "runs"
+    for root, seeds in ((a, (1,)), (b, (2,)), (both, (1, 2))):
+        for seed in seeds:
+            write_run(root, "fp8", "none", seed, tokens=1000)
+            write_run(root, "wgrad", "none", seed, tokens=1000 + 100 * seed)
+    one = make_report(both, out_dir=tmp_path / "one")
+    two = make_report([a, b], out_dir=tmp_path / "two")
+    assert (tmp_path / "two" / "table.csv").read_bytes() == (tmp_path / "one" / "table.csv").read_bytes()
+    assert row(two.table, "wgrad (mxfp4)").cost_mean == pytest.approx(0.15)
+    assert f"Results: `{a}, {b}`" in two
+    with pytest.raises(ReportError, match=f"no such directory: {tmp_path / 'c'}"):
+        make_report([a, tmp_path / "c"], out_dir=tmp_path / "three")
+
+
 def test_duplicates_and_empty(tmp_path):
     root = tmp_path / "runs"
     root.mkdir()

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Here, after a lease of ladder_lease.sh calls: bring the finished runs of the last call's packed
+# parts into the committed results folder and rebuild its reports.
+#
+#   bash experiments/gpu/ladder_publish.sh /work/.device/<call>/ [results/ladder-long]
+#
+# - unpacks runs.tgz.part-* (from the last call: each call packs every finished run so far);
+# - copies each *finished* run (summary.json present) that the results folder lacks, without its
+#   run lock; runs cut by the lease's end are left out (their checkpoints stayed on the machine,
+#   so the next lease trains them from the start);
+# - gzips diagnostics.jsonl (the report reads diagnostics.jsonl.gz; ~6x smaller, so the folder stays
+#   small enough to travel with the repo to the next lease);
+# - copies the lease's logs (wall time, GPU utilisation, the sweep log, the kernel check);
+# - rebuilds report/ (this ladder) and report-with-llama20m/ (the scaling section across this
+#   ladder and the committed llama-20m one), fixed-budget runs given a target post hoc
+#   (calibrate), seeds still without their FP8 run left out (--unpaired exclude).
+set -eu
+PARTS=${1:?usage: ladder_publish.sh PARTS_DIR [RESULTS]}
+RESULTS=${2:-results/ladder-long}
+CLI=${FP4_ABLATE_CLI:-fp4-ablate}
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+cat "$PARTS"/runs.tgz.part-* | tar xzf - -C "$TMP"
+mkdir -p "$RESULTS/runs"
+added=0
+for d in "$TMP"/runs/*/; do
+  name=$(basename "$d")
+  [ -f "$d/summary.json" ] && [ ! -e "$RESULTS/runs/$name" ] || continue
+  mkdir "$RESULTS/runs/$name.part"
+  (cd "$d" && tar cf - --exclude=run.lock --exclude=checkpoints .) | tar xf - -C "$RESULTS/runs/$name.part"
+  [ -f "$RESULTS/runs/$name.part/diagnostics.jsonl" ] && gzip -9 "$RESULTS/runs/$name.part/diagnostics.jsonl"
+  mv "$RESULTS/runs/$name.part" "$RESULTS/runs/$name"
+  added=$((added + 1))
+done
+echo "added $added finished runs; $(ls "$RESULTS/runs" | wc -l) in $RESULTS/runs"
+for f in wall_time.log gpu_util.log fp32_block_kernel_check.txt; do
+  [ -f "$TMP/$f" ] && cp "$TMP/$f" "$RESULTS/$f"
+done
+for f in ladder.log calls.log; do  # beside the parts (ladder_lease.sh) or inside them
+  src=$PARTS/$f; [ -f "$src" ] || src=$TMP/$f; [ -f "$src" ] || continue
+  case $f in
+    ladder.log) grep -v "^WARNING: Target\|^cp: warning" "$src" > "$RESULTS/ladder.log" || true ;;
+    calls.log) cp "$src" "$RESULTS/lease_calls.log" ;;
+  esac
+done
+$CLI report "$RESULTS/runs" --out "$RESULTS/report" --target-ppl calibrate --unpaired exclude > /dev/null
+$CLI report "$RESULTS/runs" results/mxfp4-ladder-llama20m/runs --out "$RESULTS/report-with-llama20m" \
+  --target-ppl calibrate --unpaired exclude > /dev/null
+echo "reports: $RESULTS/report, $RESULTS/report-with-llama20m"
