@@ -54,7 +54,7 @@ import pandas as pd
 from fp4.names import FP4_GEMMS
 
 from ..rundir import (INCOMPLETE, IncompleteRunError, RunDirError, RunRecord, Status, experiment_dict,
-                      load_run as load_run_record, read_config, run_dirs)
+                      load_run as load_run_record, read_config, read_json, run_dirs)
 
 DEFAULT_RESULTS_DIR = Path("results") / "runs"
 CALIBRATION = "calibration run"
@@ -228,6 +228,38 @@ def _row(rec: RunRecord, include_completed: bool = False) -> Dict[str, Any]:
     }
 
 
+DATA_KEY = "data.trained_on"  # added to a group's key only where its runs read different data
+
+
+def data_identity(run_dir) -> str:
+    """What a run actually read, from its data.json: token counts and the tokenizer's fingerprint.
+    Two runs of one config (say `data.path=dir/*.json.gz`) that found different files differ here."""
+    d = read_json(Path(run_dir) / "data.json") or {}
+    tok = d.get("tokenizer") or {}
+    if not d:
+        return "(no data.json)"
+    return (f"{d.get('n_train_tokens')} train / {d.get('n_val_tokens')} validation tokens, tokenizer "
+            f"{tok.get('name')} {tok.get('fingerprint')}")
+
+
+def _split_by_data(rows: List[dict]) -> List[dict]:
+    """Runs of one experiment group that trained on different data are different experiments: such
+    a group's runs get DATA_KEY in their group key, so no table, contrast or baseline pools them
+    (and the group labels name the difference). Groups whose runs all read the same data keep
+    their key and hash unchanged."""
+    by_group: Dict[str, List[dict]] = {}
+    for r in rows:
+        by_group.setdefault(r["group_id"], []).append(r)
+    for members in by_group.values():
+        ids = {data_identity(r["run_dir"]) for r in members}
+        if len(ids) < 2:
+            continue
+        for r in members:
+            r["group_dict"] = {**r["group_dict"], DATA_KEY: data_identity(r["run_dir"])}
+            r["group_id"] = group_hash(r["group_dict"])
+    return rows
+
+
 def load_run(run_dir: Path, include_completed: bool = False) -> Dict[str, Any]:
     """One valid run as a flat dict (a DataFrame row); raises RunFormatError otherwise."""
     try:
@@ -329,7 +361,7 @@ def load_runs(results_dir=DEFAULT_RESULTS_DIR, include_completed: bool = False) 
             rows.append(load_run(d, include_completed))
         except RunFormatError as e:
             issues.append(Issue(str(d.resolve()), str(e)))
-    rows = _drop_duplicates(rows, issues)
+    rows = _drop_duplicates(_split_by_data(rows), issues)
     labels = group_labels({r["group_id"]: r["group_dict"] for r in rows})
     for r in rows:
         r["group"] = labels[r["group_id"]]

@@ -426,6 +426,27 @@ def test_several_results_dirs_are_one_set(tmp_path):
         make_report([a, tmp_path / "c"], out_dir=tmp_path / "three")
 
 
+def test_runs_that_read_different_data_are_never_pooled(tmp_path):
+    """Same config, different data: a glob (`data.path=dir/*.json.gz`) that found fewer files on one
+    machine. data.json tells them apart; the report makes them two groups instead of one table."""
+    root = tmp_path / "results" / "runs"
+    def data(run, n_train):
+        (run / "data.json").write_text(json.dumps({"n_train_tokens": n_train, "n_val_tokens": 100,
+                                                   "tokenizer": {"name": "bpe", "fingerprint": "f00d"}}))
+    for seed in (1, 2):
+        data(write_run(root, "fp8", "none", seed, tokens=1000), 5000)
+        data(write_run(root, "wgrad", "none", seed, tokens=1100), 5000)
+    same = make_report(root, out_dir=tmp_path / "rep")
+    assert len(same.table) == 2 and set(same.runs["group"]) == {""}  # one group, key unchanged
+    data(write_run(root, "fp8", "none", 3, tokens=1000), 4000)
+    data(write_run(root, "wgrad", "none", 3, tokens=1900), 4000)
+    split = make_report(root, out_dir=tmp_path / "rep2")
+    assert split.runs.groupby("group_id")["seed"].apply(sorted).tolist() in ([[1, 1, 2, 2], [3, 3]],
+                                                                              [[3, 3], [1, 1, 2, 2]])
+    assert "data.trained_on=4000 train / 100 validation tokens" in split
+    assert sorted(split.table["cost_mean"].dropna().round(3).tolist()) == [0.0, 0.0, 0.1, 0.9]
+
+
 def test_duplicates_and_empty(tmp_path):
     root = tmp_path / "runs"
     root.mkdir()
