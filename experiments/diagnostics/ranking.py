@@ -62,13 +62,13 @@ def full_run_costs(table_csv: Path, model: Optional[str] = None) -> Dict[str, Di
     of different experiments are never ranked together. Raises ValueError naming the choices."""
     with open(table_csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    groups = sorted({(r.get("model", ""), r.get("group", "")) for r in rows})
     if model is not None:
-        rows = [r for r in rows if r.get("model") == model]
-        groups = sorted({(r.get("model", ""), r.get("group", "")) for r in rows})
-        if not rows:
+        chosen = [r for r in rows if r.get("model") == model]
+        if not chosen:
             raise ValueError(f"--model {model!r}: not in {table_csv}; choose one of "
-                             f"{', '.join(sorted({g[0] for g in groups_of(table_csv)}))}")
+                             f"{', '.join(sorted({m for m, _ in _groups(rows)}))}")
+        rows = chosen
+    groups = _groups(rows)
     if len(groups) > 1:
         raise ValueError(f"{table_csv} holds {len(groups)} experiment groups ("
                          + "; ".join(f"model={m}" + (f" group {g.split(':')[0]}" if g else "") for m, g in groups)
@@ -89,9 +89,9 @@ def full_run_costs(table_csv: Path, model: Optional[str] = None) -> Dict[str, Di
     return costs
 
 
-def groups_of(table_csv: Path) -> List[Tuple[str, str]]:
-    with open(table_csv, newline="") as f:
-        return sorted({(r.get("model", ""), r.get("group", "")) for r in csv.DictReader(f)})
+def _groups(rows: List[dict]) -> List[Tuple[str, str]]:
+    """The (model, group label) pairs of a table's rows: its experiment groups."""
+    return sorted({(r.get("model", ""), r.get("group", "")) for r in rows})
 
 
 def fisher_interval(rho: float, n: int, level: float = 0.95) -> Tuple[float, float]:

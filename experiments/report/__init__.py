@@ -55,8 +55,7 @@ from .posthoc import PosthocTarget, apply_posthoc_target, parse_target
 from .runs import DEFAULT_RESULTS_DIR, Issue, ReportError, ResultsDirs, load_runs
 from .scaling import (PAPER_MODEL, extrapolate, has_points, model_params, scaling_table, trend,
                       to_markdown as scaling_markdown, write_files as scaling_files)
-from .stats import UNPAIRED, MissingBaselineError, summarize, without_baseline
-UNPAIRED_CHOICES = ("error", "exclude")
+from .stats import UNPAIRED, UNPAIRED_CHOICES, MissingBaselineError, summarize, without_baseline
 from .throughput import HardwareProfileError, add_throughput, load_isolated_throughput
 from .tables import atomic_write, has_gains, to_csv, to_markdown, write_tables
 from ..rundir import process_umask
@@ -435,8 +434,7 @@ def _posthoc_spec(target_ppl) -> Optional[PosthocTarget]:
 def _load_inputs(results_dir: ResultsDirs, eq_window, posthoc: Optional[PosthocTarget] = None, unpaired="error"):
     """(runs with a target -- trained or post-hoc --, every finished run as trained for the estimator,
     issues, the estimate, the post-hoc target chosen per group)."""
-    if results_dir.missing():
-        raise ReportError(f"no such directory: {', '.join(map(str, results_dir.missing()))}")
+    results_dir.require()
     eq_runs, eq_issues = load_runs(results_dir, include_completed=True)
     if posthoc is None:
         runs, issues = load_runs(results_dir)

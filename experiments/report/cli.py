@@ -9,6 +9,7 @@ from . import ReportError, make_report
 from .estimator import parse_window
 from .posthoc import parse_target
 from .runs import DEFAULT_RESULTS_DIR
+from .stats import UNPAIRED_CHOICES
 
 
 def _parse_step_speedup(ap: argparse.ArgumentParser, items: Optional[List[str]]):
@@ -62,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "target at perplexity T, interpolated on their validation curve as training does; "
                          "calibrate[:F]: T per experiment group by `fp4-ablate calibrate --fraction F`'s rule "
                          "over its FP8 runs (default F 0.7). Runs trained with a target keep theirs")
-    ap.add_argument("--unpaired", choices=("error", "exclude"), default="error",
+    ap.add_argument("--unpaired", choices=UNPAIRED_CHOICES, default="error",
                     help="runs with no FP8 run of their experiment group and seed: error (default) or "
                          "exclude (leave them out, listed with the excluded runs: a ladder in progress)")
     ap.add_argument("--wandb", action="store_true", help="also log the table and plots to W&B")

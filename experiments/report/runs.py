@@ -251,11 +251,11 @@ def _split_by_data(rows: List[dict]) -> List[dict]:
     for r in rows:
         by_group.setdefault(r["group_id"], []).append(r)
     for members in by_group.values():
-        ids = {data_identity(r["run_dir"]) for r in members}
-        if len(ids) < 2:
+        ids = [data_identity(r["run_dir"]) for r in members]
+        if len(set(ids)) < 2:
             continue
-        for r in members:
-            r["group_dict"] = {**r["group_dict"], DATA_KEY: data_identity(r["run_dir"])}
+        for r, data in zip(members, ids):
+            r["group_dict"] = {**r["group_dict"], DATA_KEY: data}
             r["group_id"] = group_hash(r["group_dict"])
     return rows
 
@@ -335,8 +335,11 @@ class ResultsDirs(tuple):
     def resolve(self) -> "ResultsDirs":
         return ResultsDirs(d.resolve() for d in self)
 
-    def missing(self) -> List[Path]:
-        return [d for d in self if not d.is_dir()]
+    def require(self) -> None:
+        """ReportError naming every directory that is not there."""
+        missing = [str(d) for d in self if not d.is_dir()]
+        if missing:
+            raise ReportError(f"no such directory: {', '.join(missing)}")
 
 
 def load_runs(results_dir=DEFAULT_RESULTS_DIR, include_completed: bool = False) -> Tuple[pd.DataFrame, List[Issue]]:
@@ -352,8 +355,7 @@ def load_runs(results_dir=DEFAULT_RESULTS_DIR, include_completed: bool = False) 
     :func:`apply_posthoc_target` gave them a target.
     """
     results_dirs = ResultsDirs(results_dir)
-    if results_dirs.missing():
-        raise ReportError(f"no such directory: {', '.join(map(str, results_dirs.missing()))}")
+    results_dirs.require()
     rows: List[dict] = []
     issues: List[Issue] = []
     for d in (d for root in results_dirs for d in run_dirs(root)):

@@ -219,13 +219,21 @@ def target_groups(runs: pd.DataFrame) -> List[str]:
 
 
 UNPAIRED = "no FP8 run of its experiment group and seed (left out by --unpaired exclude)"
+UNPAIRED_CHOICES = ("error", "exclude")  # what the report does with such runs (--unpaired)
+
+
+def _fp8_index(runs: pd.DataFrame) -> Dict[tuple, List[dict]]:
+    """(group_id, seed) -> the FP8 runs of that experiment group and seed: the pairing rule."""
+    index: Dict[tuple, List[dict]] = {}
+    for r in runs[runs["ladder"] == "fp8"].to_dict("records"):
+        index.setdefault((r["group_id"], r["seed"]), []).append(r)
+    return index
 
 
 def without_baseline(runs: pd.DataFrame) -> pd.Series:
     """Mask of the runs that have no FP8 run of their experiment group and seed to be paired with
     (assign_baselines' rule), e.g. the seeds of an unfinished ladder whose FP8 run is still to come."""
-    fp8 = runs["ladder"] == "fp8"
-    have = set(zip(runs.loc[fp8, "group_id"], runs.loc[fp8, "seed"]))
+    have = _fp8_index(runs)
     return pd.Series([(g, s) not in have for g, s in zip(runs["group_id"], runs["seed"])],
                      index=runs.index, dtype=bool)
 
@@ -233,10 +241,7 @@ def without_baseline(runs: pd.DataFrame) -> pd.Series:
 def assign_baselines(runs: pd.DataFrame, issues: Sequence[Issue] = ()) -> Dict[str, str]:
     """run_dir -> the run_dir of its paired FP8 baseline (same experiment group and seed);
     raises MissingBaselineError."""
-    fp8 = runs[runs["ladder"] == "fp8"]
-    index: Dict[tuple, List[dict]] = {}
-    for r in fp8.to_dict("records"):
-        index.setdefault((r["group_id"], r["seed"]), []).append(r)
+    index = _fp8_index(runs)
     out, missing, needed_by, groups = {}, set(), {}, {}
     for r in runs.to_dict("records"):
         combo = (r["model"], r["data"], r["target_ppl"], r["seed"])
