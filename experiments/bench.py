@@ -144,8 +144,8 @@ def run_job(job: Dict, args) -> Dict:
         return bench_steps.runner_row(
             job["model"], job["config"], job["mode"], steps=args.steps, warmup=args.warmup,
             check_steps=args.check_steps if job["mode"] == "compile" else 0,
-            profile=job["model"] == args.profile_model and job["mode"] == "eager"
-            and job["config"] in ("fp8", "wgrad+h16"), **runner_args)
+            profile=job["model"] == args.profile_model and job["mode"] in args.profile_modes
+            and job["config"] in args.profile_configs, **runner_args)
     if job["kind"] == "check":
         return bench_steps.eager_repeatable(job["model"], job["config"], args.check_steps, **runner_args)
     if job["kind"] == "peer":
@@ -237,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pack-seconds", type=float, default=10.0, help="measured wall time of each packed job")
     a("--override", action="append", default=[], metavar="KEY=VALUE",
       help="extra Hydra override of every runner row (repeatable), e.g. hardware.quant_backend=torch")
-    a("--profile-model", default="", help="profile the fp8 and wgrad+h16 eager steps of this model")
+    a("--profile-model", default="", help="profile the steps of this model (--profile-configs "
+      "in --profile-modes)")
+    a("--profile-configs", default="fp8,wgrad+h16", help="configs profiled ('all': every label)")
+    a("--profile-modes", default="eager", help="eager and/or compile")
     a("--row-timeout", type=int, default=180, help="seconds an eager row may take (0: no limit)")
     a("--compile-timeout", type=int, default=240,
       help="seconds a compiled row (its compile, steps and correctness pass) may take (0: no limit)")
@@ -262,6 +265,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if batches and len(batches) != len(models):
             raise ValueError(f"--batches has {len(batches)} values for {len(models)} models")
         args.batch_of = dict(zip(models, batches))
+        args.profile_configs = _names(args.profile_configs, LABELS)
+        args.profile_modes = _names(args.profile_modes, ["eager", "compile"])
+        for label in args.profile_configs:
+            if label not in LABELS:
+                raise ValueError(f"--profile-configs: {label!r} is not one of {', '.join(LABELS)}")
+        for mode in args.profile_modes:
+            if mode not in ("eager", "compile"):
+                raise ValueError(f"--profile-modes: {mode!r} is not eager or compile")
         jobs = plan(models, _names(args.configs, LABELS),
                     eager_models=_names(args.eager_models, models),
                     compile_models=_names(args.compile_models, models),

@@ -51,6 +51,8 @@ def test_plan_orders_rows_and_rejects_bad_names():
     (["--peers", "megatron"], ["megatron", "torchao-float8"]),
     (["--models", "llama-20m", "--batches", "8,8"], ["--batches"]),
     (["--graph-models", "llama-150m"], ["cuda_graph"]),
+    (["--profile-configs", "wgrad+h17"], ["wgrad+h17", "wgrad+h16"]),
+    (["--profile-modes", "graph"], ["graph", "eager or compile"]),
 ])
 def test_bad_arguments_fail_before_any_gpu_work(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_:
