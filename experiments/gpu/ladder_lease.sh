@@ -33,11 +33,14 @@ progress() {  # one line: finished runs, runs in flight with their tokens, token
 import json, os, sys, time
 root, started = sys.argv[1], float(open(sys.argv[2]).read())
 done, flight, tokens = [], [], 0
+# "wgrad-h16-mxfp4-llama-3m-s4-5b00c889" -> "wgrad-h16-3m-s4": short, but the model and seed stay
+# (two parts' runs of one cell otherwise read the same).
+short = lambda n: n.rsplit("-", 1)[0].replace("-mxfp4", "").replace("llama-", "")
 for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     d = os.path.join(root, name)
     try:
         status = json.load(open(os.path.join(d, "summary.json")))["status"]
-        done.append(f"{name.split('-mxfp4')[0]}:{status}")
+        done.append(f"{short(name)}:{status}")
         continue
     except (OSError, ValueError, KeyError):
         pass
@@ -52,7 +55,7 @@ for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     if last:
         t = json.loads(last)["tokens"]
         tokens += t
-        flight.append(f"{name.split('-mxfp4')[0]}@{t / 1e6:.1f}M")
+        flight.append(f"{short(name)}@{t / 1e6:.1f}M")
 print(f"[lease +{time.time() - started:.0f}s] finished {len(done)}; in flight {len(flight)} "
       f"({tokens / 1e6:.0f}M tokens): {' '.join(flight)}")
 EOF

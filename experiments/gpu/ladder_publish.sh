@@ -10,7 +10,8 @@
 #   so the next lease trains them from the start);
 # - gzips diagnostics.jsonl (the report reads diagnostics.jsonl.gz; ~6x smaller, so the folder stays
 #   small enough to travel with the repo to the next lease);
-# - copies the lease's logs (wall time, GPU utilisation, the sweep log, the kernel check);
+# - copies the lease's logs (wall time and GPU utilisation cumulative across leases, the kernel
+#   check) and appends its sweep log and call log to those of earlier leases;
 # - rebuilds report/ (this ladder) and report-with-llama20m/ (the scaling section across this
 #   ladder and the committed llama-20m one), fixed-budget runs given a target post hoc
 #   (calibrate), seeds still without their FP8 run left out (--unpaired exclude).
@@ -36,12 +37,15 @@ echo "added $added finished runs; $(ls "$RESULTS/runs" | wc -l) in $RESULTS/runs
 for f in wall_time.log gpu_util.log fp32_block_kernel_check.txt; do
   [ -f "$TMP/$f" ] && cp "$TMP/$f" "$RESULTS/$f"
 done
+# Each lease's logs are appended under a header naming the lease (its first call's start, epoch
+# seconds), once: publishing the same parts again adds nothing, earlier leases' logs stay.
+lease=$(head -1 "$PARTS/calls.log" 2>/dev/null | cut -d' ' -f1)
 for f in ladder.log calls.log; do  # beside the parts (ladder_lease.sh) or inside them
   src=$PARTS/$f; [ -f "$src" ] || src=$TMP/$f; [ -f "$src" ] || continue
-  case $f in
-    ladder.log) grep -v "^WARNING: Target\|^cp: warning" "$src" > "$RESULTS/ladder.log" || true ;;
-    calls.log) cp "$src" "$RESULTS/lease_calls.log" ;;
-  esac
+  dst=$RESULTS/ladder.log; [ "$f" = calls.log ] && dst=$RESULTS/lease_calls.log
+  header="## lease ${lease:-unknown}"
+  grep -qxF "$header" "$dst" 2>/dev/null && continue
+  { echo "$header"; grep -v "^WARNING: Target\|^cp: warning" "$src" || true; } >> "$dst"
 done
 $CLI report "$RESULTS/runs" --out "$RESULTS/report" --target-ppl calibrate --unpaired exclude > /dev/null
 $CLI report "$RESULTS/runs" results/mxfp4-ladder-llama20m/runs --out "$RESULTS/report-with-llama20m" \
