@@ -7,7 +7,14 @@
    Y, dX, dW, db bit-identical, and the bytes saved for backward.
 3. A compiled (inductor, per layer) stack of real-FP8 layers against eager: the quantized GEMMs run
    the same code; the outputs are compared bit for bit.
-Usage (device machine, repo root, after experiments/gpu/setup.sh): python3 experiments/gpu/fp8_fast_path_check.py
+4. With --sweep: tiles (BLOCK_M, BLOCK_N, num_warps) of the cast-transpose kernel on llama-150m's
+   operand shapes (65536 x 768 and 65536 x 2304 bf16, X / dY of a 64 x 1024-token step), each
+   byte-checked against the default tile, then timed with triton.testing.do_bench beside a copy of
+   the same tensor: GB/s at 4 bytes per element (2 read, 1 + 1 written) and % of the copy's
+   bandwidth, the amax pre-pass timed apart. The compiled llama-150m fp8 step spent 28% of copy
+   bandwidth in this kernel (results/bench/nvidia-h200-issue12-e54ba26.md); its tile was untuned.
+Usage (device machine, repo root, after experiments/gpu/setup.sh):
+    python3 experiments/gpu/fp8_fast_path_check.py [--sweep]
 """
 import copy
 import sys
@@ -73,4 +80,43 @@ for model in (blocks, compiled):
     y.float().sum().backward()
     outs.append([y.detach(), xx.grad] + [m.weight.grad for m in model])
 report("compiled fp8 layers == eager", all(torch.equal(a, b) for a, b in zip(*outs)))
+
+SWEEP_TILES = ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (32, 128, 4), (128, 32, 4),
+               (64, 256, 8), (256, 64, 8), (128, 128, 4), (32, 32, 2))
+
+
+def sweep_tiles():
+    """Time the cast-transpose tiles (item 4 of the docstring); byte-check each first."""
+    import triton.testing
+    from fp4.kernels.amax import IN_KINDS, KIND_VIEWS, global_amax_bits
+    from fp4.kernels.fp8_quant import FP8_T_CONFIG, fp8_quantize_t
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=80)  # noqa: E731  (ms)
+    print(f"\nsweep: cast-transpose tiles (default {FP8_T_CONFIG})", flush=True)
+    for shape in ((65536, 768), (65536, 2304)):
+        x = torch.randn(shape, generator=gen, device=dev).to(torch.bfloat16)
+        n = x.numel()
+        t_copy = bench(lambda: x.clone())
+        copy_gbs = 4 * n / t_copy / 1e6
+        amax = torch.zeros(1, dtype=torch.int32, device=dev)
+        kind = IN_KINDS[x.dtype]
+        t_amax = bench(lambda: global_amax_bits(x.view(KIND_VIEWS[kind]), kind, amax))
+        print(f"  {shape} bf16: copy {t_copy * 1e3:.0f} us = {copy_gbs:.0f} GB/s; amax pre-pass "
+              f"{t_amax * 1e3:.0f} us ({2 * n / t_amax / 1e6:.0f} GB/s)", flush=True)
+        ref = fp8_quantize_t(x, "e4m3")
+        best = None
+        for tile in SWEEP_TILES:
+            out = fp8_quantize_t(x, "e4m3", config=tile)
+            same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(out[:2], ref[:2]))
+            report(f"tile {tile} bytes == default tile {shape}", same and torch.equal(out[2], ref[2]))
+            t = bench(lambda: fp8_quantize_t(x, "e4m3", config=tile))
+            gbs = 4 * n / t / 1e6
+            print(f"    tile {tile}: {t * 1e3:6.0f} us with the amax pass; kernel alone ~{(t - t_amax) * 1e3:5.0f} us"
+                  f" = {4 * n / (t - t_amax) / 1e6:5.0f} GB/s ({100 * 4 * n / (t - t_amax) / 1e6 / copy_gbs:4.1f}%"
+                  f" of copy); whole call {gbs:5.0f} GB/s", flush=True)
+            best = min(best or (t, tile), (t, tile))
+        print(f"  fastest {shape}: {best[1]} ({best[0] * 1e3:.0f} us)", flush=True)
+
+
+if "--sweep" in sys.argv:
+    sweep_tiles()
 sys.exit(0 if ok else 1)

@@ -169,7 +169,7 @@ def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator
     return (out if return_dq else None), scale, (f8.view(FP8_DTYPES[fmt]) if return_fp8 else None)
 
 
-def fp8_quantize_t(x2d: torch.Tensor, fmt: str):
+def fp8_quantize_t(x2d: torch.Tensor, fmt: str, config=None):
     """(q, q_t, s) for a 2-D float32/bf16/fp16 x [M, N]: q the float8 tensor of fp8_quantize
     (row-major [M, N], bit for bit), q_t = q^T as its own row-major [N, M] float8 tensor (so
     q_t.t() is the column-major [M, N] operand torch._scaled_mm takes), s the 0-dim fp32 scale.
@@ -178,7 +178,8 @@ def fp8_quantize_t(x2d: torch.Tensor, fmt: str):
     x once and writes both layouts, so no transposed copy of q is made afterwards. Round to
     nearest only (the real FP8 GEMM path does not use stochastic rounding). NaN / Inf anywhere:
     every code of q and q_t is NaN and s is NaN, as in fp8_quantize. An empty x gives empty
-    q, q_t and s = 1.
+    q, q_t and s = 1. `config` = (BLOCK_M, BLOCK_N, num_warps) overrides FP8_T_CONFIG's tile (a
+    tile sweep; any tile gives the same bytes).
     """
     if fmt not in FP8_MAX:
         raise ValueError(f"unknown FP8 format {fmt!r}; valid: {', '.join(FP8_MAX)}")
@@ -195,14 +196,14 @@ def fp8_quantize_t(x2d: torch.Tensor, fmt: str):
     f8t = torch.empty((n, m), dtype=torch.uint8, device=dev)
     mbits, emin = FORMATS[fmt][:2]
     _, qbits, maxb = fixed_scale_consts(fmt)
-    bm, bn = FP8_T_CONFIG["block_m"], FP8_T_CONFIG["block_n"]
+    bm, bn, warps = config or (FP8_T_CONFIG["block_m"], FP8_T_CONFIG["block_n"], FP8_T_CONFIG["num_warps"])
     if m and n:
         global_amax_bits(xc.view(view), in_kind, amax)
         grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
         _fp8_t_kernel[grid](xc.view(view), f8, f8t, amax, scale, m, n,
                             FMT_MAX=FP8_MAX[fmt], MBITS=mbits, EMIN=emin, QBITS=qbits, MAXB=maxb,
                             NAN_CODE=FP8_NAN_CODE[fmt], IN_KIND=in_kind, BLOCK_M=bm, BLOCK_N=bn,
-                            num_warps=FP8_T_CONFIG["num_warps"])
+                            num_warps=warps)
     else:
         scale.fill_(1.0)
     dtype = FP8_DTYPES[fmt]

@@ -35,9 +35,9 @@ def wide(shape, dtype, seed=0, spread=12):
     return wide_tensor(shape, dtype, seed, spread, DEV)
 
 
-def check(x, fmt):
+def check(x, fmt, config=None):
     """fp8_quantize_t(x) against fp8_quantize(x): q, q^T and s bit for bit; returns (q, q_t, s)."""
-    q, q_t, s = fp8_quantize_t(x, fmt)
+    q, q_t, s = fp8_quantize_t(x, fmt, config=config)
     _, s_ref, f8 = fp8_quantize(x.contiguous(), fmt, return_fp8=True, return_dq=False)
     m, n = x.shape
     assert q.dtype == q_t.dtype == FP8_DTYPES[fmt]
@@ -65,12 +65,11 @@ def test_float16_and_non_contiguous_input():
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-def test_non_square_tiles(fmt, monkeypatch):
-    # A tile with BLOCK_M != BLOCK_N catches a row/column mix-up that square tiles would hide.
-    for bm, bn in ((32, 16), (16, 64)):
-        monkeypatch.setitem(fp8_quant.FP8_T_CONFIG, "block_m", bm)
-        monkeypatch.setitem(fp8_quant.FP8_T_CONFIG, "block_n", bn)
-        check(wide((45, 77), torch.float32, seed=bm + bn), fmt)
+def test_non_square_tiles(fmt):
+    # A tile with BLOCK_M != BLOCK_N catches a row/column mix-up that square tiles would hide;
+    # these are also tiles of the GPU sweep (experiments/gpu/fp8_fast_path_check.py --sweep).
+    for bm, bn, warps in ((32, 16, 4), (16, 64, 2), (128, 64, 8)):
+        check(wide((45, 77), torch.float32, seed=bm + bn), fmt, config=(bm, bn, warps))
 
 
 def hard_values(fmt, k=-3):
