@@ -14,7 +14,7 @@
    bandwidth, the amax pre-pass timed apart. The compiled llama-150m fp8 step spent 28% of copy
    bandwidth in this kernel (results/bench/nvidia-h200-issue12-e54ba26.md); its tile was untuned.
 Usage (device machine, repo root, after experiments/gpu/setup.sh):
-    python3 experiments/gpu/fp8_fast_path_check.py [--sweep]
+    python3 experiments/gpu/fp8_fast_path_check.py [--sweep | --sweep-only]
 """
 import copy
 import sys
@@ -36,50 +36,53 @@ def report(name, good, detail=""):
 
 
 gen = torch.Generator(device=dev).manual_seed(0)
-for fmt in ("e4m3", "e5m2"):
-    for dtype in (torch.bfloat16, torch.float32):
-        for shape in ((4096, 768), (65536, 2304), (130, 257), (1, 1)):
-            x = torch.randn(shape, generator=gen, device=dev).to(dtype)
-            x.view(-1)[: min(64, x.numel())] *= 2.0 ** torch.arange(-30, 34, device=dev)[: min(64, x.numel())].to(dtype)
-            q, qt, s = fp8_gemm.quantize_fp8_both(x, fmt, backend="triton")
-            rq, rs = fp8_gemm.quantize_fp8(x, fmt, backend="torch")
-            same = (torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
-                    and torch.equal(qt.view(torch.uint8), rq.t().contiguous().view(torch.uint8))
-                    and torch.equal(s, rs))
-            report(f"cast-transpose {fmt} {str(dtype)[6:]} {shape}", same)
 
 
-def layer_grads(layer, x, dy, check):
-    layer.zero_grad(set_to_none=True)
-    layer.check_finite = check
-    xx = x.clone().requires_grad_(True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y = layer(xx)
-    y.backward(dy)
-    return [y.detach(), xx.grad, layer.weight.grad, layer.bias.grad]
+def checks():
+    """Items 1-3 of the docstring."""
+    for fmt in ("e4m3", "e5m2"):
+        for dtype in (torch.bfloat16, torch.float32):
+            for shape in ((4096, 768), (65536, 2304), (130, 257), (1, 1)):
+                x = torch.randn(shape, generator=gen, device=dev).to(dtype)
+                x.view(-1)[: min(64, x.numel())] *= 2.0 ** torch.arange(-30, 34, device=dev)[: min(64, x.numel())].to(dtype)
+                q, qt, s = fp8_gemm.quantize_fp8_both(x, fmt, backend="triton")
+                rq, rs = fp8_gemm.quantize_fp8(x, fmt, backend="torch")
+                same = (torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+                        and torch.equal(qt.view(torch.uint8), rq.t().contiguous().view(torch.uint8))
+                        and torch.equal(s, rs))
+                report(f"cast-transpose {fmt} {str(dtype)[6:]} {shape}", same)
 
+    def layer_grads(layer, x, dy, check):
+        layer.zero_grad(set_to_none=True)
+        layer.check_finite = check
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(xx)
+        y.backward(dy)
+        return [y.detach(), xx.grad, layer.weight.grad, layer.bias.grad]
 
-torch.manual_seed(0)
-layer = QuantLinear(768, 2304, bias=True, recipe=Recipe("fp8"), state=QuantState(seed=1)).to(dev)
-x = torch.randn(8192, 768, device=dev)
-dy = torch.randn(8192, 2304, device=dev, dtype=torch.bfloat16)
-shared, unshared = layer_grads(layer, x, dy, False), layer_grads(layer, x, dy, True)
-report("fp8 shared copies == re-quantized", all(torch.equal(a, b) for a, b in zip(shared, unshared)))
+    torch.manual_seed(0)
+    layer = QuantLinear(768, 2304, bias=True, recipe=Recipe("fp8"), state=QuantState(seed=1)).to(dev)
+    x = torch.randn(8192, 768, device=dev)
+    dy = torch.randn(8192, 2304, device=dev, dtype=torch.bfloat16)
+    shared, unshared = layer_grads(layer, x, dy, False), layer_grads(layer, x, dy, True)
+    report("fp8 shared copies == re-quantized", all(torch.equal(a, b) for a, b in zip(shared, unshared)))
 
-blocks = torch.nn.Sequential(*[QuantLinear(768, 768, recipe=Recipe("fp8"), state=QuantState(seed=1), layer_index=i)
-                               for i in range(4)]).to(dev)
-compiled = copy.deepcopy(blocks)
-for m in compiled:
-    m.compile()
-inp = torch.randn(8192, 768, device=dev)
-outs = []
-for model in (blocks, compiled):
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        xx = inp.clone().requires_grad_(True)
-        y = model(xx)
-    y.float().sum().backward()
-    outs.append([y.detach(), xx.grad] + [m.weight.grad for m in model])
-report("compiled fp8 layers == eager", all(torch.equal(a, b) for a, b in zip(*outs)))
+    blocks = torch.nn.Sequential(*[QuantLinear(768, 768, recipe=Recipe("fp8"), state=QuantState(seed=1), layer_index=i)
+                                   for i in range(4)]).to(dev)
+    compiled = copy.deepcopy(blocks)
+    for m in compiled:
+        m.compile()
+    inp = torch.randn(8192, 768, device=dev)
+    outs = []
+    for model in (blocks, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            xx = inp.clone().requires_grad_(True)
+            y = model(xx)
+        y.float().sum().backward()
+        outs.append([y.detach(), xx.grad] + [m.weight.grad for m in model])
+    report("compiled fp8 layers == eager", all(torch.equal(a, b) for a, b in zip(*outs)))
+
 
 SWEEP_TILES = ((64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8), (32, 128, 4), (128, 32, 4),
                (64, 256, 8), (256, 64, 8), (128, 128, 4), (32, 32, 2))
@@ -117,6 +120,8 @@ def sweep_tiles():
         print(f"  fastest {shape}: {best[1]} ({best[0] * 1e3:.0f} us)", flush=True)
 
 
-if "--sweep" in sys.argv:
+if "--sweep-only" not in sys.argv:
+    checks()
+if "--sweep" in sys.argv or "--sweep-only" in sys.argv:
     sweep_tiles()
 sys.exit(0 if ok else 1)
