@@ -101,6 +101,19 @@ def scaled_int_bits(k, MAXN: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.conste
 
 
 @triton.jit
+def grid_split(a, qlo, MBITS: tl.constexpr):
+    """(s, sc, mask, sig) of magnitudes `a` (finite float32 bits) against the grid whose smallest
+    normal binade has exponent field qlo: s the significand bits below the grid spacing (see
+    round_bits), sc = min(s, 23), mask the low sc bits, sig the 24-bit significand (hidden bit
+    included). Shared by round_bits and the kernels' own rounding rules."""
+    expf = a >> 23
+    ep = tl.maximum(expf, 1)
+    s = tl.maximum(expf, qlo) - ep + (23 - MBITS)
+    sc = tl.minimum(s, 23)
+    return s, sc, (1 << sc) - 1, a - ((ep - 1) << 23)
+
+
+@triton.jit
 def round_bits(a, qlo, qbits, maxb, rnd, MBITS: tl.constexpr, ROUND: tl.constexpr):
     """Round magnitudes onto a scaled grid; all operands int32 float32-bit patterns.
 
@@ -118,12 +131,7 @@ def round_bits(a, qlo, qbits, maxb, rnd, MBITS: tl.constexpr, ROUND: tl.constexp
     point, which is a grid point. For s >= 24 the value is below one spacing: the result is
     0 or exactly one spacing (qbits).
     """
-    expf = a >> 23
-    ep = tl.maximum(expf, 1)
-    s = tl.maximum(expf, qlo) - ep + (23 - MBITS)
-    sc = tl.minimum(s, 23)
-    mask = (1 << sc) - 1
-    sig = a - ((ep - 1) << 23)
+    s, sc, mask, sig = grid_split(a, qlo, MBITS)
     if ROUND == 0:
         # RNE: add half - 1 plus the kept LSB, truncate; a tie rounds to the even neighbour.
         # The parity is taken from the significand (hidden bit included), not from the pattern:
@@ -221,6 +229,18 @@ def div_f32_rn(num, den):
     so they round to a zero of x's sign either way, and the kernels take that sign from x's own
     bits. Every other quotient is the IEEE result."""
     return tl.math.div_rn(num, den)
+
+
+@triton.jit
+def div_scaled(x, den, fast):
+    """Correctly rounded float32 x / den: the cheap float32 IEEE division (div_f32_rn) when `fast`
+    (a scalar: every den of the call is >= FAST_DIV_MIN, where it is exact), else the float64
+    route (div_f32)."""
+    if fast:
+        v = div_f32_rn(x, den)
+    else:
+        v = div_f32(x, den)
+    return v
 
 
 @triton.jit

@@ -65,9 +65,9 @@ import triton.language as tl
 
 from ..formats import FP32_BLOCK
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
-                    fixed_scale_consts, mul_f32, round_bits)
+                    fixed_scale_consts, grid_split, mul_f32, round_bits)
 from .amax import IN_KINDS, KIND_VIEWS
-from .mx_quant import _f32_value, _transformed_tile
+from .mx_quant import _f32_value, _store_block_values, _tile_coords, _transformed_tile
 
 F32_MIN_NORMAL_BITS = tl.constexpr(0x00800000)
 
@@ -89,12 +89,7 @@ def round_bits_uniform(a, u, qlo, qbits, maxb, MBITS: tl.constexpr):
     the result is 0 or one spacing). D < 2^24 and 2^-s >= 2^-152 are exact float64 numbers, so
     float64(u) < D * 2^-s is the exact comparison, for any u (CUDA's torch.rand is not a
     multiple of 2^-24 near 0, and can be exactly 0: then any nonzero frac rounds up)."""
-    expf = a >> 23
-    ep = tl.maximum(expf, 1)
-    s = tl.maximum(expf, qlo) - ep + (23 - MBITS)
-    sc = tl.minimum(s, 23)
-    mask = (1 << sc) - 1
-    sig = a - ((ep - 1) << 23)
+    s, sc, mask, sig = grid_split(a, qlo, MBITS)
     dropped = tl.where(s <= 23, a & mask, sig)
     up = u.to(tl.float64) < dropped.to(tl.float64) * pow2_f64(-s)
     norm = (a & ~mask) + tl.where(up, mask + 1, 0)
@@ -111,13 +106,8 @@ def fp32_block_kernel(
         EMIN: tl.constexpr, FMT_MAX: tl.constexpr, FIX_QBITS: tl.constexpr, FIX_MAXB: tl.constexpr,
         IN_KIND: tl.constexpr, WRITE_SCALES: tl.constexpr, EXACT_DIV: tl.constexpr,
         TR: tl.constexpr, TC: tl.constexpr):
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
     pid_b = tl.program_id(2)
-    rows = pid_r * TR + tl.arange(0, TR)
-    cols = pid_c * TC + tl.arange(0, TC)
-    offs = pid_b.to(tl.int64) * R * C + rows[:, None].to(tl.int64) * C + cols[None, :]
-    inb = (rows[:, None] < R) & (cols[None, :] < C)
+    rows, cols, offs, inb = _tile_coords(R, C, TR, TC)
     bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
                              HAS_SIGNS, TR, TC, HMODE)
     b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
@@ -157,12 +147,7 @@ def fp32_block_kernel(
     out = tl.where(finite, dq.to(tl.int32, bitcast=True), F32_NAN_BITS)
     tl.store(out_ptr + offs, tl.reshape(out, [TR, TC]), mask=inb)
     if WRITE_SCALES:
-        nrb = (R + RB - 1) // RB
-        ncb = (C + CB - 1) // CB
-        rb = (pid_r * (TR // RB) + tl.arange(0, TR // RB))[:, None, None, None]
-        cb = (pid_c * (TC // CB) + tl.arange(0, TC // CB))[None, None, :, None]
-        tl.store(scale_ptr + pid_b.to(tl.int64) * nrb * ncb + rb * ncb + cb, s,
-                 mask=(rb < nrb) & (cb < ncb))
+        _store_block_values(scale_ptr, s, R, C, RB, CB, TR, TC)
 
 
 def _elem_constexprs(elem: str):

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..formats import FP8_DTYPES, FP8_MAX
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_scaled,
                     encode_minifloat, fixed_scale_consts, load_bits, round_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 
@@ -68,10 +68,7 @@ def _fp8_grid_bits(bits, s, rnd, MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS:
                    MAXB: tl.constexpr, ROUND: tl.constexpr):
     """Signed float32 bits of q = fp8_round(fp32(x / s)) for x given as float32 bits (any shape)."""
     # s >= FAST_DIV_MIN: the fp32 IEEE division is exact here (see _bits.div_f32_rn).
-    if s >= FAST_DIV_MIN:
-        v = div_f32_rn(bits.to(tl.float32, bitcast=True), s)
-    else:
-        v = div_f32(bits.to(tl.float32, bitcast=True), s)
+    v = div_scaled(bits.to(tl.float32, bitcast=True), s, s >= FAST_DIV_MIN)
     q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, QBITS, MAXB, rnd,
                    MBITS, ROUND)
     return q | (bits & (-2147483648))

@@ -51,7 +51,7 @@ import triton.language as tl
 
 from ..formats import E4M3, E8M0_BIAS, MX_BLOCK, NVFP4_BLOCK, NVFP4_TENSOR_DIVISOR
 from ..scaling import MX_SCALE_MODES
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_scaled,
                     encode_minifloat, fixed_scale_consts, f32_bits, load_bits, mul_f32, mx_exponent,
                     pow2_bits, round_bits, scaled_int_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
@@ -130,6 +130,29 @@ def _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND: tl.constexpr, AXIS: 
 
 
 @triton.jit
+def _tile_coords(R, C, TR: tl.constexpr, TC: tl.constexpr):
+    """This program's [TR, TC] tile of a contiguous [B, R, C] tensor (program ids (row tile,
+    column tile, b)): (rows, cols, element offsets, in-bounds mask)."""
+    rows = tl.program_id(0) * TR + tl.arange(0, TR)
+    cols = tl.program_id(1) * TC + tl.arange(0, TC)
+    offs = tl.program_id(2).to(tl.int64) * R * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+    return rows, cols, offs, (rows[:, None] < R) & (cols[None, :] < C)
+
+
+@triton.jit
+def _store_block_values(ptr, v, R, C, RB: tl.constexpr, CB: tl.constexpr, TR: tl.constexpr,
+                        TC: tl.constexpr):
+    """Store one value per [RB, CB] block of this program's tile (v: [TR//RB, 1, TC//CB, 1]) to
+    the row-major [B, ceil(R/RB), ceil(C/CB)] array at ptr: the block scales."""
+    nrb = (R + RB - 1) // RB
+    ncb = (C + CB - 1) // CB
+    rb = (tl.program_id(0) * (TR // RB) + tl.arange(0, TR // RB))[:, None, None, None]
+    cb = (tl.program_id(1) * (TC // CB) + tl.arange(0, TC // CB))[None, None, :, None]
+    tl.store(ptr + tl.program_id(2).to(tl.int64) * nrb * ncb + rb * ncb + cb, v,
+             mask=(rb < nrb) & (cb < ncb))
+
+
+@triton.jit
 def _rand_bits(seed, grow, g0, GROUPS_PER_ROW, TR: tl.constexpr, TC: tl.constexpr):
     """int32 random bits for a [TR, TC] tile: one Philox call (tl.randint4x, 4 x 32 bits) per
     group of 4 consecutive columns, counter = global row * groups-per-row + group index (unique
@@ -154,10 +177,7 @@ def block_quant_kernel(
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2)
-    rows = pid_r * TR + tl.arange(0, TR)
-    cols = pid_c * TC + tl.arange(0, TC)
-    offs = pid_b.to(tl.int64) * R * C + rows[:, None].to(tl.int64) * C + cols[None, :]
-    inb = (rows[:, None] < R) & (cols[None, :] < C)
+    rows, cols, offs, inb = _tile_coords(R, C, TR, TC)
     bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
                              HAS_SIGNS, TR, TC, HMODE)
     if PASS == 0:
@@ -198,10 +218,7 @@ def block_quant_kernel(
                 den = tl.where(s > 0, s, 1.0)
                 # s_g >= FAST_DIV_MIN -> every s >= 2^-9 * s_g (or 1): the fp32 IEEE division
                 # is exact and cheap; tiny tensors take the float64 route.
-                if s_g >= FAST_DIV_MIN:
-                    v = div_f32_rn(x, den)
-                else:
-                    v = div_f32(x, den)
+                v = div_scaled(x, den, s_g >= FAST_DIV_MIN)
                 q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, FIX_QBITS,
                                FIX_MAXB, rnd, MBITS, ROUND)
                 q = tl.where(s > 0, q, 0)
@@ -214,22 +231,14 @@ def block_quant_kernel(
                 s = tl.where(s == 0, 1.0, s)
                 if pid_r + pid_c + pid_b == 0:
                     tl.store(tscale_ptr, tl.where(finite, s, float("nan")))
-                if s >= FAST_DIV_MIN:
-                    v = div_f32_rn(x, s)
-                else:
-                    v = div_f32(x, s)
+                v = div_scaled(x, s, s >= FAST_DIV_MIN)
                 q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, FIX_QBITS,
                                FIX_MAXB, rnd, MBITS, ROUND)
                 out = tl.where(finite, q | sign, F32_NAN_BITS)
                 code = am  # no block scales for a per-tensor format
         store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND)
         if WRITE_SCALES:
-            nrb = (R + RB - 1) // RB
-            ncb = (C + CB - 1) // CB
-            rb = (pid_r * (TR // RB) + tl.arange(0, TR // RB))[:, None, None, None]
-            cb = (pid_c * (TC // CB) + tl.arange(0, TC // CB))[None, None, :, None]
-            tl.store(scale_ptr + pid_b.to(tl.int64) * nrb * ncb + rb * ncb + cb,
-                     code.to(tl.uint8), mask=(rb < nrb) & (cb < ncb))
+            _store_block_values(scale_ptr, code.to(tl.uint8), R, C, RB, CB, TR, TC)
 
 
 def _fmt_constexprs(elem: str):
