@@ -55,6 +55,7 @@ def load_model_config(name: str):
 
 
 SECTIONS = ("eager", "peers", "compile", "pack")
+MODES = ("eager", "compile")  # how a step runs: the runner's rows and the peers' alike
 
 
 def plan(models: Sequence[str], configs: Sequence[str], *, eager_models: Sequence[str] = (),
@@ -69,8 +70,7 @@ def plan(models: Sequence[str], configs: Sequence[str], *, eager_models: Sequenc
     from .bench_peers import PEERS
     for label in [*configs, *compile_configs, *([pack_config] if pack_jobs else [])]:
         parse_config(label)  # ValueError naming the valid ones
-    bad = [p for p in peers if p not in PEERS] + [f"mode {m}" for m in peer_modes
-                                                  if m not in ("eager", "compile")]
+    bad = [p for p in peers if p not in PEERS] + [f"mode {m}" for m in peer_modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown peer(s) {', '.join(bad)}; valid: {', '.join(PEERS)} "
                          "(modes: eager, compile)")
@@ -266,13 +266,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"--batches has {len(batches)} values for {len(models)} models")
         args.batch_of = dict(zip(models, batches))
         args.profile_configs = _names(args.profile_configs, LABELS)
-        args.profile_modes = _names(args.profile_modes, ["eager", "compile"])
+        args.profile_modes = _names(args.profile_modes, MODES)
         for label in args.profile_configs:
-            if label not in LABELS:
-                raise ValueError(f"--profile-configs: {label!r} is not one of {', '.join(LABELS)}")
+            try:
+                parse_config(label)
+            except ValueError as err:
+                raise ValueError(f"--profile-configs: {err}") from None
         for mode in args.profile_modes:
-            if mode not in ("eager", "compile"):
-                raise ValueError(f"--profile-modes: {mode!r} is not eager or compile")
+            if mode not in MODES:
+                raise ValueError(f"--profile-modes: {mode!r} is not {' or '.join(MODES)}")
         jobs = plan(models, _names(args.configs, LABELS),
                     eager_models=_names(args.eager_models, models),
                     compile_models=_names(args.compile_models, models),

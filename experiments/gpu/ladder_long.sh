@@ -59,7 +59,7 @@ echo "runs per GPU: $JOBS_PER_GPU"
 ladder_restore
 ladder_start
 
-part_settings() {  # PART -> MODEL MAX_TOKENS EVAL_EVERY SEEDS PART_GRID DATA_DIR
+part_settings() {  # PART -> MODEL MAX_TOKENS EVAL_EVERY SEEDS PART_GRID DATA_DIR PART_SEED_FROM PART_SEED_TO PART_JOBS PART_ORDER
   case "$1" in
     main)  MODEL=llama-3m; MAX_TOKENS=36700160; EVAL_EVERY=1048576; SEEDS=5; PART_GRID=$MAIN_GRID; DATA_DIR=$MIX_DIR ;;
     size1) MODEL=llama-1m; MAX_TOKENS=11796480; EVAL_EVERY=393216;  SEEDS=3; PART_GRID=$SIZE_GRID; DATA_DIR=$MIX_DIR ;;
@@ -67,6 +67,7 @@ part_settings() {  # PART -> MODEL MAX_TOKENS EVAL_EVERY SEEDS PART_GRID DATA_DI
     *) echo "unknown part $1: choose main, size1 or size6"; exit 2 ;;
   esac
   local v
+  PART_SEED_FROM=${SEED_FROM:-0}; PART_SEED_TO=${SEED_TO:-$SEEDS}
   v=SEEDS_$1; [ -n "${!v:-}" ] && { PART_SEED_FROM=${!v%%:*}; PART_SEED_TO=${!v##*:}; }
   v=GRID_$1; [ -n "${!v:-}" ] && PART_GRID=${!v}
   v=JOBS_$1; PART_JOBS=${!v:-$JOBS_PER_GPU}
@@ -113,9 +114,7 @@ esac
 # equal-length waves leave idle, instead of waiting for its last wave.
 warmed="" sweeps=""
 for part in ${PARTS:-main size1}; do
-  PART_SEED_FROM=${SEED_FROM:-0}; PART_SEED_TO=""
   part_settings "$part"
-  PART_SEED_TO=${PART_SEED_TO:-${SEED_TO:-$SEEDS}}
   [ "$part" = size6 ] && link_mix6
   ls "$DATA_DIR"/*.json*.gz >/dev/null 2>&1 || { echo "part $part: no data in $DATA_DIR"; exit 2; }
   # Fixed budget (target null, the report calibrates one post hoc), eval every 1/35-1/30 of it,

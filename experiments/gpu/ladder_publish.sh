@@ -43,7 +43,8 @@ lease=$(head -1 "$PARTS/calls.log" 2>/dev/null | cut -d' ' -f1)
 for f in ladder.log calls.log; do  # beside the parts (ladder_lease.sh) or inside them
   src=$PARTS/$f; [ -f "$src" ] || src=$TMP/$f; [ -f "$src" ] || continue
   dst=$RESULTS/ladder.log; [ "$f" = calls.log ] && dst=$RESULTS/lease_calls.log
-  header="## lease ${lease:-unknown}"
+  # Without a calls.log the log's own checksum names it, so two such leases never read as one.
+  header="## lease ${lease:-unknown-$(cksum < "$src" | cut -d' ' -f1)}"
   grep -qxF "$header" "$dst" 2>/dev/null && continue
   { echo "$header"; grep -v "^WARNING: Target\|^cp: warning" "$src" || true; } >> "$dst"
 done
