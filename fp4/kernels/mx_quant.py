@@ -55,6 +55,7 @@ from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, 
                     encode_minifloat, fixed_scale_consts, f32_bits, load_bits, mul_f32, mx_exponent,
                     pow2_bits, round_bits, scaled_int_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
+from .mx_rows_hadamard import launch_grid, mx_rows_hadamard_kernel
 
 KIND_MX, KIND_NVFP4, KIND_FP8 = 0, 1, 2
 # MODE constexpr of _bits.mx_exponent, in fp4.scaling.MX_SCALE_MODES order (floor 0, ceil 1, rceil 2, even 3).
@@ -268,11 +269,16 @@ TILE_CONFIG = {
     (True, 1, 1, True, False): (16, 256, 4, 0),     # sr+mxfp4 axis=-1: 42% -> 52%
     (True, 1, 16, False, False): (8, 512, 4, 0),    # h16+mxfp4 axis=-1: 57% -> 62%
     (True, 1, 16, True, False): (8, 512, 4, 0),
+    # HMODE 2 = fp4.kernels.mx_rows_hadamard (TR = 32 rows per MX block x blocks per program).
+    (True, 0, 16, False, False): (32, 256, 4, 2),
+    (True, 0, 16, True, False): (32, 256, 4, 2),
 }
 
 
 def _fits(config, axis, hb, rb, cb):
     tr, tc = config[:2]
+    if config[3] == 2:  # the slab kernel: MX blocks of 32 rows, Hadamard blocks inside them
+        return axis == 0 and rb == 32 and cb == 1 and 1 < hb <= 32 and tr % 32 == 0 and tc % 4 == 0
     if axis == 1:
         return tc % max(hb, cb) == 0 and tr % rb == 0
     return tr % max(hb, rb) == 0 and tc % cb == 0 and tc % 4 == 0
@@ -315,6 +321,13 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
         if config is None or not _fits(config, axis, hb, rb, cb):
             config = _default_config(kind, axis, hb, rb, cb, rounding)
     tr, tc, num_warps, hmode = config
+    if hmode == 2:
+        if kind != KIND_MX or not _fits(config, axis, hb, rb, cb):
+            raise ValueError(f"config {config}: HMODE 2 (mx_rows_hadamard) needs an MX format, "
+                             f"axis 0, a Hadamard block of 2..32 and TR a multiple of 32; got "
+                             f"kind {kind}, axis {axis}, Hadamard block {hb}")
+        return _rows_hadamard(x3, elem, mode, rounding, generator, hb, hadamard_signs,
+                              write_scales, tr // 32, tc, num_warps)
     # The dot Hadamard needs a dot-sized tile (>= 16 each way) and no 2-D tiles.
     # Zero entries of its block-diagonal matrix may meet an Inf (0 * Inf = NaN) only inside one
     # MX block, so for MX the tile spans one MX block or one Hadamard block.
@@ -347,3 +360,30 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
     if x3.numel():
         block_quant_kernel[grid](*args, PASS=1, **meta)
     return out, (tscale if kind != KIND_MX else None), (scales if write_scales else None)
+
+
+def _rows_hadamard(x3, elem, mode, rounding, generator, hb, hadamard_signs, write_scales, mb, tc,
+                   num_warps):
+    """block_quantize's MX + Hadamard path along R through fp4.kernels.mx_rows_hadamard."""
+    B, R, C = x3.shape
+    in_kind = IN_KINDS[x3.dtype]
+    view = KIND_VIEWS[in_kind]
+    dev = x3.device
+    out = torch.empty_like(x3)
+    scales = torch.empty((B, -(-R // MX_BLOCK), C) if write_scales else (1,), dtype=torch.uint8,
+                         device=dev)
+    stochastic = rounding == "stochastic"
+    seed = draw_seed(generator, dev) if stochastic else scales
+    signs = (hadamard_signs.to(device=dev, dtype=torch.float32).contiguous()
+             if hadamard_signs is not None else scales)
+    if x3.numel():
+        fmt = _fmt_constexprs(elem)
+        mx_rows_hadamard_kernel[launch_grid(B, R, C, mb, tc)](
+            x3.view(view), out.view(view), signs, scales, seed, R, C,
+            LOG2HB=int(math.log2(hb)), HSCALE=_f32_value(1.0 / math.sqrt(hb)),
+            HAS_SIGNS=hadamard_signs is not None, MODE=MODES[mode] if mode else 0,
+            ROUND=1 if stochastic else 0, E8M0_B=E8M0_BIAS, IN_KIND=in_kind,
+            WRITE_SCALES=write_scales, MB=mb, TC=tc, num_warps=num_warps,
+            **{k: fmt[k] for k in ("MBITS", "EMIN", "EMAX", "MAXN", "MAXQ", "LOG2N", "NBITS",
+                                   "MCAP")})
+    return out, None, (scales if write_scales else None)

@@ -1,0 +1,121 @@
+"""MX quantize-dequantize along the token axis with the block Hadamard fused: the Wgrad operands
+of an H16 / random-Hadamard recipe (dY and X, blocks of 32 rows), in one register-local pass.
+
+Why a kernel of its own. mx_quant.block_quant_kernel transforms a [TR, TC] tile whose rows
+are spread over threads and warps: its butterflies pair rows through reshapes and reductions
+that Triton lowers to shared-memory exchanges, and its dot variant (HMODE 1) spends 32 FMAs per
+element on a mostly-zero block-diagonal matrix. The compiled llama-150m wgrad+h16 step spent 41%
+of its GPU time there at 37% of copy bandwidth (results/bench/nvidia-h200-issue12-e54ba26.md).
+
+Layout. One program owns MB MX blocks of rows (32 * MB rows) by TC columns and holds the tile as
+32 register tensors ("slabs") of shape [MB, TC]: slab s holds rows 32 * m + s. A slab is loaded
+with rows contiguous along C (coalesced, vectorised), and every step after the load is
+elementwise across slabs, i.e. inside one thread:
+  1. x * signs[s % HB] * fl32(1/sqrt(HB)) (the same two multiplications as mx_quant);
+  2. log2(HB) butterfly stages in float32, stage st pairing slabs (s, s + 2^st) into
+     (a + b, a - b): the pairs, the order and the operations of mx_quant._butterfly, so the
+     result is the same bits as mx_quant's butterfly path (HMODE 0) on every input, and equals
+     the reference wherever the float32 sums are exact (its matmul has its own order);
+  3. rows past R were loaded as zeros (the reference's zero padding) and are zeroed again after
+     the transform, then never stored;
+  4. the block amax is the integer max of |bits| over the 32 slabs, and the E8M0 exponent and
+     the element rounding are mx_quant's (fp4.kernels._bits), once per block and per slab.
+Stochastic rounding draws the same Philox bits per (global row, 4-column group) as mx_quant, so
+the same seed gives the same result whichever kernel ran.
+
+HB divides the 32-row MX block (2..32): a Hadamard block never straddles an MX block, so the
+slabs of one program are closed under the butterflies.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, load_bits, mx_exponent, pow2_bits, round_bits,
+                    scaled_int_bits, store_bits)
+
+SLABS = 32  # rows of one MX block along the token axis (fp4.formats.MX_BLOCK)
+
+
+@triton.jit
+def _slab_butterflies(xs, LOG2HB: tl.constexpr):
+    """The Walsh-Hadamard stages across the 32 slabs: stage st maps the pair (i, i + 2^st) to
+    (a + b, a - b), as mx_quant._butterfly does along a tile axis."""
+    for st in tl.static_range(LOG2HB):
+        ys = ()
+        for i in tl.static_range(32):
+            if ((i >> st) & 1) == 0:
+                ys = ys + (xs[i] + xs[i + (1 << st)],)
+            else:
+                ys = ys + (xs[i - (1 << st)] - xs[i],)
+        xs = ys
+    return xs
+
+
+@triton.jit
+def _slab_rand_bits(seed, grow, g0, GROUPS_PER_ROW, MB: tl.constexpr, TC: tl.constexpr):
+    """mx_quant._rand_bits for the rows `grow` of one slab: counter = global row * groups per
+    row + 4-column group; element 4g + k takes Philox output k."""
+    ctr = grow[:, None] * GROUPS_PER_ROW + (g0 + tl.arange(0, TC // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    return tl.reshape(r, [MB, TC]).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def mx_rows_hadamard_kernel(
+        x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C,
+        LOG2HB: tl.constexpr, HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr, MODE: tl.constexpr,
+        ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+        MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr,
+        MCAP: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
+        WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr):
+    blk = tl.program_id(0) * MB + tl.arange(0, MB)  # MX block index along R
+    cols = tl.program_id(1) * TC + tl.arange(0, TC)
+    base = tl.program_id(2).to(tl.int64) * R * C
+    in_c = cols[None, :] < C
+    xs = ()
+    for s in tl.static_range(32):
+        rows = blk * 32 + s
+        offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
+        f = load_bits(x_ptr, offs, (rows[:, None] < R) & in_c, IN_KIND).to(tl.float32,
+                                                                             bitcast=True)
+        if HAS_SIGNS:
+            f = f * tl.load(signs_ptr + s % (1 << LOG2HB))
+        xs = xs + (f * HSCALE,)
+    xs = _slab_butterflies(xs, LOG2HB)
+    bits = ()
+    am = tl.zeros([MB, TC], dtype=tl.int32)
+    for s in tl.static_range(32):
+        b = tl.where(((blk * 32 + s)[:, None] < R) & in_c, xs[s], 0.0).to(tl.int32, bitcast=True)
+        am = tl.maximum(am, b & 0x7FFFFFFF)
+        bits = bits + (b,)
+    e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
+    qlo = e + (EMIN + 127)
+    qbits = pow2_bits(e + (EMIN - MBITS))
+    maxb = scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS)
+    bad = am >= F32_INF_BITS
+    if ROUND == 1:
+        seed = tl.load(seed_ptr)
+    for s in tl.static_range(32):
+        rows = blk * 32 + s
+        a = bits[s] & 0x7FFFFFFF
+        if ROUND == 1:
+            rnd = _slab_rand_bits(seed, tl.program_id(2) * R + rows, tl.program_id(1) * (TC // 4),
+                                  (C + 3) // 4, MB, TC)
+        else:
+            rnd = a
+        mag = round_bits(a, qlo, qbits, maxb, rnd, MBITS, ROUND)
+        out = tl.where(bad, F32_NAN_BITS, mag | (bits[s] & (-2147483648)))
+        store_bits(out_ptr, base + rows[:, None].to(tl.int64) * C + cols[None, :], out,
+                   (rows[:, None] < R) & in_c, IN_KIND)
+    if WRITE_SCALES:
+        nblk = (R + 31) // 32
+        code = tl.where(bad, 255, e + E8M0_B).to(tl.uint8)
+        tl.store(scale_ptr + tl.program_id(2).to(tl.int64) * nblk * C + blk[:, None] * C
+                 + cols[None, :], code, mask=(blk[:, None] < nblk) & in_c)
+
+
+def launch_grid(B: int, R: int, C: int, mb: int, tc: int):
+    """(row-block programs, column programs, B) for a [B, R, C] operand."""
+    return (triton.cdiv(R, SLABS * mb), triton.cdiv(C, tc), B)
