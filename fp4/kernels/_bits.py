@@ -265,3 +265,16 @@ def encode_minifloat(bits, MBITS: tl.constexpr, EMIN: tl.constexpr, SIGN_BIT: tl
     code = tl.where(E >= EMIN, normal, sub)
     code = tl.where(a == 0, 0, code)
     return code | (((bits >> 31) & 1) << SIGN_BIT)
+
+
+@triton.jit
+def rand_bits(seed, grow, g0, GROUPS_PER_ROW, TR: tl.constexpr, TC: tl.constexpr):
+    """int32 random bits for the rows `grow` ([TR]) of a [TR, TC] tile: one Philox call
+    (tl.randint4x, 4 x 32 bits) per group of 4 consecutive columns, counter = global row *
+    groups-per-row + group index (unique per group, so no two elements share a draw); element
+    4g + k takes output k. Shared by the MX/NVFP4 tile kernel and the slab kernel, so the same
+    seed gives the same bits whichever of them quantizes an operand."""
+    ctr = grow[:, None] * GROUPS_PER_ROW + (g0 + tl.arange(0, TC // 4))[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    return tl.reshape(r, [TR, TC]).to(tl.int32, bitcast=True)

@@ -53,7 +53,7 @@ from ..formats import E4M3, E8M0_BIAS, MX_BLOCK, NVFP4_BLOCK, NVFP4_TENSOR_DIVIS
 from ..scaling import MX_SCALE_MODES
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_scaled,
                     encode_minifloat, fixed_scale_consts, f32_bits, load_bits, mul_f32, mx_exponent,
-                    pow2_bits, round_bits, scaled_int_bits, store_bits)
+                    pow2_bits, rand_bits, round_bits, scaled_int_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 from .mx_rows_hadamard import launch_grid, mx_rows_hadamard_kernel
 
@@ -154,17 +154,6 @@ def _store_block_values(ptr, v, R, C, RB: tl.constexpr, CB: tl.constexpr, TR: tl
 
 
 @triton.jit
-def _rand_bits(seed, grow, g0, GROUPS_PER_ROW, TR: tl.constexpr, TC: tl.constexpr):
-    """int32 random bits for a [TR, TC] tile: one Philox call (tl.randint4x, 4 x 32 bits) per
-    group of 4 consecutive columns, counter = global row * groups-per-row + group index (unique
-    per group, so no two elements share a draw); element 4g + k takes output k."""
-    ctr = grow[:, None] * GROUPS_PER_ROW + (g0 + tl.arange(0, TC // 4))[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
-    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
-    return tl.reshape(r, [TR, TC]).to(tl.int32, bitcast=True)
-
-
-@triton.jit
 def block_quant_kernel(
         x_ptr, out_ptr, signs_ptr, amax_ptr, tscale_ptr, scale_ptr, seed_ptr, R, C,
         KIND: tl.constexpr, PASS: tl.constexpr, AXIS: tl.constexpr, RB: tl.constexpr,
@@ -189,7 +178,7 @@ def block_quant_kernel(
         sign = b4 & (-2147483648)
         am = tl.max(tl.max(a4, axis=3, keep_dims=True), axis=1, keep_dims=True)
         if ROUND == 1:
-            rnd = tl.reshape(_rand_bits(tl.load(seed_ptr), pid_b * R + rows,
+            rnd = tl.reshape(rand_bits(tl.load(seed_ptr), pid_b * R + rows,
                                         pid_c * (TC // 4), (C + 3) // 4, TR, TC),
                              [TR // RB, RB, TC // CB, CB])
         else:
@@ -262,7 +251,9 @@ def _f32_value(v: float) -> float:
 # Launch configuration per (kind is MX, kernel axis, Hadamard block, SR, block_2d):
 # (TR, TC, num_warps, HMODE). Missing keys (or an entry whose tile does not fit the blocks) use
 # _default_config. Chosen from `python -m fp4_experiments.bench_kernels --sweep` on an H100
-# (8192^2 bf16, docs/kernels-notes.md); HMODE 1 = Hadamard along rows as a dot (axis 0 only).
+# (8192^2 bf16, docs/kernels-notes.md); HMODE 1 = Hadamard along rows as a dot (axis 0 only);
+# HMODE 2 = fp4.kernels.mx_rows_hadamard (MX, axis 0, HB <= 32): 36% of copy against the dot's
+# 25% on an H200 (results/bench/rows_hadamard_check-h200-d75e512.txt), the same bits as HMODE 0.
 TILE_CONFIG = {
     (False, 1, 1, False, False): (16, 256, 4, 0),   # nvfp4 axis=-1: 20% -> 30% (before div_rn)
     (False, 0, 1, False, False): (32, 256, 4, 0),   # nvfp4 axis=0: 16% -> 19% (before div_rn)

@@ -31,8 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, load_bits, mx_exponent, pow2_bits, round_bits,
-                    scaled_int_bits, store_bits)
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, load_bits, mx_exponent, pow2_bits, rand_bits,
+                    round_bits, scaled_int_bits, store_bits)
 
 SLABS = 32  # rows of one MX block along the token axis (fp4.formats.MX_BLOCK)
 
@@ -50,16 +50,6 @@ def _slab_butterflies(xs, LOG2HB: tl.constexpr):
                 ys = ys + (xs[i - (1 << st)] - xs[i],)
         xs = ys
     return xs
-
-
-@triton.jit
-def _slab_rand_bits(seed, grow, g0, GROUPS_PER_ROW, MB: tl.constexpr, TC: tl.constexpr):
-    """mx_quant._rand_bits for the rows `grow` of one slab: counter = global row * groups per
-    row + 4-column group; element 4g + k takes Philox output k."""
-    ctr = grow[:, None] * GROUPS_PER_ROW + (g0 + tl.arange(0, TC // 4))[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, ctr)
-    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))
-    return tl.reshape(r, [MB, TC]).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -101,7 +91,7 @@ def mx_rows_hadamard_kernel(
         rows = blk * 32 + s
         a = bits[s] & 0x7FFFFFFF
         if ROUND == 1:
-            rnd = _slab_rand_bits(seed, tl.program_id(2) * R + rows, tl.program_id(1) * (TC // 4),
+            rnd = rand_bits(seed, tl.program_id(2) * R + rows, tl.program_id(1) * (TC // 4),
                                   (C + 3) // 4, MB, TC)
         else:
             rnd = a

@@ -31,7 +31,8 @@ DEV = "cuda" if CUDA else "cpu"
 
 def same_bits(a, b):
     a32, b32 = a.float().cpu(), b.float().cpu()
-    return bool(((a32.view(torch.int32) == b32.view(torch.int32)) | (a32.isnan() & b32.isnan())).all())
+    same = (a32.view(torch.int32) == b32.view(torch.int32)) | (a32.isnan() & b32.isnan())
+    return bool(same.all())
 
 
 def exact_input(shape, dtype, seed):
