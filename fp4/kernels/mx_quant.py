@@ -269,7 +269,8 @@ TILE_CONFIG = {
 def _fits(config, axis, hb, rb, cb):
     tr, tc = config[:2]
     if config[3] == 2:  # the slab kernel: MX blocks of 32 rows, Hadamard blocks inside them
-        return axis == 0 and rb == 32 and cb == 1 and 1 < hb <= 32 and tr % 32 == 0 and tc % 4 == 0
+        return (axis == 0 and rb == MX_BLOCK and cb == 1 and 1 < hb <= MX_BLOCK
+                and tr % MX_BLOCK == 0 and tc % 4 == 0)
     if axis == 1:
         return tc % max(hb, cb) == 0 and tr % rb == 0
     return tr % max(hb, rb) == 0 and tc % cb == 0 and tc % 4 == 0
@@ -318,7 +319,7 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
                              f"axis 0, a Hadamard block of 2..32 and TR a multiple of 32; got "
                              f"kind {kind}, axis {axis}, Hadamard block {hb}")
         return _rows_hadamard(x3, elem, mode, rounding, generator, hb, hadamard_signs,
-                              write_scales, tr // 32, tc, num_warps)
+                              write_scales, tr // MX_BLOCK, tc, num_warps)
     # The dot Hadamard needs a dot-sized tile (>= 16 each way) and no 2-D tiles.
     # Zero entries of its block-diagonal matrix may meet an Inf (0 * Inf = NaN) only inside one
     # MX block, so for MX the tile spans one MX block or one Hadamard block.
@@ -374,7 +375,7 @@ def _rows_hadamard(x3, elem, mode, rounding, generator, hb, hadamard_signs, writ
             LOG2HB=int(math.log2(hb)), HSCALE=_f32_value(1.0 / math.sqrt(hb)),
             HAS_SIGNS=hadamard_signs is not None, MODE=MODES[mode] if mode else 0,
             ROUND=1 if stochastic else 0, E8M0_B=E8M0_BIAS, IN_KIND=in_kind,
-            WRITE_SCALES=write_scales, MB=mb, TC=tc, num_warps=num_warps,
+            WRITE_SCALES=write_scales, MB=mb, TC=tc, QB=MX_BLOCK, num_warps=num_warps,
             **{k: fmt[k] for k in ("MBITS", "EMIN", "EMAX", "MAXN", "MAXQ", "LOG2N", "NBITS",
                                    "MCAP")})
     return out, None, (scales if write_scales else None)

@@ -31,19 +31,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..formats import MX_BLOCK
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, load_bits, mx_exponent, pow2_bits, rand_bits,
                     round_bits, scaled_int_bits, store_bits)
 
-SLABS = 32  # rows of one MX block along the token axis (fp4.formats.MX_BLOCK)
 
 
 @triton.jit
-def _slab_butterflies(xs, LOG2HB: tl.constexpr):
-    """The Walsh-Hadamard stages across the 32 slabs: stage st maps the pair (i, i + 2^st) to
+def _slab_butterflies(xs, LOG2HB: tl.constexpr, QB: tl.constexpr):
+    """The Walsh-Hadamard stages across the QB slabs: stage st maps the pair (i, i + 2^st) to
     (a + b, a - b), as mx_quant._butterfly does along a tile axis."""
     for st in tl.static_range(LOG2HB):
         ys = ()
-        for i in tl.static_range(32):
+        for i in tl.static_range(QB):
             if ((i >> st) & 1) == 0:
                 ys = ys + (xs[i] + xs[i + (1 << st)],)
             else:
@@ -59,25 +59,25 @@ def mx_rows_hadamard_kernel(
         ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
         MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr,
         MCAP: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
-        WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr):
-    blk = tl.program_id(0) * MB + tl.arange(0, MB)  # MX block index along R
+        WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr, QB: tl.constexpr):
+    blk = tl.program_id(0) * MB + tl.arange(0, MB)  # MX block index along R (QB rows each)
     cols = tl.program_id(1) * TC + tl.arange(0, TC)
     base = tl.program_id(2).to(tl.int64) * R * C
     in_c = cols[None, :] < C
     xs = ()
-    for s in tl.static_range(32):
-        rows = blk * 32 + s
+    for s in tl.static_range(QB):
+        rows = blk * QB + s
         offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
         f = load_bits(x_ptr, offs, (rows[:, None] < R) & in_c, IN_KIND).to(tl.float32,
                                                                              bitcast=True)
         if HAS_SIGNS:
             f = f * tl.load(signs_ptr + s % (1 << LOG2HB))
         xs = xs + (f * HSCALE,)
-    xs = _slab_butterflies(xs, LOG2HB)
+    xs = _slab_butterflies(xs, LOG2HB, QB)
     bits = ()
     am = tl.zeros([MB, TC], dtype=tl.int32)
-    for s in tl.static_range(32):
-        b = tl.where(((blk * 32 + s)[:, None] < R) & in_c, xs[s], 0.0).to(tl.int32, bitcast=True)
+    for s in tl.static_range(QB):
+        b = tl.where(((blk * QB + s)[:, None] < R) & in_c, xs[s], 0.0).to(tl.int32, bitcast=True)
         am = tl.maximum(am, b & 0x7FFFFFFF)
         bits = bits + (b,)
     e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
@@ -87,8 +87,8 @@ def mx_rows_hadamard_kernel(
     bad = am >= F32_INF_BITS
     if ROUND == 1:
         seed = tl.load(seed_ptr)
-    for s in tl.static_range(32):
-        rows = blk * 32 + s
+    for s in tl.static_range(QB):
+        rows = blk * QB + s
         a = bits[s] & 0x7FFFFFFF
         if ROUND == 1:
             rnd = rand_bits(seed, tl.program_id(2) * R + rows, tl.program_id(1) * (TC // 4),
@@ -100,7 +100,7 @@ def mx_rows_hadamard_kernel(
         store_bits(out_ptr, base + rows[:, None].to(tl.int64) * C + cols[None, :], out,
                    (rows[:, None] < R) & in_c, IN_KIND)
     if WRITE_SCALES:
-        nblk = (R + 31) // 32
+        nblk = (R + QB - 1) // QB
         code = tl.where(bad, 255, e + E8M0_B).to(tl.uint8)
         tl.store(scale_ptr + tl.program_id(2).to(tl.int64) * nblk * C + blk[:, None] * C
                  + cols[None, :], code, mask=(blk[:, None] < nblk) & in_c)
@@ -108,4 +108,4 @@ def mx_rows_hadamard_kernel(
 
 def launch_grid(B: int, R: int, C: int, mb: int, tc: int):
     """(row-block programs, column programs, B) for a [B, R, C] operand."""
-    return (triton.cdiv(R, SLABS * mb), triton.cdiv(C, tc), B)
+    return (triton.cdiv(R, MX_BLOCK * mb), triton.cdiv(C, tc), B)
