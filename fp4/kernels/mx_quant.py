@@ -55,7 +55,7 @@ from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, 
                     encode_minifloat, fixed_scale_consts, f32_bits, load_bits, mul_f32, mx_exponent,
                     pow2_bits, rand_bits, round_bits, scaled_int_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
-from .mx_rows_hadamard import launch_grid, mx_rows_hadamard_kernel
+from .mx_rows_hadamard import mx_rows_hadamard_kernel
 
 KIND_MX, KIND_NVFP4, KIND_FP8 = 0, 1, 2
 # MODE constexpr of _bits.mx_exponent, in fp4.scaling.MX_SCALE_MODES order (floor 0, ceil 1, rceil 2, even 3).
@@ -313,13 +313,10 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
         if config is None or not _fits(config, axis, hb, rb, cb):
             config = _default_config(kind, axis, hb, rb, cb, rounding)
     tr, tc, num_warps, hmode = config
-    if hmode == 2:
-        if kind != KIND_MX or not _fits(config, axis, hb, rb, cb):
-            raise ValueError(f"config {config}: HMODE 2 (mx_rows_hadamard) needs an MX format, "
-                             f"axis 0, a Hadamard block of 2..32 and TR a multiple of 32; got "
-                             f"kind {kind}, axis {axis}, Hadamard block {hb}")
-        return _rows_hadamard(x3, elem, mode, rounding, generator, hb, hadamard_signs,
-                              write_scales, tr // MX_BLOCK, tc, num_warps)
+    if hmode == 2 and (kind != KIND_MX or not _fits(config, axis, hb, rb, cb)):
+        raise ValueError(f"config {config}: HMODE 2 (mx_rows_hadamard) needs an MX format, "
+                         f"axis 0, a Hadamard block of 2..32 and TR a multiple of 32; got "
+                         f"kind {kind}, axis {axis}, Hadamard block {hb}")
     # The dot Hadamard needs a dot-sized tile (>= 16 each way) and no 2-D tiles.
     # Zero entries of its block-diagonal matrix may meet an Inf (0 * Inf = NaN) only inside one
     # MX block, so for MX the tile spans one MX block or one Hadamard block.
@@ -342,6 +339,15 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
                 SB_ROUND=2 if rounding == "stochastic" else 0,
                 IN_KIND=in_kind, WRITE_SCALES=write_scales, TR=tr, TC=tc, HMODE=hmode,
                 num_warps=num_warps, **_fmt_constexprs(elem), **_scale_constexprs())
+    if hmode == 2:
+        # The slab kernel: TR = MX_BLOCK x blocks per program, so the same grid; it takes the
+        # constexprs of its own signature from the same table.
+        if x3.numel():
+            slab_meta = {k: v for k, v in meta.items()
+                         if k in mx_rows_hadamard_kernel.arg_names or k == "num_warps"}
+            mx_rows_hadamard_kernel[grid](x3.view(view), out.view(view), signs, scales, seed, R, C,
+                                          MB=tr // MX_BLOCK, QB=MX_BLOCK, **slab_meta)
+        return out, None, (scales if write_scales else None)
     args = (x3.view(view), out.view(view), signs, amax, tscale, scales, seed, R, C)
     if kind != KIND_MX and x3.numel():
         if hb > 1:
@@ -352,30 +358,3 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
     if x3.numel():
         block_quant_kernel[grid](*args, PASS=1, **meta)
     return out, (tscale if kind != KIND_MX else None), (scales if write_scales else None)
-
-
-def _rows_hadamard(x3, elem, mode, rounding, generator, hb, hadamard_signs, write_scales, mb, tc,
-                   num_warps):
-    """block_quantize's MX + Hadamard path along R through fp4.kernels.mx_rows_hadamard."""
-    B, R, C = x3.shape
-    in_kind = IN_KINDS[x3.dtype]
-    view = KIND_VIEWS[in_kind]
-    dev = x3.device
-    out = torch.empty_like(x3)
-    scales = torch.empty((B, -(-R // MX_BLOCK), C) if write_scales else (1,), dtype=torch.uint8,
-                         device=dev)
-    stochastic = rounding == "stochastic"
-    seed = draw_seed(generator, dev) if stochastic else scales
-    signs = (hadamard_signs.to(device=dev, dtype=torch.float32).contiguous()
-             if hadamard_signs is not None else scales)
-    if x3.numel():
-        fmt = _fmt_constexprs(elem)
-        mx_rows_hadamard_kernel[launch_grid(B, R, C, mb, tc)](
-            x3.view(view), out.view(view), signs, scales, seed, R, C,
-            LOG2HB=int(math.log2(hb)), HSCALE=_f32_value(1.0 / math.sqrt(hb)),
-            HAS_SIGNS=hadamard_signs is not None, MODE=MODES[mode] if mode else 0,
-            ROUND=1 if stochastic else 0, E8M0_B=E8M0_BIAS, IN_KIND=in_kind,
-            WRITE_SCALES=write_scales, MB=mb, TC=tc, QB=MX_BLOCK, num_warps=num_warps,
-            **{k: fmt[k] for k in ("MBITS", "EMIN", "EMAX", "MAXN", "MAXQ", "LOG2N", "NBITS",
-                                   "MCAP")})
-    return out, None, (scales if write_scales else None)

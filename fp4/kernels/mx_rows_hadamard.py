@@ -31,10 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..formats import MX_BLOCK
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, load_bits, mx_exponent, pow2_bits, rand_bits,
                     round_bits, scaled_int_bits, store_bits)
-
 
 
 @triton.jit
@@ -92,7 +90,7 @@ def mx_rows_hadamard_kernel(
         a = bits[s] & 0x7FFFFFFF
         if ROUND == 1:
             rnd = rand_bits(seed, tl.program_id(2) * R + rows, tl.program_id(1) * (TC // 4),
-                                  (C + 3) // 4, MB, TC)
+                            (C + 3) // 4, MB, TC)
         else:
             rnd = a
         mag = round_bits(a, qlo, qbits, maxb, rnd, MBITS, ROUND)
@@ -104,8 +102,3 @@ def mx_rows_hadamard_kernel(
         code = tl.where(bad, 255, e + E8M0_B).to(tl.uint8)
         tl.store(scale_ptr + tl.program_id(2).to(tl.int64) * nblk * C + blk[:, None] * C
                  + cols[None, :], code, mask=(blk[:, None] < nblk) & in_c)
-
-
-def launch_grid(B: int, R: int, C: int, mb: int, tc: int):
-    """(row-block programs, column programs, B) for a [B, R, C] operand."""
-    return (triton.cdiv(R, MX_BLOCK * mb), triton.cdiv(C, tc), B)
