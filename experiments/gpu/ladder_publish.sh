@@ -34,9 +34,13 @@ for d in "$TMP"/runs/*/; do
   added=$((added + 1))
 done
 echo "added $added finished runs; $(ls "$RESULTS/runs" | wc -l) in $RESULTS/runs"
-for f in wall_time.log gpu_util.log fp32_block_kernel_check.txt; do
-  [ -f "$TMP/$f" ] && cp "$TMP/$f" "$RESULTS/$f"
+# The time-stamped logs are merged, not replaced: a lease restored from an older checkout (or a
+# fresh machine) holds only part of them, and copying it over would drop the leases it lacks.
+for f in wall_time.log gpu_util.log; do
+  [ -f "$TMP/$f" ] || continue
+  cat "$RESULTS/$f" "$TMP/$f" 2>/dev/null | sort -u > "$RESULTS/$f.part" && mv "$RESULTS/$f.part" "$RESULTS/$f"
 done
+[ -f "$TMP/fp32_block_kernel_check.txt" ] && cp "$TMP/fp32_block_kernel_check.txt" "$RESULTS/"
 # Each lease's logs are appended under a header naming the lease (its first call's start, epoch
 # seconds), once: publishing the same parts again adds nothing, earlier leases' logs stay.
 lease=$(head -1 "$PARTS/calls.log" 2>/dev/null | cut -d' ' -f1)
