@@ -10,8 +10,8 @@
 #   so the next lease trains them from the start);
 # - gzips diagnostics.jsonl (the report reads diagnostics.jsonl.gz; ~6x smaller, so the folder stays
 #   small enough to travel with the repo to the next lease);
-# - copies the lease's logs (wall time and GPU utilisation cumulative across leases, the kernel
-#   check) and appends its sweep log and call log to those of earlier leases;
+# - merges the lease's time-stamped logs (wall time, GPU utilisation) into those of earlier
+#   leases, copies its kernel check, and appends its sweep log and call log to earlier leases';
 # - rebuilds report/ (this ladder) and report-with-llama20m/ (the scaling section across this
 #   ladder and the committed llama-20m one), fixed-budget runs given a target post hoc
 #   (calibrate), seeds still without their FP8 run left out (--unpaired exclude).
