@@ -37,32 +37,47 @@ for r in json.load(open(sys.argv[1]))["steps"]:
         o = [x for x in r["overrides"] if not x.startswith(("results_dir=", "cache_dir=", "hardware="))]
         print(r["config"], " ".join(o + ["hardware=auto"]))
 PY
+# GC="on off" also trains each with Python's collector disabled (experiments/gpu/gc_probe.py, which
+# reports the collections either way): what the collector costs the run's steps.
 while read -r label overrides; do
-  t1=$(date +%s)
-  # shellcheck disable=SC2086  # the overrides are one word each
-  timeout 200 python3 -m fp4_ablate run "${C4[@]}" "${SHORT[@]}" $overrides \
-    results_dir="$OUT/runs/$label" > "$OUT/run-$label.log" 2>&1
-  echo "[run $label] rc=$? wall=$(( $(date +%s) - t1 )) s"
-  grep -E 'Error|error:' "$OUT/run-$label.log" | tail -n 3
+  for gc in ${GC:-on}; do
+    t1=$(date +%s)
+    # shellcheck disable=SC2086  # the overrides are one word each
+    timeout 200 python3 experiments/gpu/gc_probe.py --gc "$gc" -- run "${C4[@]}" "${SHORT[@]}" \
+      $overrides results_dir="$OUT/runs/$label/gc-$gc" > "$OUT/run-$label-gc-$gc.log" 2>&1
+    echo "[run $label gc=$gc] rc=$? wall=$(( $(date +%s) - t1 )) s"
+    grep -E 'Error|error:|GC_PROBE' "$OUT/run-$label-gc-$gc.log" | tail -n 3
+  done
 done < "$OUT/rows.txt"
 python3 - "$BENCH_JSON" "$OUT/runs" "$FP4_ABLATE_GIT_COMMIT" > "$OUT/run-vs-bench.md" <<'PY'
 import glob, json, sys
 bench, runs, commit = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+UNTIMED = 10  # the training loop's untimed first steps (summary.json's tokens/s leaves them out)
 print(f"`fp4-ablate run` beside `fp4-ablate bench`, one call on {bench['meta'].get('device_name')}, commit {commit};")
 print("run: llama-150m, train=gpu (64 x 1024 tokens per step), C4 train shard + C4 validation,"
       " hardware=auto; tokens/s = summary.json mean_tokens_per_s\n")
-print("| configuration | bench tokens/s (compiled step) | run tokens/s | run / bench | run compile (summary.json) |")
-print("|---|---:|---:|---:|---|")
+print("| configuration | bench tokens/s (compiled step) | run: Python GC | run tokens/s | run / bench |"
+      " run step ms, median (steps after the untimed) | GC collections gen0/1/2 (ms) | run compile (summary.json) |")
+print("|---|---:|---|---:|---:|---:|---|---|")
 for r in bench["steps"]:
     if r.get("kind") != "runner" or not r.get("median_step_s"):
         continue
-    s = glob.glob(f"{runs}/{r['config']}/*/summary.json")
-    if not s:
-        print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | no summary | | |"); continue
-    s = json.load(open(s[0]))
-    tps = s.get("mean_tokens_per_s") or 0
-    print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {tps:,.0f} | {tps / r['tokens_per_s']:.3f} |"
-          f" {s.get('compile')} |")
+    for d in sorted(glob.glob(f"{runs}/{r['config']}/gc-*")):
+        gc = d.rsplit("gc-", 1)[1]
+        s = glob.glob(f"{d}/*/summary.json")
+        probe = [l for l in open(f"{runs}/../run-{r['config']}-gc-{gc}.log") if l.startswith("GC_PROBE")]
+        probe = json.loads(probe[-1].split(" ", 1)[1]) if probe else {}
+        gcs = " / ".join(f"{probe[g]['collections']} ({probe[g]['ms']:.0f})" for g in ("gen0", "gen1", "gen2")
+                         if g in probe)
+        if not s:
+            print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {gc} | no summary | | | {gcs} | |"); continue
+        s = json.load(open(s[0]))
+        m = [json.loads(l) for l in open(glob.glob(f"{d}/*/metrics.jsonl")[0]) if '"train"' in l]
+        dts = sorted(x["step_time_s"] for x in m if x["step"] > UNTIMED)
+        med = dts[len(dts) // 2] * 1e3 if dts else float("nan")
+        tps = s.get("mean_tokens_per_s") or 0
+        print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {gc} | {tps:,.0f} | {tps / r['tokens_per_s']:.3f} |"
+              f" {med:.1f} | {gcs} | {s.get('compile')} |")
 PY
 cat "$OUT/run-vs-bench.md"
 tar czf "$OUT/runs.tgz" --exclude=checkpoints --exclude='*.pt' -C "$OUT" runs
