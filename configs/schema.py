@@ -282,6 +282,19 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # torch.profiler over a few optimizer steps of the run (experiments/training/profile.py):
+    # profile.txt / profile.json in the run directory. 0: off. `+profile=on` for the defaults below.
+    steps: int = 0
+    # The first profiled step (optimizer steps count from 1); past the 10 untimed first steps, so
+    # compilation and warm-up stay out of it.
+    start_step: int = 20
+    # Also write the Chrome / Perfetto trace (profile_trace.json.gz; tens of MB for a large model).
+    trace: bool = False
+    row_limit: int = 30
+
+
+@dataclass
 class ExperimentConfig:
     seed: int = 0
     results_dir: str = "results/runs"
@@ -298,6 +311,7 @@ class ExperimentConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 # Keys that do not change what an experiment computes: left out of the run key, so a sweep
@@ -307,6 +321,8 @@ NON_EXPERIMENT_KEYS = (
     # Diagnostics only observe (the probe never changes a GEMM, draws no random numbers and reads no
     # data), so a run with them trains bit for bit the same weights as one without.
     "diagnostics",
+    # The profiler records only; the profiled steps compute the same bits.
+    "profile",
     "train.checkpoint_every_steps", "train.log_every_steps", "train.progress_bar",
     "train.eval_batch_size", "train.check_finite", "train.keep_final_checkpoint",
 )

@@ -66,6 +66,9 @@ CHECKPOINT = "checkpoints/last.pt"
 TRACEBACK = "traceback.txt"
 RUN_LOG = "run.log"
 LOCK = "run.lock"
+PROFILE_TABLE = "profile.txt"
+PROFILE_JSON = "profile.json"
+PROFILE_TRACE = "profile_trace.json.gz"
 
 # Every file of a run directory, in the order it is written, with what it holds.
 RUN_FILES: Dict[str, str] = {
@@ -79,6 +82,10 @@ RUN_FILES: Dict[str, str] = {
     CHECKPOINT: ("the last checkpoint (every `train.checkpoint_every_steps`), to resume from; deleted "
                  "once the summary is written unless `train.keep_final_checkpoint=true`"),
     LOCK: "an advisory `fcntl` lock held while a process trains the run (holder's pid, host, start)",
+    PROFILE_TABLE: ("`+profile=on` only: torch.profiler's table over optimizer steps `profile.start_step` .."
+                    " + `profile.steps` - 1 (experiments/training/profile.py)"),
+    PROFILE_JSON: "`+profile=on` only: the same rows as data, per optimizer step",
+    PROFILE_TRACE: "`profile.trace=true` only: the Chrome / Perfetto trace of those steps, gzipped",
     SUMMARY: "the outcome, a `Summary` object (keys below); written last, absent while running",
     TRACEBACK: "failed runs only: the traceback (a retried run renames it failed-attempt-<time>.txt)",
 }

@@ -150,6 +150,7 @@ def validate_config(cfg, *, environment: bool = True, devices: bool = True) -> N
     _check_train(p, cfg)
     _check_parallel(p, cfg)
     _check_diagnostics(p, cfg.diagnostics)
+    _check_profile(p, cfg.profile)
     if int(cfg.seed) < 0:
         p.append(f"seed={cfg.seed} must be >= 0")
     device = str(cfg.hardware.device)
@@ -315,6 +316,16 @@ def _check_diagnostics(p: List[str], d) -> None:
         bound = f"diagnostics.every_steps={d.every_steps}" if d.every_steps else "diagnostics.every_steps"
         p.append(f"diagnostics.window={d.window} must be 0 (no consistency windows) or in [2, {bound}]: a "
                  "window needs two steps to correlate, and windows open every every_steps steps and may not overlap")
+
+
+def _check_profile(p: List[str], pr) -> None:
+    """profile.*: a step count >= 0 (0: off), a first step >= 1, a table of >= 1 row."""
+    if pr.steps < 0:
+        p.append(f"profile.steps={pr.steps} must be >= 1, or 0 for off")
+    if pr.start_step < 1:
+        p.append(f"profile.start_step={pr.start_step} must be >= 1 (optimizer steps count from 1)")
+    if pr.row_limit < 1:
+        p.append(f"profile.row_limit={pr.row_limit} must be >= 1")
 
 
 def _check_batch_split(p: List[str], t, world: int, ranks: str) -> None:

@@ -22,6 +22,7 @@ from .compile import compile_enabled, dynamo_counts
 from .divergence import DivergenceCheck
 from .evaluate import evaluate, perplexity, record_evaluation
 from .metrics import TrainLog
+from .profile import make_profiler
 from .setup import setup_training
 from .state import LoopState, Outcome
 from .step import TrainStep, advance_clock, lr_at
@@ -46,6 +47,9 @@ class Trainer:
         # GEMM diagnostics every diagnostics.every_steps steps (off by default; an observer only).
         self.diagnostics = TrainingDiagnostics(getattr(cfg, "diagnostics", None) if dist is None or dist.is_main
                                                else None, quant_state, run_dir, self.loop.step)
+        # torch.profiler over profile.steps steps (off by default; records only).
+        self.profiler = make_profiler(cfg, run_dir, device, self.loop.step,
+                                      is_main=dist is None or dist.is_main)
         world = dist.world_size if dist is not None else 1
         micro = tc.micro_batch_size or tc.batch_size // world
         self.step = TrainStep(model=model, step_model=self.setup.step_model,
@@ -87,6 +91,7 @@ class Trainer:
         finally:
             self.log.close()
             self.diagnostics.close()
+            self.profiler.close()
         if outcome is None:
             outcome = self._budget_spent()
         outcome.compile = self._compile_report()
@@ -103,12 +108,15 @@ class Trainer:
         self.model.train()
         while loop.tokens < tc.max_tokens:
             t0 = time.perf_counter()
-            with self.diagnostics.observe(loop):
+            with self.diagnostics.observe(loop), self.profiler.observe(loop) as profiling:
                 r = self.step(lr_at(loop.tokens, tc))
+                if profiling is not None:
+                    profiling.record(r.dt)
             loop.diagnostics_time_s += max(time.perf_counter() - t0 - r.dt, 0.0)
             if len(self.first_dts) < 2:
                 self.first_dts.append(r.dt)
-            advance_clock(loop, self.tokens_per_step, r.dt)
+            # A profiled step runs slower than it would unprofiled: out of the throughput.
+            advance_clock(loop, self.tokens_per_step, r.dt, timed=profiling is None)
             self.log.step(loop, r, self.tokens_per_step, self.target)
             outcome = self.divergence.after_step(loop, r.loss, r.grad_norm)
             if outcome is not None:

@@ -97,11 +97,12 @@ class TrainStep:
         return StepResult(loss_value, grad_value, lr, time.perf_counter() - t0)
 
 
-def advance_clock(loop: LoopState, tokens_per_step: int, dt: float) -> None:
-    """Count one finished step: step, tokens, time (throughput skips the untimed first steps)."""
+def advance_clock(loop: LoopState, tokens_per_step: int, dt: float, timed: bool = True) -> None:
+    """Count one finished step: step, tokens, time (throughput skips the untimed first steps, and
+    any step the caller says is not `timed`, e.g. a profiled one)."""
     loop.step += 1
     loop.tokens += tokens_per_step
     loop.train_time_s += dt
-    if loop.step > loop.untimed_steps:
+    if timed and loop.step > loop.untimed_steps:
         loop.timed_tokens += tokens_per_step
         loop.timed_time_s += dt
