@@ -8,6 +8,8 @@
 # excluded) with the bench row's tokens/s.
 # Usage (device machine, repo root, .carry/whl, .carry/c4val and .carry/mix/c4-train* carried):
 #   CONFIGS=bf16,fp8,wgrad+h16,wgrad+sr bash experiments/gpu/run_vs_bench.sh <git commit>
+# Where their times differ, PROFILE=1 profiles both: the bench's rows (--profile-configs, 3 steps)
+# and steps 15-17 of each run (+profile=on: the run directory's profile.txt / profile.json).
 # Files in $OUT: run-vs-bench.md (the table), nvidia-*-run-vs-bench.{md,json} (the bench), *.log,
 # runs.tgz (the run directories, checkpoints excluded).
 set -u
@@ -20,7 +22,9 @@ t0=$(date +%s)
 timeout -k 10 300 python3 -m fp4_ablate bench --skip-kernels --out "$OUT" --name run-vs-bench \
   --models llama-150m --eager-models '' --order compile --compile-models llama-150m \
   --compile-configs "$CONFIGS" --peers '' --pack-jobs '' --check-steps 0 --steps 6 --warmup 2 \
-  --compile-timeout 80 --time-budget 240 > "$OUT/bench.log" 2>&1
+  --compile-timeout 80 --time-budget 240 \
+  ${PROFILE:+--profile-model llama-150m --profile-modes compile --profile-configs "$CONFIGS"} \
+  > "$OUT/bench.log" 2>&1
 echo "bench rc=$? after $(( $(date +%s) - t0 )) s"
 BENCH_JSON=$(ls "$OUT"/*run-vs-bench.json | head -n 1)
 C4=(data=jsonl data.path=.carry/mix/c4-train.00000-of-00001.json.gz data.val_path=.carry/c4val
@@ -28,6 +32,7 @@ C4=(data=jsonl data.path=.carry/mix/c4-train.00000-of-00001.json.gz data.val_pat
 TOKENS=$(( STEPS * 64 * 1024 ))
 SHORT=(train.max_tokens=$TOKENS train.warmup_tokens=131072 train.eval_every_tokens=$TOKENS
        data.val_tokens=131072 train.log_every_steps=1 train.target_ppl=null)
+[ -n "${PROFILE:-}" ] && SHORT+=(+profile=on profile.start_step=15)
 # One line per bench row: its label, then its overrides without the bench's own directories and
 # with hardware=auto in place of the bench's hardware=cuda.
 python3 - "$BENCH_JSON" > "$OUT/rows.txt" <<'PY'
