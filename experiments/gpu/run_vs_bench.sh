@@ -45,13 +45,14 @@ PY
 # GC="on off" also trains each with Python's collector disabled (experiments/gpu/gc_probe.py, which
 # reports the collections either way): what the collector costs the run's steps.
 while read -r label overrides; do
+  tag=${label//+/_}  # the device tool returns no file with a "+" in its name
   for gc in ${GC:-on}; do
     t1=$(date +%s)
     # shellcheck disable=SC2086  # the overrides are one word each
     timeout 200 python3 experiments/gpu/gc_probe.py --gc "$gc" -- run "${C4[@]}" "${SHORT[@]}" \
-      $overrides results_dir="$OUT/runs/$label/gc-$gc" > "$OUT/run-$label-gc-$gc.log" 2>&1
+      $overrides results_dir="$OUT/runs/$tag/gc-$gc" > "$OUT/run-$tag-gc-$gc.log" 2>&1
     echo "[run $label gc=$gc] rc=$? wall=$(( $(date +%s) - t1 )) s"
-    grep -E 'Error|error:|GC_PROBE' "$OUT/run-$label-gc-$gc.log" | tail -n 3
+    grep -E 'Error|error:|GC_PROBE' "$OUT/run-$tag-gc-$gc.log" | tail -n 3
   done
 done < "$OUT/rows.txt"
 python3 - "$BENCH_JSON" "$OUT/runs" "$FP4_ABLATE_GIT_COMMIT" > "$OUT/run-vs-bench.md" <<'PY'
@@ -67,10 +68,11 @@ print("|---|---:|---|---:|---:|---:|---|---|")
 for r in bench["steps"]:
     if r.get("kind") != "runner" or not r.get("median_step_s"):
         continue
-    for d in sorted(glob.glob(f"{runs}/{r['config']}/gc-*")):
+    tag = r["config"].replace("+", "_")
+    for d in sorted(glob.glob(f"{runs}/{tag}/gc-*")):
         gc = d.rsplit("gc-", 1)[1]
         s = glob.glob(f"{d}/*/summary.json")
-        probe = [l for l in open(f"{runs}/../run-{r['config']}-gc-{gc}.log") if l.startswith("GC_PROBE")]
+        probe = [l for l in open(f"{runs}/../run-{tag}-gc-{gc}.log") if l.startswith("GC_PROBE")]
         probe = json.loads(probe[-1].split(" ", 1)[1]) if probe else {}
         gcs = " / ".join(f"{probe[g]['collections']} ({probe[g]['ms']:.0f})" for g in ("gen0", "gen1", "gen2")
                          if g in probe)
