@@ -150,7 +150,7 @@ def validate_config(cfg, *, environment: bool = True, devices: bool = True) -> N
     _check_train(p, cfg)
     _check_parallel(p, cfg)
     _check_diagnostics(p, cfg.diagnostics)
-    _check_profile(p, cfg.profile)
+    _check_profile(p, cfg.profile, cfg)
     if int(cfg.seed) < 0:
         p.append(f"seed={cfg.seed} must be >= 0")
     device = str(cfg.hardware.device)
@@ -318,14 +318,23 @@ def _check_diagnostics(p: List[str], d) -> None:
                  "window needs two steps to correlate, and windows open every every_steps steps and may not overlap")
 
 
-def _check_profile(p: List[str], pr) -> None:
-    """profile.*: a step count >= 0 (0: off), a first step >= 1, a table of >= 1 row."""
+def _check_profile(p: List[str], pr, cfg) -> None:
+    """profile.*: a step count >= 0 (0: off), a first step >= 1, a table of >= 1 row, and profiled
+    steps that the run's budget reaches (else it would train to the end and write no profile)."""
     if pr.steps < 0:
         p.append(f"profile.steps={pr.steps} must be >= 1, or 0 for off")
     if pr.start_step < 1:
         p.append(f"profile.start_step={pr.start_step} must be >= 1 (optimizer steps count from 1)")
     if pr.row_limit < 1:
         p.append(f"profile.row_limit={pr.row_limit} must be >= 1")
+    per_step = int(cfg.train.batch_size) * int(cfg.model.seq_len)
+    if pr.steps > 0 and pr.start_step >= 1 and per_step > 0:
+        total = -(-int(cfg.train.max_tokens) // per_step)
+        last = pr.start_step + pr.steps - 1
+        if last > total:
+            p.append(f"profile.start_step={pr.start_step} profile.steps={pr.steps} profile steps up to "
+                     f"{last}, but the run has {total} optimizer steps (train.max_tokens="
+                     f"{cfg.train.max_tokens} / {per_step} tokens per step): lower profile.start_step")
 
 
 def _check_batch_split(p: List[str], t, world: int, ranks: str) -> None:

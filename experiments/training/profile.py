@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,9 @@ import torch
 
 from ..rundir import PROFILE_JSON, PROFILE_TABLE, PROFILE_TRACE, atomic_save, atomic_write_json, \
     atomic_write_text
+
+
+log = logging.getLogger("fp4_experiments.train")
 
 
 def _ms(us: float, steps: int) -> float:
@@ -123,6 +127,8 @@ class StepProfiler:
                           f" all {self.steps} steps\n{table}\n")
         if self.trace:
             self._write_trace(prof)
+        log.info("profile of optimizer steps %d-%d: %s", self.start, self.start + self.steps - 1,
+                 self.run_dir / PROFILE_TABLE)
 
     def _write_trace(self, prof) -> None:
         # The profiler writes its trace to a path only; it is gzipped from there (~10x smaller).
@@ -143,6 +149,8 @@ class StepProfiler:
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
             self._prof = None
+            log.warning("training stopped inside the profiled steps %d-%d: no profile written",
+                        self.start, self.start + self.steps - 1)
 
 
 def make_profiler(cfg, run_dir: Path, device, first_step: int, is_main: bool) -> StepProfiler:
