@@ -67,10 +67,10 @@ class StepProfiler:
     """Profiles the optimizer steps start_step .. start_step + steps - 1 of the training loop."""
 
     def __init__(self, cfg, run_dir: Path, device, first_step: int):
-        self.steps = int(getattr(cfg, "steps", 0) or 0) if cfg is not None else 0
-        self.start = int(getattr(cfg, "start_step", 1)) if cfg is not None else 1
-        self.trace = bool(getattr(cfg, "trace", False)) if cfg is not None else False
-        self.row_limit = int(getattr(cfg, "row_limit", 30)) if cfg is not None else 30
+        # cfg None (a rank other than 0): off.
+        self.steps = int(cfg.steps) if cfg is not None else 0
+        if cfg is not None:
+            self.start, self.trace, self.row_limit = int(cfg.start_step), bool(cfg.trace), int(cfg.row_limit)
         self.run_dir, self.device = Path(run_dir), device
         # A resumed run past the window's start does not profile a part of it.
         if self.steps and first_step >= self.start:
@@ -82,9 +82,13 @@ class StepProfiler:
     def enabled(self) -> bool:
         return self.steps > 0
 
+    @property
+    def last(self) -> int:
+        return self.start + self.steps - 1
+
     def covers(self, step: int) -> bool:
         """Is optimizer step `step` (counted from 1) profiled?"""
-        return self.enabled and self.start <= step < self.start + self.steps
+        return self.enabled and self.start <= step <= self.last
 
     @contextlib.contextmanager
     def observe(self, loop) -> Iterator[Optional["StepProfiler"]]:
@@ -102,7 +106,7 @@ class StepProfiler:
             self._prof = profile(activities=acts)
             self._prof.__enter__()
         yield self
-        if step == self.start + self.steps - 1 and self._prof is not None:
+        if step == self.last and self._prof is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._prof.__exit__(None, None, None)
@@ -114,7 +118,7 @@ class StepProfiler:
 
     def _write(self, prof) -> None:
         rows = profile_rows(prof, self.steps, self.device.type, self.row_limit)
-        head = {"steps": [self.start, self.start + self.steps - 1],
+        head = {"steps": [self.start, self.last],
                 "step_times_s": self.step_times, "device": str(self.device)}
         atomic_write_json(self.run_dir / PROFILE_JSON, {**head, "rows": rows})
         sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
@@ -122,13 +126,12 @@ class StepProfiler:
                                           max_name_column_width=70)
         times = ", ".join(f"{t * 1e3:.1f}" for t in self.step_times)
         atomic_write_text(self.run_dir / PROFILE_TABLE,
-                          f"# torch.profiler, optimizer steps {self.start}-{self.start + self.steps - 1}"
+                          f"# torch.profiler, optimizer steps {self.start}-{self.last}"
                           f" on {self.device}; step times (ms, profiled): {times}; totals below are over"
                           f" all {self.steps} steps\n{table}\n")
         if self.trace:
             self._write_trace(prof)
-        log.info("profile of optimizer steps %d-%d: %s", self.start, self.start + self.steps - 1,
-                 self.run_dir / PROFILE_TABLE)
+        log.info("profile of optimizer steps %d-%d: %s", self.start, self.last, self.run_dir / PROFILE_TABLE)
 
     def _write_trace(self, prof) -> None:
         # The profiler writes its trace to a path only; it is gzipped from there (~10x smaller).
@@ -150,7 +153,7 @@ class StepProfiler:
             self._prof.__exit__(None, None, None)
             self._prof = None
             log.warning("training stopped inside the profiled steps %d-%d: no profile written",
-                        self.start, self.start + self.steps - 1)
+                        self.start, self.last)
 
 
 def make_profiler(cfg, run_dir: Path, device, first_step: int, is_main: bool) -> StepProfiler:
