@@ -1,6 +1,7 @@
 """Helpers shared by the runner, sweep and CLI tests: a tiny config and the real CLI."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,3 +29,11 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "fp4_ablate", *args], cwd=cwd or REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_records(run_dir: Path) -> list:
+    """What a run trained, from its metrics.jsonl: (step, loss, grad norm) per train record, then
+    (step, validation loss) per evaluation -- equal for two runs that trained the same bits."""
+    recs = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if r["kind"] == "train"] + \
+        [(r["step"], r["val_loss"]) for r in recs if r["kind"] == "eval"]

@@ -8,6 +8,7 @@ from fp4.quantize import quantize_operand
 from fp4.recipe import OperandSpec
 from fp4_experiments.diagnostics.metrics import (ErrorConsistency, block_scales, coherence, operand_metrics,
                                                   output_metrics, step_correlation)
+from cli_support import train_records
 
 
 def _block():
@@ -103,13 +104,6 @@ def test_consistency_identical_and_independent_errors():
 
 # ---------------------------------------------------------------- training, diagnose, report
 
-def _train_records(run_dir):
-    import json
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if r["kind"] == "train"] + \
-        [(r["step"], r["val_loss"]) for r in recs if r["kind"] == "eval"]
-
-
 def test_training_diagnostics_observe_only_and_write_jsonl(tiny, compose, tmp_path):
     import json
     from pathlib import Path
@@ -122,7 +116,7 @@ def test_training_diagnostics_observe_only_and_write_jsonl(tiny, compose, tmp_pa
     sa, sb = run_experiment(plain), run_experiment(probed)
     da, db = next(Path(tmp_path / "a").iterdir()), next(Path(tmp_path / "b").iterdir())
     # Bit for bit the same training (losses, gradient norms, validation losses).
-    assert _train_records(da) == _train_records(db)
+    assert train_records(da) == train_records(db)
     assert sa["best_ppl"] == sb["best_ppl"] and sa["steps"] == sb["steps"] == 10
     assert not (da / "diagnostics.jsonl").exists()
     recs = [json.loads(l) for l in (db / "diagnostics.jsonl").read_text().splitlines()]

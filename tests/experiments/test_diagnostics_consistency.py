@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cli_support import TINY
+from cli_support import TINY, train_records
 from fp4.transforms import hadamard_compute, random_signs
 from fp4_experiments.diagnostics.consistency import Window, hadamard_signs, untransform, weight_error
 from fp4_experiments.diagnostics.metrics import ErrorConsistency
@@ -135,12 +135,6 @@ def _records(run_dir: Path, kind=None):
     return [r for r in recs if kind is None or r["kind"] == kind]
 
 
-def _train_records(run_dir: Path):
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if r["kind"] == "train"] + \
-        [(r["step"], r["val_loss"]) for r in recs if r["kind"] == "eval"]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
     """{name: run directory} of three fixed-budget tiny runs: fp8, wgrad/rht-all, and the same with
@@ -158,7 +152,7 @@ def runs(tmp_path_factory, cache_dir):
 
 
 def test_windows_train_the_same_bits(runs):
-    assert _train_records(runs["plain"]) == _train_records(runs["probed"])
+    assert train_records(runs["plain"]) == train_records(runs["probed"])
     assert not (runs["plain"] / "diagnostics.jsonl").exists()
 
 

@@ -3,12 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-
-def _train_records(run_dir):
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["grad_norm"]) for r in recs if r["kind"] == "train"] + \
-        [(r["step"], r["val_loss"]) for r in recs if r["kind"] == "eval"]
+from cli_support import train_records
 
 
 def test_profiled_run_trains_the_same_bits_and_writes_its_profile(tiny, compose, tmp_path):
@@ -21,7 +16,7 @@ def test_profiled_run_trains_the_same_bits_and_writes_its_profile(tiny, compose,
     assert run_key(plain) == run_key(profiled)  # the profiler is not an experiment key
     sa, sb = run_experiment(plain), run_experiment(profiled)
     da, db = next(Path(tmp_path / "a").iterdir()), next(Path(tmp_path / "b").iterdir())
-    assert _train_records(da) == _train_records(db)  # the profiler only records
+    assert train_records(da) == train_records(db)  # the profiler only records
     assert sa["steps"] == sb["steps"] == 10
     assert not (da / PROFILE_TABLE).exists() and not (da / PROFILE_JSON).exists()
     prof = json.loads((db / PROFILE_JSON).read_text())
