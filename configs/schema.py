@@ -202,6 +202,12 @@ class HardwareConfig:
     quant_backend: QuantBackend = QuantBackend.auto
     # Real FP8 GEMMs through torch._scaled_mm on sm_89+ (emulated elsewhere).
     real_fp8: bool = True
+    # The step's forward+backward captured once as a CUDA graph and replayed (the host then launches
+    # one graph instead of thousands of kernels; experiments/training/graphed.py). Same bits as the
+    # plain step; only for steps that draw nothing at random (no SR, no random Hadamard signs), one
+    # process, no diagnostics, no check_finite. null (auto): on CUDA whenever nothing blocks it;
+    # true: refuse to start if something does; false: never.
+    cuda_graphs: Optional[bool] = None
 
 
 @dataclass

@@ -182,7 +182,8 @@ def _steps_table(steps: List[Dict]) -> List[str]:
             "graphs / breaks / recompiles", "bit-exact vs eager"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * 8 + "---|---|"]
     for r in steps:
-        cells = [str(r.get("model")), label(r), str(r.get("mode"))]
+        graph = " (CUDA graph)" if (r.get("cuda_graph") or {}).get("used") else ""
+        cells = [str(r.get("model")), label(r), str(r.get("mode")) + graph]
         if not ok(r):
             lines.append(_failed(cells, r, len(head)))
             continue

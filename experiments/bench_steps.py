@@ -71,7 +71,8 @@ def config_overrides(model: str, label: str, mode: str, *, batch: Optional[int] 
     if micro:
         out.append(f"train.micro_batch_size={micro}")
     if mode == "eager" and hardware != "cpu":
-        out.append("hardware.compile=false")  # hardware=auto compiles on CUDA: eager is asked for
+        # hardware=auto compiles on CUDA and replays a CUDA graph where it can: eager is asked for.
+        out += ["hardware.compile=false", "hardware.cuda_graphs=false"]
     return out + list(extra)
 
 
@@ -287,6 +288,9 @@ def runner_row(model: str, label: str, mode: str, *, steps: int = 8, warmup: int
                  "overrides": overrides}
     try:
         untimed = max(warmup, check_steps, 1)  # a first step is never a steady one
+        graphed = getattr(build.trainer.step, "plain_steps", None)  # a GraphedStep (training/graphed.py)
+        if graphed is not None:  # its capture is an untimed step too
+            untimed = max(untimed, graphed + 1)
         warm, snaps, after_first = [], [], {}
         for i in range(untimed):  # one at a time: the graphs compiled by the first step are counted
             results, taken = run_steps(build, 1, start=i, snapshot=i < check_steps)
@@ -305,6 +309,8 @@ def runner_row(model: str, label: str, mode: str, *, steps: int = 8, warmup: int
                    peak_mem_bytes=(torch.cuda.max_memory_allocated(device)
                                    if device.type == "cuda" else None))
         row["first_step_s"] = warm[0]
+        # Whether the timed steps replayed a CUDA graph (hardware.cuda_graphs), or why not.
+        row["cuda_graph"] = dict(build.trainer.cuda_graph) if build.trainer.cuda_graph is not None else None
         end = dynamo_counts()
         if compiled or end["graphs"]:  # whatever compiled it (setup_training decides how)
             # Compile time: what the untimed steps took beyond steady steps (first-step compile

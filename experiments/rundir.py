@@ -373,6 +373,10 @@ class Summary:
     compile: Optional[Dict[str, Any]] = _doc("torch.compile of this attempt: {backend, compile_s (first step "
                                              "beyond the second), graphs, graph_breaks}; null when off",
                                              default=None)
+    cuda_graph: Optional[Dict[str, Any]] = _doc(
+        "the step's forward+backward as a replayed CUDA graph in this attempt (hardware.cuda_graphs): "
+        "{used, blockers (why not), captured_at_step, capture_s}; null when not considered (off or not CUDA)",
+        default=None)
     schema_version: int = _doc("2; absent (= 1) in runs written before", default=SCHEMA_VERSION)
 
     # Keys a version-1 or version-2 summary of a finished run must have (a failed run: status only).

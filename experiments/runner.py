@@ -336,6 +336,7 @@ def _summary(cfg, key, outcome, loop, loader, device, info, meta, paths, recipe,
         micro_batch_per_rank=_micro_per_rank(cfg, dist),
         allreduce_dtype=allreduce_dtype(dist),
         compile=outcome.compile,
+        cuda_graph=outcome.cuda_graph,
         time_s={"steps": loop.train_time_s, "evaluation": loop.eval_time_s,
                 "diagnostics": loop.diagnostics_time_s, "checkpoints": loop.checkpoint_time_s},
     ).to_dict()

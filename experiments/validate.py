@@ -151,6 +151,8 @@ def validate_config(cfg, *, environment: bool = True, devices: bool = True) -> N
     _check_parallel(p, cfg)
     _check_diagnostics(p, cfg.diagnostics)
     _check_profile(p, cfg.profile, cfg)
+    if not p:
+        _check_cuda_graphs(p, cfg)
     if int(cfg.seed) < 0:
         p.append(f"seed={cfg.seed} must be >= 0")
     device = str(cfg.hardware.device)
@@ -335,6 +337,26 @@ def _check_profile(p: List[str], pr, cfg) -> None:
             p.append(f"profile.start_step={pr.start_step} profile.steps={pr.steps} profile steps up to "
                      f"{last}, but the run has {total} optimizer steps (train.max_tokens="
                      f"{cfg.train.max_tokens} / {per_step} tokens per step): lower profile.start_step")
+
+
+def _check_cuda_graphs(p: List[str], cfg) -> None:
+    """hardware.cuda_graphs=true: refused when something blocks the graphed step (training/graphed.py)
+    that the config shows; null picks the plain step for such runs by itself."""
+    if getattr(cfg.hardware, "cuda_graphs", None) is not True:
+        return
+    from fp4_experiments.distributed import env_world_size
+    from fp4_experiments.runner import recipe_from_config
+    from fp4_experiments.training.graphed import graph_blockers
+    import torch
+    device = str(cfg.hardware.device)
+    on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    blockers = graph_blockers(
+        device="cuda" if on_cuda else "cpu", draws=list(recipe_from_config(cfg).random_draws),
+        parallel=str(cfg.parallel.name), world_size=env_world_size(),
+        diagnostics=bool(cfg.diagnostics.every_steps), check_finite=bool(cfg.train.check_finite))
+    for why in blockers:
+        p.append(f"hardware.cuda_graphs=true but {why}; use hardware.cuda_graphs=null (the plain step "
+                 "where a graph cannot replay it) or false")
 
 
 def _check_batch_split(p: List[str], t, world: int, ranks: str) -> None:

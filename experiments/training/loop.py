@@ -21,6 +21,7 @@ from .checkpoint import save_checkpoint
 from .compile import compile_enabled, dynamo_counts
 from .divergence import DivergenceCheck
 from .evaluate import evaluate, perplexity, record_evaluation
+from .graphed import make_step
 from .metrics import TrainLog
 from .profile import make_profiler
 from .setup import setup_training
@@ -52,11 +53,13 @@ class Trainer:
                                       is_main=dist is None or dist.is_main)
         world = dist.world_size if dist is not None else 1
         micro = tc.micro_batch_size or tc.batch_size // world
-        self.step = TrainStep(model=model, step_model=self.setup.step_model,
-                              optimizer=self.setup.optimizer, loader=loader,
-                              quant_state=quant_state, autocast=self.setup.autocast,
-                              device=device, n_micro=tc.batch_size // (micro * world),
-                              grad_clip=tc.grad_clip, dist=dist)
+        plain = TrainStep(model=model, step_model=self.setup.step_model,
+                          optimizer=self.setup.optimizer, loader=loader,
+                          quant_state=quant_state, autocast=self.setup.autocast,
+                          device=device, n_micro=tc.batch_size // (micro * world),
+                          grad_clip=tc.grad_clip, dist=dist)
+        # On CUDA, a deterministic step replays as a captured CUDA graph (hardware.cuda_graphs).
+        self.step, self.cuda_graph = make_step(cfg, plain, model, device, dist)
         self.divergence = DivergenceCheck.from_config(tc, vocab_size)
         self.tokens_per_step = tc.batch_size * cfg.model.seq_len
         # Once the crossing is recorded (and training goes on with stop_at_target=false) it is
@@ -95,6 +98,7 @@ class Trainer:
         if outcome is None:
             outcome = self._budget_spent()
         outcome.compile = self._compile_report()
+        outcome.cuda_graph = dict(self.cuda_graph) if self.cuda_graph is not None else None
         loop = self.loop
         log.info("time: steps %.1f s, evaluation %.1f s, diagnostics %.1f s, checkpoints %.1f s",
                  loop.train_time_s, loop.eval_time_s, loop.diagnostics_time_s, loop.checkpoint_time_s)

@@ -37,3 +37,5 @@ class Outcome:
     diverged_reason: Optional[str] = None
     # torch.compile in this attempt: {backend, compile_s, graphs, graph_breaks}; None when off.
     compile: Optional[Dict[str, Any]] = None
+    # The step as a CUDA graph in this attempt (training/graphed.py); None when not considered.
+    cuda_graph: Optional[Dict[str, Any]] = None

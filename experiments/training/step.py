@@ -64,12 +64,16 @@ class TrainStep:
         return contextlib.nullcontext()
 
     def __call__(self, lr: float) -> StepResult:
+        t0 = time.perf_counter()
+        batches = [self.loader.next_batch() for _ in range(self.n_micro)]
+        return self.step_from_batches(lr, batches, t0)
+
+    def step_from_batches(self, lr: float, batches, t0: float) -> StepResult:
+        """The step on these micro-batches ((input_ids, labels) each); t0 is when the step began."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        t0 = time.perf_counter()
         loss_sum = 0.0
-        for i in range(self.n_micro):
-            input_ids, labels = self.loader.next_batch()
+        for i, (input_ids, labels) in enumerate(batches):
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if self.dist is None:
@@ -82,6 +86,11 @@ class TrainStep:
                         loss = causal_lm_loss(self.step_model, input_ids, labels) / self.n_micro
                     loss.backward()
             loss_sum += loss.detach()
+        return self.finish_step(lr, loss_sum, t0)
+
+    def finish_step(self, lr: float, loss_sum, t0: float, zero_grad: bool = True) -> StepResult:
+        """Clip, step the optimizer, advance the quantization clock, synchronize. zero_grad=False
+        leaves the gradients in place (a replayed CUDA graph overwrites them: graphed.py)."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if self.dist is not None:
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (already the global norm)
@@ -90,7 +99,8 @@ class TrainStep:
                                                                   device=self.device).clone())
         loss_value, grad_value = float(loss_sum), float(grad_norm)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
         self.quant_state.advance_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

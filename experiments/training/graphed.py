@@ -1,0 +1,176 @@
+"""The step's forward and backward as one captured CUDA graph, replayed every step.
+
+Why: on CUDA a quantized step is bound by the host. Every QuantLinear runs its Fprop and its
+backward as custom ops whose Python (operand specs, kernel launches, FP8 scales) costs a few
+hundred microseconds per call, so a llama-150m step spends longer launching kernels than the GPU
+spends running them (experiments/gpu/host_probe.py, results/bench/). A CUDA graph records the
+kernels of one forward+backward once and replays them with one launch: the Python runs at
+capture only.
+
+What a replay computes. The same kernels on the same addresses: the custom ops' quantizers, the
+GEMMs, the compiled layers' fused kernels. The bits equal those of the step it was captured from
+wherever that step's bits depend only on its inputs, which holds for a recipe that draws nothing
+(`Recipe.random_draws == ()`: no stochastic rounding, no random Hadamard signs). A recipe that
+draws seeds its generators from (step, call) in Python at each call (fp4/state.py): a replay
+would reuse the captured draws, so those recipes keep the plain step.
+
+Also blocked: data parallelism (the gradient hooks of DDP / FSDP2 communicate outside the graph),
+GEMM observers (diagnostics, record_gemms: Python per call), train.check_finite (reads values on
+the host). `graph_blockers` names what blocks a run; hardware.cuda_graphs=null uses the graph when
+nothing does, true refuses to start otherwise (experiments/validate.py), false never uses it.
+
+Mechanics, as in PyTorch's "partial-network capture". The attempt's first `plain_steps` steps run
+as TrainStep (they compile the layers, JIT the Triton kernels and let the allocator settle). The
+next step captures: gradients set to None, then the micro-batches' forward and backward are
+recorded reading static input buffers, so every parameter's .grad becomes a static tensor the
+replay rewrites (never accumulated into: it was None at capture). Each step then copies its
+micro-batches into the buffers, replays, and runs clipping and the optimizer eagerly as TrainStep
+does; the gradients are not zeroed (the replay overwrites them). The loss sum is a static tensor.
+If the capture fails, the run goes on with the plain step and says why (summary.json cuda_graph).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from fp4.linear import QuantLinear
+from ..model import causal_lm_loss
+from .step import StepResult, TrainStep
+
+log = logging.getLogger("fp4_experiments.train")
+
+PLAIN_STEPS = 2  # steps of an attempt before the capture: the first compiles, the second checks
+
+
+def recipe_draws(model: torch.nn.Module) -> List[str]:
+    """What the model's quantized linears draw at random each step (their recipes' random_draws)."""
+    return sorted({d for m in model.modules() if isinstance(m, QuantLinear) for d in m.recipe.random_draws})
+
+
+def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1, diagnostics: bool = False,
+                   check_finite: bool = False) -> List[str]:
+    """Why a run's step cannot be replayed as a CUDA graph with the bits of the plain step; [] when it can."""
+    blockers = []
+    if torch.device(device).type != "cuda":
+        blockers.append(f"the run is on {torch.device(device).type}, not CUDA")
+    if draws:
+        blockers.append(f"the recipe draws random numbers per step and call ({', '.join(draws)}): a replay "
+                        "would repeat the captured draws")
+    if str(parallel) != "none" or world_size > 1:
+        blockers.append(f"parallel={parallel} with {world_size} process(es): gradient communication runs "
+                        "outside a graph")
+    if diagnostics:
+        blockers.append("diagnostics observe every GEMM from Python")
+    if check_finite:
+        blockers.append("train.check_finite reads values on the host")
+    return blockers
+
+
+def cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
+    """Record fn's kernels into a CUDA graph (fn's Python runs once, its kernels do not); returns replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def make_step(cfg, plain: TrainStep, model: torch.nn.Module, device, dist=None):
+    """(the step the loop runs, summary.json's cuda_graph entry): a GraphedStep when
+    hardware.cuda_graphs allows it (null: whenever nothing blocks it) and nothing blocks it, else
+    `plain`. The entry is None where no graph was considered (off, or not CUDA)."""
+    setting = getattr(cfg.hardware, "cuda_graphs", None)
+    if setting is False or (setting is None and torch.device(device).type != "cuda"):
+        return plain, None
+    blockers = graph_blockers(
+        device=device, draws=recipe_draws(model),
+        parallel=dist.mode if dist is not None else "none",
+        world_size=dist.world_size if dist is not None else 1,
+        diagnostics=bool(getattr(getattr(cfg, "diagnostics", None), "every_steps", None)),
+        check_finite=bool(cfg.train.check_finite))
+    if blockers:
+        if setting:  # validate.check_cuda_graphs refuses this before any work; a model can still differ
+            raise ValueError("hardware.cuda_graphs=true but the step cannot be a CUDA graph: " + "; ".join(blockers))
+        log.info("step: no CUDA graph (%s); plain step", "; ".join(blockers))
+        return plain, {"used": False, "blockers": blockers, "captured_at_step": None, "capture_s": None}
+    graphed = GraphedStep(plain)
+    return graphed, graphed.report
+
+
+class GraphedStep:
+    """TrainStep's callable interface; steps after the first `plain_steps` replay a captured graph.
+
+    `capture(fn) -> replay` records fn (cuda_capture on CUDA; tests pass a stand-in). `report`
+    is summary.json's cuda_graph entry for the attempt."""
+
+    def __init__(self, plain: TrainStep, capture: Callable = cuda_capture, plain_steps: int = PLAIN_STEPS):
+        self.plain, self.capture, self.plain_steps = plain, capture, plain_steps
+        self.steps = 0
+        self.replay: Optional[Callable[[], None]] = None
+        self.failed: Optional[str] = None
+        self.report = {"used": False, "blockers": [], "captured_at_step": None, "capture_s": None}
+
+    @property
+    def optimizer(self):
+        return self.plain.optimizer
+
+    @optimizer.setter
+    def optimizer(self, value) -> None:  # the bench's gradient snapshots stand in for it
+        self.plain.optimizer = value
+
+    def __call__(self, lr: float) -> StepResult:
+        self.steps += 1
+        if self.failed is None and self.replay is None and self.steps > self.plain_steps:
+            return self._capture_and_step(lr)
+        if self.replay is None:
+            return self.plain(lr)
+        return self._replayed(lr, time.perf_counter())
+
+    def _batches(self):
+        p = self.plain
+        return [tuple(t.to(p.device, non_blocking=True) for t in p.loader.next_batch()) for _ in range(p.n_micro)]
+
+    def _capture_and_step(self, lr: float) -> StepResult:
+        p, t0 = self.plain, time.perf_counter()
+        batches = self._batches()
+        self.static = [tuple(t.clone() for t in b) for b in batches]
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=p.device)
+        p.optimizer.zero_grad(set_to_none=True)
+        calls = p.quant_state.call_counts()
+
+        def forward_backward():
+            self.loss_sum.zero_()
+            for input_ids, labels in self.static:
+                with p.autocast():
+                    loss = causal_lm_loss(p.step_model, input_ids, labels) / p.n_micro
+                loss.backward()
+                self.loss_sum += loss.detach().float()
+
+        try:
+            if p.device.type == "cuda":
+                torch.cuda.synchronize(p.device)
+            self.replay = self.capture(forward_backward)
+        except Exception as err:  # the plain step stands in; the run says why
+            self.failed = f"{type(err).__name__}: {err}"
+            self.report["blockers"] = [f"capture failed: {self.failed}"]
+            log.warning("CUDA graph capture failed (%s); training goes on with the plain step", self.failed)
+            p.quant_state.restore_call_counts(calls)
+            p.optimizer.zero_grad(set_to_none=True)
+            self.replay = None
+            return p.step_from_batches(lr, batches, t0)
+        self.report.update(used=True, captured_at_step=self.steps, capture_s=time.perf_counter() - t0)
+        log.info("step: CUDA graph of forward+backward captured at this attempt's step %d in %.1f s; "
+                 "replayed from here on", self.steps, self.report["capture_s"])
+        return self._replayed(lr, t0, batches)
+
+    def _replayed(self, lr: float, t0: float, batches=None) -> StepResult:
+        p = self.plain
+        for group in p.optimizer.param_groups:
+            group["lr"] = lr
+        for static, batch in zip(self.static, batches if batches is not None else self._batches()):
+            for dst, src in zip(static, batch):
+                dst.copy_(src, non_blocking=True)
+        self.replay()
+        return p.finish_step(lr, self.loss_sum, t0, zero_grad=False)

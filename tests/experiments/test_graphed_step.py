@@ -1,0 +1,168 @@
+"""The CUDA-graph step (experiments/training/graphed.py) on the CPU: what it replays, when it may.
+
+A real capture needs CUDA (experiments/gpu/cuda_graph_check.py compares replayed and eager
+operands bit for bit on the GPU). Here `capture` is a stand-in that records nothing and reruns the
+captured function at each replay, after dropping the gradients as a replay's overwrite does: so
+these tests check what the graphed step feeds the graph (static micro-batch buffers, the loss sum,
+the learning rate, the optimizer without zeroing, the quantization clock) against the plain step.
+"""
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fp4.linear import QuantState, swap_linears
+from fp4.recipe import Recipe
+from fp4_experiments.data import TrainLoader
+from fp4_experiments.training import TrainStep, make_optimizer
+from fp4_experiments.training.graphed import GraphedStep, graph_blockers, make_step, recipe_draws
+
+from cli_support import run_cli
+
+VOCAB, SEQ = 64, 16
+CPU = torch.device("cpu")
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 32)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.head = nn.Linear(32, VOCAB)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return SimpleNamespace(logits=self.head(h))
+
+
+def _model(recipe: Recipe):
+    torch.manual_seed(0)
+    model, state = TinyLM(), QuantState(seed=3)
+    swap_linears(model, recipe, state)
+    return model, state
+
+
+def _plain(model, state, n_micro=2):
+    cfg = SimpleNamespace(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=5000).astype(np.int32)
+    return TrainStep(model=model, step_model=model, optimizer=make_optimizer(model, cfg, CPU),
+                     loader=TrainLoader(tokens, SEQ, 4, 0), quant_state=state,
+                     autocast=contextlib.nullcontext, device=CPU, n_micro=n_micro, grad_clip=1.0)
+
+
+def _rerun(model, log):
+    def capture(fn):
+        log.append("captured")
+
+        def replay():
+            for p in model.parameters():
+                p.grad = None
+            fn()
+        return replay
+    return capture
+
+
+def _train(step, n=6):
+    return [(r.loss, r.grad_norm) for r in (step(1e-2 * (1 - i / 10)) for i in range(n))]
+
+
+@pytest.mark.parametrize("recipe", [Recipe("wgrad", "h16"), Recipe("fp8"), Recipe("bf16")],
+                         ids=["wgrad+h16", "fp8", "bf16"])
+def test_graphed_step_trains_the_plain_steps_bits(recipe):
+    ref_model, ref_state = _model(recipe)
+    reference = _train(_plain(ref_model, ref_state))
+    model, state = _model(recipe)
+    log = []
+    graphed = GraphedStep(_plain(model, state), capture=_rerun(model, log), plain_steps=2)
+    got = _train(graphed)
+    assert log == ["captured"] and graphed.report["used"] and graphed.report["captured_at_step"] == 3
+    assert got == reference
+    assert state.step == ref_state.step == 6
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    # The replayed steps leave the gradients in place (the graph overwrites them), the plain ones not.
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_loader_position_after_graphed_steps_is_the_plain_steps():
+    recipe = Recipe("wgrad", "h16")
+    ref_model, ref_state = _model(recipe)
+    plain = _plain(ref_model, ref_state)
+    _train(plain, 5)
+    model, state = _model(recipe)
+    graphed = GraphedStep(_plain(model, state), capture=_rerun(model, []), plain_steps=2)
+    _train(graphed, 5)
+    assert graphed.plain.loader.state_dict() == plain.loader.state_dict()
+
+
+def test_a_failed_capture_falls_back_to_the_plain_step_and_says_why():
+    recipe = Recipe("wgrad", "h16")
+    ref_model, ref_state = _model(recipe)
+    reference = _train(_plain(ref_model, ref_state), 4)
+    model, state = _model(recipe)
+
+    def failing(fn):
+        fn()  # a capture that ran some of the work before failing must not leave its traces
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed = GraphedStep(_plain(model, state), capture=failing, plain_steps=1)
+    assert _train(graphed, 4) == reference
+    assert graphed.report["used"] is False
+    assert "capture failed: RuntimeError: operation not permitted" in graphed.report["blockers"][0]
+
+
+def test_what_blocks_a_graph_is_named():
+    assert graph_blockers(device="cuda", draws=[]) == []
+    assert "not CUDA" in graph_blockers(device="cpu", draws=[])[0]
+    sr = graph_blockers(device="cuda", draws=["sr:wgrad.dy"])
+    assert len(sr) == 1 and "sr:wgrad.dy" in sr[0]
+    assert "parallel=ddp" in graph_blockers(device="cuda", draws=[], parallel="ddp", world_size=2)[0]
+    assert "diagnostics" in graph_blockers(device="cuda", draws=[], diagnostics=True)[0]
+    assert "check_finite" in graph_blockers(device="cuda", draws=[], check_finite=True)[0]
+    assert recipe_draws(_model(Recipe("wgrad", "rht"))[0]) == ["signs:wgrad:step"]
+    assert recipe_draws(_model(Recipe("wgrad", "h16"))[0]) == []
+
+
+def _cfg(cuda_graphs, every_steps=None, check_finite=False):
+    return SimpleNamespace(hardware=SimpleNamespace(cuda_graphs=cuda_graphs),
+                           diagnostics=SimpleNamespace(every_steps=every_steps),
+                           train=SimpleNamespace(check_finite=check_finite))
+
+
+def test_make_step_picks_the_graph_only_where_nothing_blocks_it():
+    model, state = _model(Recipe("wgrad", "h16"))
+    plain = _plain(model, state)
+    cuda = torch.device("cuda")  # a device name only: nothing runs here
+    step, report = make_step(_cfg(None), plain, model, cuda)
+    assert isinstance(step, GraphedStep) and report is step.report
+    assert make_step(_cfg(None), plain, model, CPU) == (plain, None)
+    assert make_step(_cfg(False), plain, model, cuda) == (plain, None)
+    step, report = make_step(_cfg(None, every_steps=5), plain, model, cuda)
+    assert step is plain and report["used"] is False and "diagnostics" in report["blockers"][0]
+    sr_model, sr_state = _model(Recipe("wgrad", "sr"))
+    sr_plain = _plain(sr_model, sr_state)
+    step, report = make_step(_cfg(None), sr_plain, sr_model, cuda)
+    assert step is sr_plain and "sr:wgrad.dy" in report["blockers"][0]
+    with pytest.raises(ValueError, match="hardware.cuda_graphs=true"):
+        make_step(_cfg(True), sr_plain, sr_model, cuda)
+    with pytest.raises(ValueError, match="not CUDA"):
+        make_step(_cfg(True), plain, model, CPU)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["+ladder=wgrad", "+stabilizer=sr", "hardware.cuda_graphs=true"], "sr:wgrad.dy"),
+    (["+ladder=wgrad", "hardware=cpu", "hardware.cuda_graphs=true"], "not CUDA"),
+    (["+ladder=fp8", "hardware.cuda_graphs=true", "+diagnostics=on"], "diagnostics"),
+])
+def test_cuda_graphs_true_is_refused_before_any_work(args, fragment, tmp_path):
+    r = run_cli("run", "train=demo", "tokenizer.vocab_size=512", f"results_dir={tmp_path / 'r'}",
+                f"cache_dir={tmp_path / 'c'}", *args)
+    assert r.returncode == 2 and "hardware.cuda_graphs=true" in r.stderr and fragment in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()
