@@ -132,7 +132,9 @@ def _quantize_embedding(model: nn.Module, recipe: Recipe) -> None:
                                                              spec.scale_mode))
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels are already the next tokens (no internal shift)."""
-    logits = model(input_ids=input_ids).logits
+def causal_lm_loss(model: nn.Module, input_ids: Optional[torch.Tensor], labels: torch.Tensor,
+                   inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels are already the next tokens (no internal shift).
+    inputs_embeds (with input_ids None): the input embedding's output, looked up by the caller."""
+    logits = (model(input_ids=input_ids) if inputs_embeds is None else model(inputs_embeds=inputs_embeds)).logits
     return nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1))

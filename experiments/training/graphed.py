@@ -21,12 +21,18 @@ nothing does, true refuses to start otherwise (experiments/validate.py), false n
 
 Mechanics, as in PyTorch's "partial-network capture". The attempt's first `plain_steps` steps run
 as TrainStep (they compile the layers, JIT the Triton kernels and let the allocator settle). The
-next step captures: gradients set to None, then the micro-batches' forward and backward are
-recorded reading static input buffers, so every parameter's .grad becomes a static tensor the
-replay rewrites (never accumulated into: it was None at capture). Each step then copies its
-micro-batches into the buffers, replays, and runs clipping and the optimizer eagerly as TrainStep
-does; the gradients are not zeroed (the replay overwrites them). The loss sum is a static tensor.
-If the capture fails, the run goes on with the plain step and says why (summary.json cuda_graph).
+next step captures: gradients set to None, then each micro-batch's forward from the input
+embedding's output to the loss, and its backward, are recorded reading static buffers, so every
+parameter's .grad becomes a static tensor the replay rewrites (never accumulated into: it was None
+at capture). The input embedding itself runs eagerly around the graph: its CUDA backward sorts the
+token ids and reads a count back to the host (pytorch/pytorch#82886), which no graph can hold. So
+each step looks the micro-batches up in the embedding, copies the outputs and the labels into the
+buffers, replays, hands the replay's gradient of those outputs to the embedding's backward (the
+same op as in the plain step, so the same bits; a tied table gets the head's part from the graph
+and adds its own, the same two-term sum), and runs clipping and the optimizer eagerly as
+TrainStep does; the gradients are not zeroed (the replay overwrites them). With a tied table and
+several micro-batches the sum's order would change: blocked. If the capture fails, the run goes on
+with the plain step and says why (summary.json cuda_graph).
 """
 from __future__ import annotations
 
@@ -51,7 +57,8 @@ def recipe_draws(model: torch.nn.Module) -> List[str]:
 
 
 def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1, diagnostics: bool = False,
-                   check_finite: bool = False) -> List[str]:
+                   check_finite: bool = False, has_embedding: bool = True,
+                   tied_accumulation: bool = False) -> List[str]:
     """Why a run's step cannot be replayed as a CUDA graph with the bits of the plain step; [] when it can."""
     blockers = []
     if torch.device(device).type != "cuda":
@@ -66,7 +73,22 @@ def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1
         blockers.append("diagnostics observe every GEMM from Python")
     if check_finite:
         blockers.append("train.check_finite reads values on the host")
+    if not has_embedding:
+        blockers.append("the model has no input embedding (get_input_embeddings) to keep outside the graph")
+    if tied_accumulation:
+        blockers.append("a tied embedding with several micro-batches would sum its gradients in another order")
     return blockers
+
+
+def _embedding_facts(model: torch.nn.Module, n_micro: int):
+    """(has an input embedding, tied to the output head while micro-batches accumulate)."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    if embedding is None:
+        return False, False
+    head = get_out() if callable(get_out) else None
+    tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    return True, tied and n_micro > 1
 
 
 def cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
@@ -90,6 +112,9 @@ def make_step(cfg, plain: TrainStep, model: torch.nn.Module, device, dist=None):
         world_size=dist.world_size if dist is not None else 1,
         diagnostics=bool(getattr(getattr(cfg, "diagnostics", None), "every_steps", None)),
         check_finite=bool(cfg.train.check_finite))
+    has_embedding, tied_accumulation = _embedding_facts(model, plain.n_micro)
+    blockers += graph_blockers(device="cuda", draws=[], has_embedding=has_embedding,
+                               tied_accumulation=tied_accumulation)
     if blockers:
         if setting:  # validate.check_cuda_graphs refuses this before any work; a model can still differ
             raise ValueError("hardware.cuda_graphs=true but the step cannot be a CUDA graph: " + "; ".join(blockers))
@@ -132,19 +157,31 @@ class GraphedStep:
         p = self.plain
         return [tuple(t.to(p.device, non_blocking=True) for t in p.loader.next_batch()) for _ in range(p.n_micro)]
 
+    def _embed(self, batches):
+        """The input embedding's forward, eager, outside the graph: (its outputs, the labels)."""
+        p = self.plain
+        embedding = p.model.get_input_embeddings()
+        with p.autocast():
+            return [embedding(ids) for ids, _ in batches], [labels for _, labels in batches]
+
     def _capture_and_step(self, lr: float) -> StepResult:
         p, t0 = self.plain, time.perf_counter()
         batches = self._batches()
-        self.static = [tuple(t.clone() for t in b) for b in batches]
+        embeds, labels = self._embed(batches)
+        # The graph's inputs: the embedding outputs as leaves whose .grad the replay writes, and
+        # the labels. The embedding's backward stays eager: on CUDA it sorts the token ids and
+        # reads a count back to the host, which no graph can hold (pytorch/pytorch#82886).
+        self.static_embeds = [e.detach().clone().requires_grad_(True) for e in embeds]
+        self.static_labels = [l.clone() for l in labels]
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=p.device)
         p.optimizer.zero_grad(set_to_none=True)
         calls = p.quant_state.call_counts()
 
         def forward_backward():
             self.loss_sum.zero_()
-            for input_ids, labels in self.static:
+            for e, l in zip(self.static_embeds, self.static_labels):
                 with p.autocast():
-                    loss = causal_lm_loss(p.step_model, input_ids, labels) / p.n_micro
+                    loss = causal_lm_loss(p.step_model, None, l, inputs_embeds=e) / p.n_micro
                 loss.backward()
                 self.loss_sum += loss.detach().float()
 
@@ -153,24 +190,33 @@ class GraphedStep:
                 torch.cuda.synchronize(p.device)
             self.replay = self.capture(forward_backward)
         except Exception as err:  # the plain step stands in; the run says why
-            self.failed = f"{type(err).__name__}: {err}"
+            self.failed = f"{type(err).__name__}: {err}".strip()
             self.report["blockers"] = [f"capture failed: {self.failed}"]
             log.warning("CUDA graph capture failed (%s); training goes on with the plain step", self.failed)
             p.quant_state.restore_call_counts(calls)
             p.optimizer.zero_grad(set_to_none=True)
             self.replay = None
             return p.step_from_batches(lr, batches, t0)
+        # Parameters the graph gives no gradient (the untied embedding table): their gradient is
+        # made fresh by the eager embedding backward each step.
+        self.outside = [q for q in p.model.parameters() if q.grad is None]
         self.report.update(used=True, captured_at_step=self.steps, capture_s=time.perf_counter() - t0)
-        log.info("step: CUDA graph of forward+backward captured at this attempt's step %d in %.1f s; "
-                 "replayed from here on", self.steps, self.report["capture_s"])
-        return self._replayed(lr, t0, batches)
+        log.info("step: CUDA graph of forward+backward (the input embedding eager) captured at this "
+                 "attempt's step %d in %.1f s; replayed from here on", self.steps, self.report["capture_s"])
+        return self._replayed(lr, t0, (embeds, labels))
 
-    def _replayed(self, lr: float, t0: float, batches=None) -> StepResult:
+    def _replayed(self, lr: float, t0: float, inputs=None) -> StepResult:
         p = self.plain
         for group in p.optimizer.param_groups:
             group["lr"] = lr
-        for static, batch in zip(self.static, batches if batches is not None else self._batches()):
-            for dst, src in zip(static, batch):
-                dst.copy_(src, non_blocking=True)
+        embeds, labels = inputs if inputs is not None else self._embed(self._batches())
+        with torch.no_grad():
+            for dst, src in zip(self.static_embeds, embeds):
+                dst.copy_(src)
+            for dst, src in zip(self.static_labels, labels):
+                dst.copy_(src)
         self.replay()
+        for q in self.outside:
+            q.grad = None
+        torch.autograd.backward(embeds, [e.grad for e in self.static_embeds])
         return p.finish_step(lr, self.loss_sum, t0, zero_grad=False)

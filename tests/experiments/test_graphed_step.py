@@ -29,22 +29,33 @@ CPU = torch.device("cpu")
 
 
 class TinyLM(nn.Module):
-    def __init__(self):
+    """The calls the graphed step makes of a transformers causal LM: input_ids or inputs_embeds,
+    get_input_embeddings / get_output_embeddings (a tied head shares the table)."""
+
+    def __init__(self, tied: bool = False):
         super().__init__()
         self.emb = nn.Embedding(VOCAB, 32)
         self.up = nn.Linear(32, 64)
         self.down = nn.Linear(64, 32)
-        self.head = nn.Linear(32, VOCAB)
+        self.head = nn.Linear(32, VOCAB, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
 
-    def forward(self, input_ids):
-        h = self.emb(input_ids)
+    def get_input_embeddings(self):
+        return self.emb
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        h = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
         h = h + self.down(torch.relu(self.up(h)))
         return SimpleNamespace(logits=self.head(h))
 
 
-def _model(recipe: Recipe):
+def _model(recipe: Recipe, tied: bool = False):
     torch.manual_seed(0)
-    model, state = TinyLM(), QuantState(seed=3)
+    model, state = TinyLM(tied), QuantState(seed=3)
     swap_linears(model, recipe, state)
     return model, state
 
@@ -57,16 +68,26 @@ def _plain(model, state, n_micro=2):
                      autocast=contextlib.nullcontext, device=CPU, n_micro=n_micro, grad_clip=1.0)
 
 
-def _rerun(model, log):
+def _rerun(model, log, graphed=None):
+    """A capture that runs fn's Python once, as a real capture does (leaving the gradients it
+    makes, as the graph's static ones), and reruns fn at each replay after dropping them, since a
+    replay overwrites the static gradients (of the parameters and of the embedding outputs)."""
     def capture(fn):
         log.append("captured")
+        fn()
 
         def replay():
-            for p in model.parameters():
-                p.grad = None
+            for t in list(model.parameters()) + (graphed.static_embeds if graphed is not None else []):
+                t.grad = None
             fn()
         return replay
     return capture
+
+
+def _graphed(model, state, n_micro=2, log=None):
+    graphed = GraphedStep(_plain(model, state, n_micro=n_micro), plain_steps=2)
+    graphed.capture = _rerun(model, [] if log is None else log, graphed)
+    return graphed
 
 
 def _train(step, n=6):
@@ -80,7 +101,7 @@ def test_graphed_step_trains_the_plain_steps_bits(recipe):
     reference = _train(_plain(ref_model, ref_state))
     model, state = _model(recipe)
     log = []
-    graphed = GraphedStep(_plain(model, state), capture=_rerun(model, log), plain_steps=2)
+    graphed = _graphed(model, state, log=log)
     got = _train(graphed)
     assert log == ["captured"] and graphed.report["used"] and graphed.report["captured_at_step"] == 3
     assert got == reference
@@ -91,13 +112,23 @@ def test_graphed_step_trains_the_plain_steps_bits(recipe):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_a_tied_table_gets_the_plain_steps_gradient_with_one_micro_batch():
+    recipe = Recipe("wgrad", "h16")
+    ref_model, ref_state = _model(recipe, tied=True)
+    reference = _train(_plain(ref_model, ref_state, n_micro=1))
+    model, state = _model(recipe, tied=True)
+    graphed = _graphed(model, state, n_micro=1)
+    assert _train(graphed) == reference and graphed.report["used"]
+    assert torch.equal(model.emb.weight, ref_model.emb.weight)
+
+
 def test_loader_position_after_graphed_steps_is_the_plain_steps():
     recipe = Recipe("wgrad", "h16")
     ref_model, ref_state = _model(recipe)
     plain = _plain(ref_model, ref_state)
     _train(plain, 5)
     model, state = _model(recipe)
-    graphed = GraphedStep(_plain(model, state), capture=_rerun(model, []), plain_steps=2)
+    graphed = _graphed(model, state)
     _train(graphed, 5)
     assert graphed.plain.loader.state_dict() == plain.loader.state_dict()
 
@@ -154,6 +185,10 @@ def test_make_step_picks_the_graph_only_where_nothing_blocks_it():
         make_step(_cfg(True), sr_plain, sr_model, cuda)
     with pytest.raises(ValueError, match="not CUDA"):
         make_step(_cfg(True), plain, model, CPU)
+    tied, tied_state = _model(Recipe("wgrad", "h16"), tied=True)
+    step, report = make_step(_cfg(None), _plain(tied, tied_state, n_micro=2), tied, cuda)
+    assert report["used"] is False and "tied embedding" in report["blockers"][0]
+    assert isinstance(make_step(_cfg(None), _plain(tied, tied_state, n_micro=1), tied, cuda)[0], GraphedStep)
 
 
 @pytest.mark.parametrize("args, fragment", [
