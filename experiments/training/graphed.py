@@ -186,8 +186,7 @@ class GraphedStep:
                 self.loss_sum += loss.detach().float()
 
         try:
-            if p.device.type == "cuda":
-                torch.cuda.synchronize(p.device)
+            self._warm_up(forward_backward, calls)
             self.replay = self.capture(forward_backward)
         except Exception as err:  # the plain step stands in; the run says why
             self.failed = f"{type(err).__name__}: {err}".strip()
@@ -204,6 +203,26 @@ class GraphedStep:
         log.info("step: CUDA graph of forward+backward (the input embedding eager) captured at this "
                  "attempt's step %d in %.1f s; replayed from here on", self.steps, self.report["capture_s"])
         return self._replayed(lr, t0, (embeds, labels))
+
+    def _warm_up(self, forward_backward, calls) -> None:
+        """Run the captured function once for real, uncaptured (on a side stream on CUDA, as
+        PyTorch's capture recipe asks): the compiled layers see the embedding outputs as leaves
+        here for the first time, and dynamo's recompilation for them (constant folding reads values
+        on the host) must happen outside the capture. Its gradients and calls are then undone."""
+        p = self.plain
+        if p.device.type == "cuda":
+            side = torch.cuda.Stream(p.device)
+            side.wait_stream(torch.cuda.current_stream(p.device))
+            with torch.cuda.stream(side):
+                forward_backward()
+            torch.cuda.current_stream(p.device).wait_stream(side)
+            torch.cuda.synchronize(p.device)
+        else:
+            forward_backward()
+        p.quant_state.restore_call_counts(calls)
+        p.optimizer.zero_grad(set_to_none=True)
+        for e in self.static_embeds:
+            e.grad = None
 
     def _replayed(self, lr: float, t0: float, inputs=None) -> StepResult:
         p = self.plain
