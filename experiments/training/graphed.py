@@ -44,11 +44,19 @@ import torch
 
 from fp4.linear import QuantLinear
 from ..model import causal_lm_loss
+from .compile import compile_enabled
 from .step import StepResult, TrainStep
 
 log = logging.getLogger("fp4_experiments.train")
 
 PLAIN_STEPS = 2  # steps of an attempt before the capture: the first compiles, the second checks
+# Measured on an H200 (experiments/gpu/graph_capture_probe.py, torch 2.11, transformers 5.17): while
+# a stream captures, the compiled decoder layers see other inputs than in the uncaptured warm-up
+# (the attention mask the layer gets is built differently) and recompile inside the capture, where
+# inductor's constant folding reads a value to the host, which invalidates the capture. Until that
+# is solved, the graph is for eager layers (hardware.compile=false).
+COMPILED_BLOCKER = ("the decoder layers are compiled (torch.compile recompiles them inside the capture); "
+                    "hardware.compile=false replays eager layers as a graph")
 
 
 def recipe_draws(model: torch.nn.Module) -> List[str]:
@@ -58,7 +66,7 @@ def recipe_draws(model: torch.nn.Module) -> List[str]:
 
 def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1, diagnostics: bool = False,
                    check_finite: bool = False, has_embedding: bool = True,
-                   tied_accumulation: bool = False) -> List[str]:
+                   tied_accumulation: bool = False, compiled: bool = False) -> List[str]:
     """Why a run's step cannot be replayed as a CUDA graph with the bits of the plain step; [] when it can."""
     blockers = []
     if torch.device(device).type != "cuda":
@@ -77,6 +85,8 @@ def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1
         blockers.append("the model has no input embedding (get_input_embeddings) to keep outside the graph")
     if tied_accumulation:
         blockers.append("a tied embedding with several micro-batches would sum its gradients in another order")
+    if compiled:
+        blockers.append(COMPILED_BLOCKER)
     return blockers
 
 
@@ -89,6 +99,14 @@ def _embedding_facts(model: torch.nn.Module, n_micro: int):
     head = get_out() if callable(get_out) else None
     tied = head is not None and getattr(head, "weight", None) is embedding.weight
     return True, tied and n_micro > 1
+
+
+def _release(device) -> None:
+    if torch.device(device).type == "cuda":
+        import gc
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
@@ -114,7 +132,8 @@ def make_step(cfg, plain: TrainStep, model: torch.nn.Module, device, dist=None):
         check_finite=bool(cfg.train.check_finite))
     has_embedding, tied_accumulation = _embedding_facts(model, plain.n_micro)
     blockers += graph_blockers(device="cuda", draws=[], has_embedding=has_embedding,
-                               tied_accumulation=tied_accumulation)
+                               tied_accumulation=tied_accumulation,
+                               compiled=compile_enabled(cfg.hardware, device))
     if blockers:
         if setting:  # validate.check_cuda_graphs refuses this before any work; a model can still differ
             raise ValueError("hardware.cuda_graphs=true but the step cannot be a CUDA graph: " + "; ".join(blockers))
@@ -190,11 +209,13 @@ class GraphedStep:
             self.replay = self.capture(forward_backward)
         except Exception as err:  # the plain step stands in; the run says why
             self.failed = f"{type(err).__name__}: {err}".strip()
+        if self.failed is not None:  # outside the except: its traceback no longer holds the graph
             self.report["blockers"] = [f"capture failed: {self.failed}"]
             log.warning("CUDA graph capture failed (%s); training goes on with the plain step", self.failed)
             p.quant_state.restore_call_counts(calls)
             p.optimizer.zero_grad(set_to_none=True)
-            self.replay = None
+            self.replay, self.static_embeds, self.static_labels = None, [], []
+            _release(p.device)  # a failed capture's private memory pool, before the step needs it
             return p.step_from_batches(lr, batches, t0)
         # Parameters the graph gives no gradient (the untied embedding table): their gradient is
         # made fresh by the eager embedding backward each step.
