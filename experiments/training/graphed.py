@@ -50,11 +50,12 @@ from .step import StepResult, TrainStep
 log = logging.getLogger("fp4_experiments.train")
 
 PLAIN_STEPS = 2  # steps of an attempt before the capture: the first compiles, the second checks
-# Measured on an H200 (experiments/gpu/graph_capture_probe.py, torch 2.11, transformers 5.17): while
-# a stream captures, the compiled decoder layers see other inputs than in the uncaptured warm-up
-# (the attention mask the layer gets is built differently) and recompile inside the capture, where
-# inductor's constant folding reads a value to the host, which invalidates the capture. Until that
-# is solved, the graph is for eager layers (hardware.compile=false).
+# Measured on an H200 (experiments/gpu/graph_capture_probe.py, torch 2.11, transformers 5.17): inside
+# the capture dynamo compiles a decoder layer again although an uncaptured warm-up of the same
+# function ran just before (what differs for its guards while a stream captures is not pinned down;
+# the recompile stops at a constant of the SDPA attention), and inductor's constant folding reads a
+# value to the host, which invalidates the capture. Until that is solved, the graph is for eager
+# layers (hardware.compile=false).
 COMPILED_BLOCKER = ("the decoder layers are compiled (torch.compile recompiles them inside the capture); "
                     "hardware.compile=false replays eager layers as a graph")
 
@@ -124,16 +125,14 @@ def make_step(cfg, plain: TrainStep, model: torch.nn.Module, device, dist=None):
     setting = getattr(cfg.hardware, "cuda_graphs", None)
     if setting is False or (setting is None and torch.device(device).type != "cuda"):
         return plain, None
+    has_embedding, tied_accumulation = _embedding_facts(model, plain.n_micro)
     blockers = graph_blockers(
         device=device, draws=recipe_draws(model),
         parallel=dist.mode if dist is not None else "none",
         world_size=dist.world_size if dist is not None else 1,
         diagnostics=bool(getattr(getattr(cfg, "diagnostics", None), "every_steps", None)),
-        check_finite=bool(cfg.train.check_finite))
-    has_embedding, tied_accumulation = _embedding_facts(model, plain.n_micro)
-    blockers += graph_blockers(device="cuda", draws=[], has_embedding=has_embedding,
-                               tied_accumulation=tied_accumulation,
-                               compiled=compile_enabled(cfg.hardware, device))
+        check_finite=bool(cfg.train.check_finite), compiled=compile_enabled(cfg.hardware, device),
+        has_embedding=has_embedding, tied_accumulation=tied_accumulation)
     if blockers:
         if setting:  # validate.check_cuda_graphs refuses this before any work; a model can still differ
             raise ValueError("hardware.cuda_graphs=true but the step cannot be a CUDA graph: " + "; ".join(blockers))
