@@ -36,6 +36,7 @@ with the plain step and says why (summary.json cuda_graph).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable, List, Optional
@@ -142,6 +143,51 @@ def make_step(cfg, plain: TrainStep, model: torch.nn.Module, device, dist=None):
     return graphed, graphed.report
 
 
+class _MaskWatch:
+    """What attention mask the decoder layers are handed, per phase (warm-up, capture).
+
+    transformers builds the causal mask in the model's eager forward, and some versions build a
+    full mask instead of None (SDPA's is_causal) while a CUDA stream captures (5.17:
+    `_ignore_causal_mask_sdpa` gives up whenever `is_tracing()`, which includes
+    `torch.cuda.is_current_stream_capturing()`). The graph would then replay another attention
+    than the plain step computes, so a capture whose masks differ from the warm-up's is refused."""
+
+    def __init__(self, model: torch.nn.Module):
+        from .compile import decoder_layers
+        self.seen: dict = {}
+        self.current: Optional[str] = None
+        try:
+            first = decoder_layers(model)[0]
+        except (ValueError, IndexError, AttributeError):
+            first = None  # no decoder layers to watch (small test models)
+        self.handle = None if first is None else first.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if self.current is not None:
+            mask = kwargs.get("attention_mask")
+            self.seen.setdefault(self.current, set()).add(None if mask is None else (tuple(mask.shape), mask.dtype))
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        self.current = name
+        try:
+            yield
+        finally:
+            self.current = None
+
+    def differs(self) -> Optional[str]:
+        warm, captured = self.seen.get("warm-up"), self.seen.get("capture")
+        if warm == captured:
+            return None
+        return (f"the decoder layers got attention mask {sorted(map(str, captured or []))} while capturing but "
+                f"{sorted(map(str, warm or []))} uncaptured (this transformers builds the causal mask differently "
+                "while a stream captures): the graph would replay another attention")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
 class GraphedStep:
     """TrainStep's callable interface; steps after the first `plain_steps` replay a captured graph.
 
@@ -203,11 +249,17 @@ class GraphedStep:
                 loss.backward()
                 self.loss_sum += loss.detach().float()
 
+        masks = _MaskWatch(p.step_model)
         try:
-            self._warm_up(forward_backward, calls)
-            self.replay = self.capture(forward_backward)
+            with masks.phase("warm-up"):
+                self._warm_up(forward_backward, calls)
+            with masks.phase("capture"):
+                self.replay = self.capture(forward_backward)
+            self.failed = masks.differs()
         except Exception as err:  # the plain step stands in; the run says why
             self.failed = f"{type(err).__name__}: {err}".strip()
+        finally:
+            masks.close()
         if self.failed is not None:  # outside the except: its traceback no longer holds the graph
             self.report["blockers"] = [f"capture failed: {self.failed}"]
             log.warning("CUDA graph capture failed (%s); training goes on with the plain step", self.failed)

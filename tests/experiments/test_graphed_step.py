@@ -204,3 +204,50 @@ def test_cuda_graphs_true_is_refused_before_any_work(args, fragment, tmp_path):
                 f"cache_dir={tmp_path / 'c'}", *args)
     assert r.returncode == 2 and "hardware.cuda_graphs=true" in r.stderr and fragment in r.stderr, r.stderr
     assert not (tmp_path / "r").exists()
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Linear(32, 32)
+
+    def forward(self, h, attention_mask=None):
+        return h + self.mlp(h)
+
+
+class MaskedLM(TinyLM):
+    """Like a transformers model whose mask depends on capturing: a full mask while `capturing`."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([_Block()])
+        self.capturing = False
+
+    def forward(self, input_ids=None, inputs_embeds=None):
+        h = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
+        mask = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril() if self.capturing else None
+        return SimpleNamespace(logits=self.head(self.model.layers[0](h, attention_mask=mask)))
+
+
+@pytest.mark.parametrize("mask_while_capturing", [False, True])
+def test_a_capture_that_sees_another_attention_mask_is_refused(mask_while_capturing):
+    torch.manual_seed(0)
+    ref, model = MaskedLM(), MaskedLM()
+    model.load_state_dict(ref.state_dict())
+    reference = _train(_plain(ref, QuantState(seed=3)), 4)
+    graphed = GraphedStep(_plain(model, QuantState(seed=3)), plain_steps=1)
+    rerun = _rerun(model, [], graphed)
+
+    def capture(fn):
+        model.capturing = mask_while_capturing
+        try:
+            return rerun(fn)
+        finally:
+            model.capturing = False
+
+    graphed.capture = capture
+    assert _train(graphed, 4) == reference
+    assert graphed.report["used"] is (not mask_while_capturing)
+    if mask_while_capturing:
+        assert "attention mask" in graphed.report["blockers"][0] and graphed.replay is None
