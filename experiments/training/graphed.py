@@ -158,7 +158,7 @@ class _MaskWatch:
         self.current: Optional[str] = None
         try:
             first = decoder_layers(model)[0]
-        except (ValueError, IndexError, AttributeError):
+        except (ValueError, IndexError):
             first = None  # no decoder layers to watch (small test models)
         self.handle = None if first is None else first.register_forward_pre_hook(self._hook, with_kwargs=True)
 
@@ -298,8 +298,6 @@ class GraphedStep:
 
     def _replayed(self, lr: float, t0: float, inputs=None) -> StepResult:
         p = self.plain
-        for group in p.optimizer.param_groups:
-            group["lr"] = lr
         embeds, labels = inputs if inputs is not None else self._embed(self._batches())
         with torch.no_grad():
             for dst, src in zip(self.static_embeds, embeds):

@@ -70,8 +70,6 @@ class TrainStep:
 
     def step_from_batches(self, lr: float, batches, t0: float) -> StepResult:
         """The step on these micro-batches ((input_ids, labels) each); t0 is when the step began."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         loss_sum = 0.0
         for i, (input_ids, labels) in enumerate(batches):
             input_ids = input_ids.to(self.device, non_blocking=True)
@@ -91,6 +89,8 @@ class TrainStep:
     def finish_step(self, lr: float, loss_sum, t0: float, zero_grad: bool = True) -> StepResult:
         """Clip, step the optimizer, advance the quantization clock, synchronize. zero_grad=False
         leaves the gradients in place (a replayed CUDA graph overwrites them: graphed.py)."""
+        for group in self.optimizer.param_groups:  # read by the optimizer's step only
+            group["lr"] = lr
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if self.dist is not None:
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (already the global norm)
