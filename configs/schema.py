@@ -204,9 +204,11 @@ class HardwareConfig:
     real_fp8: bool = True
     # The step's forward+backward captured once as a CUDA graph and replayed (the host then launches
     # one graph instead of thousands of kernels; experiments/training/graphed.py). Same bits as the
-    # plain step; only for steps that draw nothing at random (no SR, no random Hadamard signs), one
-    # process, no diagnostics, no check_finite. null (auto): on CUDA whenever nothing blocks it;
-    # true: refuse to start if something does; false: never.
+    # plain step; only for eager layers (hardware.compile=false), steps that draw nothing at random
+    # (no SR, no random Hadamard signs), one process, no diagnostics, no check_finite, and a capture
+    # whose attention masks match the uncaptured step's (else it falls back to the plain step).
+    # null (auto): on CUDA whenever nothing blocks it; true: refuse to start if something the
+    # config shows does; false: never.
     cuda_graphs: Optional[bool] = None
 
 
