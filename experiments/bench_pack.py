@@ -24,12 +24,14 @@ READY, RESULT = "FP4-BENCH-READY", "FP4-BENCH-RESULT "
 def worker_main(argv: List[str]) -> int:
     """One packed job: spec = {"overrides": [...], "warmup": n, "seconds": s}."""
     import torch
-    from .bench_steps import build_runner, compose_config, run_steps
+    from .bench_steps import build_runner, compose_config, peak_memory, run_steps
 
     spec = json.loads(argv[0])
     build = build_runner(compose_config(spec["overrides"]))
     try:
-        run_steps(build, int(spec.get("warmup", 2)))
+        warmup = int(spec.get("warmup", 2))
+        plain_steps = getattr(build.trainer.step, "plain_steps", None)  # a GraphedStep captures untimed
+        run_steps(build, max(warmup, plain_steps + 1) if plain_steps is not None else warmup)
         print(READY, flush=True)
         sys.stdin.readline()  # GO
         t0, n = time.perf_counter(), 0
@@ -37,11 +39,10 @@ def worker_main(argv: List[str]) -> int:
             run_steps(build, 1, start=n)
             n += 1
         elapsed = time.perf_counter() - t0
-        cuda = build.device.type == "cuda"
         print(RESULT + json.dumps({
             "steps": n, "elapsed_s": elapsed, "tokens": n * build.tokens_per_step,
             "tokens_per_s": n * build.tokens_per_step / elapsed,
-            "peak_mem_bytes": torch.cuda.max_memory_allocated(build.device) if cuda else None}),
+            **peak_memory(build.device)}),
             flush=True)
     finally:
         build.close()

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .bench_steps import SyntheticLoader, compose_config, dynamo_counts, _free, _sync
+from .bench_steps import SyntheticLoader, compose_config, dynamo_counts, peak_memory, _free, _sync
 
 PEERS = ("transformers-bf16", "torchao-float8")
 
@@ -61,6 +61,7 @@ def plain_llama(cfg):
         shaped, _ = build_llama(cfg.model, int(cfg.tokenizer.vocab_size), Recipe(ladder="bf16"),
                                 QuantState(seed=int(cfg.seed)), eos_id=0)
     config = shaped.config
+    config._attn_implementation = "sdpa"  # transformers' own, as a researcher's stack runs it
     del shaped
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(config)
@@ -143,8 +144,7 @@ def peer_row(model: str, peer: str, mode: str, *, steps: int = 8, warmup: int = 
         row.update(params=sum(p.numel() for p in net.parameters()), batch=batch, seq_len=seq_len,
                    tokens_per_step=batch * seq_len, median_step_s=median,
                    tokens_per_s=batch * seq_len / median, step_times_s=dts, warmup_step_s=warm,
-                   steps=steps, warmup=untimed,
-                   peak_mem_bytes=torch.cuda.max_memory_allocated(device) if cuda else None)
+                   steps=steps, warmup=untimed, **peak_memory(device))
         row["first_step_s"] = warm[0]
         if compiled or end["graphs"]:
             row.update(compile_s=max(sum(warm) - median * len(warm), 0.0),

@@ -53,6 +53,10 @@ def peer_reference(peers: Sequence[Dict], model: str, peer: str,
 
 
 def _mem_ratio(a: Dict, b: Dict) -> Optional[float]:
+    """Peak memory of a over b: reserved where both rows have it (a replayed CUDA graph's tensors
+    are reserved, never allocated again: bench_steps.peak_memory), else allocated."""
+    if a.get("peak_reserved_bytes") and b.get("peak_reserved_bytes"):
+        return a["peak_reserved_bytes"] / b["peak_reserved_bytes"]
     if a.get("peak_mem_bytes") and b.get("peak_mem_bytes"):
         return a["peak_mem_bytes"] / b["peak_mem_bytes"]
     return None
@@ -177,7 +181,7 @@ def _peer_x(r: Dict, key: str) -> str:
 
 
 def _steps_table(steps: List[Dict]) -> List[str]:
-    head = ["model", "config", "mode", "median ms", "tok/s", "peak GiB", "x bf16",
+    head = ["model", "config", "mode", "median ms", "tok/s", "peak GiB (alloc / reserved)", "x bf16",
             "x transformers-bf16", "x torchao-float8", "mem x bf16", "compile s (first step s)",
             "graphs / breaks / recompiles", "bit-exact vs eager"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * 8 + "---|---|"]
@@ -189,7 +193,7 @@ def _steps_table(steps: List[Dict]) -> List[str]:
             continue
         exact = ("check failed" if "check_error" in r else "" if "bit_exact" not in r
                  else "yes" if r["bit_exact"] else "**no**")
-        cells += [_ms(r), f"{r['tokens_per_s']:,.0f}", _gib(r.get("peak_mem_bytes")),
+        cells += [_ms(r), f"{r['tokens_per_s']:,.0f}", _peaks(r),
                   _f(r.get("step_ratio_vs_bf16"), 3), _peer_x(r, "x_transformers_bf16"),
                   _peer_x(r, "x_torchao_float8"), _f(r.get("mem_ratio_vs_bf16"), 3),
                   *_compile_cells(r), exact]
@@ -197,8 +201,13 @@ def _steps_table(steps: List[Dict]) -> List[str]:
     return lines
 
 
+def _peaks(r: Dict) -> str:
+    reserved = r.get("peak_reserved_bytes")
+    return _gib(r.get("peak_mem_bytes")) + ("" if reserved is None else f" / {_gib(reserved)}")
+
+
 def _peers_table(peers: List[Dict]) -> List[str]:
-    head = ["model", "peer", "mode", "median ms", "tok/s", "peak GiB", "x transformers-bf16",
+    head = ["model", "peer", "mode", "median ms", "tok/s", "peak GiB (alloc / reserved)", "x transformers-bf16",
             "compile s (first step s)", "graphs / breaks / recompiles"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * 5 + "---|"]
     for r in peers:
@@ -206,7 +215,7 @@ def _peers_table(peers: List[Dict]) -> List[str]:
         if not ok(r):
             lines.append(_failed(cells, r, len(head)))
             continue
-        cells += [_ms(r), f"{r['tokens_per_s']:,.0f}", _gib(r.get("peak_mem_bytes")),
+        cells += [_ms(r), f"{r['tokens_per_s']:,.0f}", _peaks(r),
                   _peer_x(r, "x_transformers_bf16"), *_compile_cells(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

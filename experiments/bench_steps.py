@@ -254,6 +254,16 @@ def dynamo_counts() -> Dict[str, int]:
             "break_reasons": sorted(counters["graph_break"])[:5]}
 
 
+def peak_memory(device) -> Dict:
+    """Peak GPU memory since the last reset: allocated by tensors, and reserved by the process. A
+    replayed CUDA graph's tensors live in its private pool, reserved at capture and never
+    allocated again, so only the reserved peak counts them (the memory comparisons use it)."""
+    if torch.device(device).type != "cuda":
+        return {"peak_mem_bytes": None, "peak_reserved_bytes": None}
+    return {"peak_mem_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+
+
 def _free(device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -305,9 +315,7 @@ def runner_row(model: str, label: str, mode: str, *, steps: int = 8, warmup: int
         median = statistics.median(dts)
         row.update(median_step_s=median, tokens_per_s=build.tokens_per_step / median,
                    step_times_s=dts, warmup_step_s=warm, steps=steps, warmup=untimed,
-                   last_loss=timed[-1].loss,
-                   peak_mem_bytes=(torch.cuda.max_memory_allocated(device)
-                                   if device.type == "cuda" else None))
+                   last_loss=timed[-1].loss, **peak_memory(device))
         row["first_step_s"] = warm[0]
         # Whether the timed steps replayed a CUDA graph (hardware.cuda_graphs), or why not.
         row["cuda_graph"] = dict(build.trainer.cuda_graph) if build.trainer.cuda_graph is not None else None

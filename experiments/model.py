@@ -19,6 +19,7 @@ from torch import nn
 
 from fp4.linear import QuantState, swap_linears
 from fp4.recipe import Recipe
+from .attention import refuse_masks, register_attention
 
 
 @dataclass
@@ -60,9 +61,12 @@ def build_llama(model_cfg, vocab_size: int, recipe: Recipe, state: QuantState,
         eos_token_id=eos_id,
         pad_token_id=None,
     )
-    # SDPA attention: the same kernel family for every rung, so only the GEMM precision differs.
-    config._attn_implementation = "sdpa"
+    # SDPA attention: the same kernel family for every rung, so only the GEMM precision differs;
+    # causal over whole packed sequences, with no mask that could change while a CUDA graph
+    # captures (attention.py).
+    config._attn_implementation = register_attention()
     model = LlamaForCausalLM(config)
+    refuse_masks(model.model)
 
     def in_decoder_block(name: str) -> bool:
         return ".layers." in f".{name}" or name.startswith("model.layers.")

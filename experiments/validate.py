@@ -346,7 +346,6 @@ def _check_cuda_graphs(p: List[str], cfg) -> None:
         return
     from fp4_experiments.distributed import env_world_size
     from fp4_experiments.runner import recipe_from_config
-    from fp4_experiments.training.compile import compile_enabled
     from fp4_experiments.training.graphed import graph_blockers
     import torch
     device = str(cfg.hardware.device)
@@ -354,8 +353,7 @@ def _check_cuda_graphs(p: List[str], cfg) -> None:
     blockers = graph_blockers(
         device="cuda" if on_cuda else "cpu", draws=list(recipe_from_config(cfg).random_draws),
         parallel=str(cfg.parallel.name), world_size=env_world_size(),
-        diagnostics=bool(cfg.diagnostics.every_steps), check_finite=bool(cfg.train.check_finite),
-        compiled=compile_enabled(cfg.hardware, "cuda" if on_cuda else "cpu"))
+        diagnostics=bool(cfg.diagnostics.every_steps), check_finite=bool(cfg.train.check_finite))
     for why in blockers:
         p.append(f"hardware.cuda_graphs=true but {why}; use hardware.cuda_graphs=null (the plain step "
                  "where a graph cannot replay it) or false")

@@ -45,20 +45,11 @@ import torch
 
 from fp4.linear import QuantLinear
 from ..model import causal_lm_loss
-from .compile import compile_enabled
 from .step import StepResult, TrainStep
 
 log = logging.getLogger("fp4_experiments.train")
 
 PLAIN_STEPS = 2  # steps of an attempt before the capture: the first compiles, the second checks
-# Measured on an H200 (experiments/gpu/graph_capture_probe.py, torch 2.11, transformers 5.17): inside
-# the capture dynamo compiles a decoder layer again although an uncaptured warm-up of the same
-# function ran just before (what differs for its guards while a stream captures is not pinned down;
-# the recompile stops at a constant of the SDPA attention), and inductor's constant folding reads a
-# value to the host, which invalidates the capture. Until that is solved, the graph is for eager
-# layers (hardware.compile=false).
-COMPILED_BLOCKER = ("the decoder layers are compiled (torch.compile recompiles them inside the capture); "
-                    "hardware.compile=false replays eager layers as a graph")
 
 
 def recipe_draws(model: torch.nn.Module) -> List[str]:
@@ -68,7 +59,7 @@ def recipe_draws(model: torch.nn.Module) -> List[str]:
 
 def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1, diagnostics: bool = False,
                    check_finite: bool = False, has_embedding: bool = True,
-                   tied_accumulation: bool = False, compiled: bool = False) -> List[str]:
+                   tied_accumulation: bool = False) -> List[str]:
     """Why a run's step cannot be replayed as a CUDA graph with the bits of the plain step; [] when it can."""
     blockers = []
     if torch.device(device).type != "cuda":
@@ -87,8 +78,6 @@ def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1
         blockers.append("the model has no input embedding (get_input_embeddings) to keep outside the graph")
     if tied_accumulation:
         blockers.append("a tied embedding with several micro-batches would sum its gradients in another order")
-    if compiled:
-        blockers.append(COMPILED_BLOCKER)
     return blockers
 
 
@@ -132,7 +121,7 @@ def make_step(cfg, plain: TrainStep, model: torch.nn.Module, device, dist=None):
         parallel=dist.mode if dist is not None else "none",
         world_size=dist.world_size if dist is not None else 1,
         diagnostics=bool(getattr(getattr(cfg, "diagnostics", None), "every_steps", None)),
-        check_finite=bool(cfg.train.check_finite), compiled=compile_enabled(cfg.hardware, device),
+        check_finite=bool(cfg.train.check_finite),
         has_embedding=has_embedding, tied_accumulation=tied_accumulation)
     if blockers:
         if setting:  # validate.check_cuda_graphs refuses this before any work; a model can still differ
