@@ -375,7 +375,8 @@ class Summary:
                                              default=None)
     cuda_graph: Optional[Dict[str, Any]] = _doc(
         "the step's forward+backward as a replayed CUDA graph in this attempt (hardware.cuda_graphs): "
-        "{used, blockers (why not), captured_at_step, capture_s}; null when not considered (off or not CUDA)",
+        "{used, blockers (why not), captured_at_step, capture_s, random_draws (per step, replayed from "
+        "generators re-seeded each step)}; null when not considered (off or not CUDA)",
         default=None)
     schema_version: int = _doc("2; absent (= 1) in runs written before", default=SCHEMA_VERSION)
 

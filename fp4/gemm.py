@@ -20,7 +20,7 @@ from fp4.transforms import hadamard as hadamard_transform, hadamard_compute, ran
 from fp4.probe import GemmObservation
 from fp4.quantize import quantize_operand
 from fp4.recipe import GEMM_OPERANDS, GEMM_TITLES, GEMMS, GemmSpec, HadamardSpec, OperandSpec, Recipe
-from fp4.state import ExecutionConfig, GemmRecord, generator as _generator
+from fp4.state import ExecutionConfig, GemmRecord
 
 
 # The dim of each operand (in its natural layout X [T, in], W [out, in], dY [T, out]) that a GEMM
@@ -51,6 +51,7 @@ class _GemmCall:
         self.specs: Dict[str, GemmSpec] = module.recipe.specs
         self.layer, self.layer_index = module.name, module.layer_index
         self.seed = state.seed
+        self.generator = state.generator  # fresh generators, or a CUDA graph's pool (GeneratorPool)
         if where is None:
             self.step, self.call = state.step, state.next_call(module.layer_index)
         else:
@@ -63,13 +64,14 @@ class _GemmCall:
         self.probe = state.probe  # fp4.probe observer; None = off (the only cost: one test per GEMM)
 
     def sr_generator(self, device, gemm: str, operand: str) -> torch.Generator:
-        return _generator(device, "sr", self.seed, self.step, self.layer_index, gemm, operand, self.call)
+        return self.generator(device, ("sr", self.seed, self.step, self.layer_index, gemm, operand, self.call), 2)
 
     def signs(self, gemm: str, hadamard: HadamardSpec, device) -> Optional[torch.Tensor]:
         if hadamard.signs == "none":
             return None
         where = {"fixed": (), "step": (self.step,), "call": (self.step, self.call)}[hadamard.signs]
-        generator = _generator(device, "signs", self.seed, *where, self.layer_index, gemm)
+        generator = self.generator(device, ("signs", self.seed, *where, self.layer_index, gemm),
+                                   2 if where else None)
         # One +-1 vector of length `block`, shared by every block of the axis and both operands.
         return random_signs(hadamard.block, generator, device)
 

@@ -14,6 +14,14 @@ Reproducible randomness: every random draw (stochastic rounding, Hadamard signs)
 derive_seed(identity of the draw), a hash stable across processes and platforms, so a run resumed
 at QuantState.step reproduces the same bits (fp4/linear.py lists the identities).
 
+Random draws inside a CUDA graph. A replayed graph does not run the Python that seeds a fresh
+generator per draw; its kernels read the state of the generators registered with it at capture.
+`GeneratorPool` lists one step's draws in order (an uncaptured pass), then stands one persistent
+generator in for each (the graph registers them) and, before every replay, seeds each as its draw's
+fresh generator would be seeded at the new step: the replay then draws what the plain step draws.
+QuantState.generator_pool is set only while a pass of the step is being listed, captured (or, in
+the CPU tests, replayed); every other forward draws from fresh generators.
+
 Recording. `record_gemms()` collects a GemmRecord per operand of every GEMM run inside the block,
 for every model (a debugging aid); `state.record_gemms()` collects only that model's. Both are
 observers: they never change what a GEMM computes. The process-wide sink is a plain module global
@@ -33,7 +41,8 @@ import torch
 
 from .names import QuantBackend, choices
 
-__all__ = ["ExecutionConfig", "QuantState", "GemmRecord", "record_gemms", "derive_seed", "generator"]
+__all__ = ["ExecutionConfig", "QuantState", "GemmRecord", "GeneratorPool", "record_gemms", "derive_seed",
+           "generator"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,15 @@ class QuantState:
         # fp4.probe: called with a GemmObservation after every quantized GEMM; None = off, zero cost.
         # An observer only (never changes a GEMM); snapshotted at each layer's forward, as the recorder.
         self.probe: Optional[Callable] = None
+        # Set while a CUDA graph of the step is listed / captured (GeneratorPool); None = fresh generators.
+        self.generator_pool: Optional["GeneratorPool"] = None
+
+    def generator(self, device, parts: tuple, step_at: Optional[int]) -> torch.Generator:
+        """The generator of one random draw: seeded by derive_seed(*parts), where parts[step_at] is
+        the optimizer step (None: the draw does not depend on it). From the pool while one is set."""
+        if self.generator_pool is not None:
+            return self.generator_pool.take(device, parts, step_at)
+        return generator(device, *parts)
 
     @property
     def step(self) -> int:
@@ -231,3 +249,57 @@ def generator(device: torch.device, *parts) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(*parts))
     return gen
+
+
+class GeneratorPool:
+    """Persistent generators standing in for the fresh ones of one step's random draws (see the
+    module docstring: random draws inside a CUDA graph).
+
+    listing (the start): `take` notes each draw (its parts and where the step is in them) and hands
+        out the fresh generator it would get anyway;
+    `freeze(make)`: one persistent generator per listed draw, built by make(device) (the graph
+        registers them before its capture); from then on `take` hands them out in the listed
+        order, and a draw that differs from the listed one raises (the capture then fails and the
+        plain step goes on);
+    `rewind()`: start the order again (before each pass that takes);
+    `reseed(step)`: seed each generator as derive_seed of its draw at `step`, the state a fresh
+        generator of that draw starts from."""
+
+    def __init__(self):
+        self.draws: List[tuple] = []          # (device, parts, step_at) in the order taken
+        self.generators: List[torch.Generator] = []
+        self.frozen = False
+        self._next = 0
+
+    def take(self, device, parts: tuple, step_at: Optional[int]) -> torch.Generator:
+        if not self.frozen:
+            self.draws.append((torch.device(device), tuple(parts), step_at))
+            return generator(device, *parts)
+        i = self._next
+        if i >= len(self.draws) or not self._same(self.draws[i], (torch.device(device), tuple(parts), step_at)):
+            listed = self.draws[i][1] if i < len(self.draws) else "none"
+            raise RuntimeError(f"random draw {i} of the step is {parts}, but the listed pass drew {listed}: "
+                               "the step does not draw in a fixed order")
+        self._next += 1
+        return self.generators[i]
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        (dev_a, parts_a, at_a), (dev_b, parts_b, at_b) = a, b
+        if dev_a != dev_b or at_a != at_b or len(parts_a) != len(parts_b):
+            return False
+        return all(x == y for k, (x, y) in enumerate(zip(parts_a, parts_b)) if k != at_a)
+
+    def freeze(self, make: Callable[[torch.device], torch.Generator]) -> List[torch.Generator]:
+        self.generators = [make(device) for device, _, _ in self.draws]
+        self.frozen, self._next = True, 0
+        return self.generators
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def reseed(self, step: int) -> None:
+        for (_, parts, at), gen in zip(self.draws, self.generators):
+            if at is not None:
+                parts = parts[:at] + (int(step),) + parts[at + 1:]
+            gen.manual_seed(derive_seed(*parts))

@@ -2,13 +2,19 @@
 
     PYTHONPATH=. python3 experiments/gpu/cuda_graph_check.py [--tokens 8192] [--configs ...]
 
-For each configuration whose recipe draws nothing (the ones hardware.cuda_graphs runs as a
-graph): a chain of QuantLinears with llama-150m's shapes (768 -> 2304 -> 768, bf16 autocast,
+For each configuration: a chain of QuantLinears with llama-150m's shapes (768 -> 2304 -> 768, bf16 autocast,
 the runner's ExecutionConfig: Triton quantizers, real FP8 GEMMs) runs forward and backward eagerly
 twice (the control: eager must repeat itself bit for bit, else no comparison means anything), then
 once captured as a CUDA graph and replayed on the same inputs, as experiments/training/graphed.py
 does. PASS: the output, dX and both dW are bitwise equal to eager's. Also the replay on a second
 input equals eager on that input (the graph reads its static input buffer, it did not bake X in).
+
+A recipe that draws (SR, random Hadamard signs) is captured as graphed.py does it: an uncaptured
+pass lists its draws in a fp4.state.GeneratorPool, the pool's generators are registered with the
+graph, and each replay at optimizer step s first re-seeds them for s. PASS: replays at the capture
+step and at two later steps (on both inputs) equal eager at that step bit for bit; and, the
+control that the draws matter, a replay left seeded for the capture step differs from eager at
+the next step.
 One line per configuration, then a summary line; exit 1 on any FAIL.
 """
 import argparse
@@ -18,22 +24,20 @@ import torch
 
 from fp4.linear import QuantLinear, QuantState
 from fp4.recipe import Recipe
-from fp4.state import ExecutionConfig
+from fp4.state import ExecutionConfig, GeneratorPool
 from experiments.bench_steps import parse_config
 
-DEFAULT = "bf16,fp8,fprop,dgrad,wgrad,wgrad+h16,nvfp4:wgrad,h16_all,wgrad+sr,ufp4:wgrad"
+DEFAULT = "bf16,fp8,fprop,dgrad,wgrad,wgrad+h16,nvfp4:wgrad,h16_all,wgrad+sr,wgrad+rht,ufp4:wgrad"
 
 
 def build(label: str, device):
     fmt, ladder, stab = parse_config(label) if label != "h16_all" else ("mxfp4", "wgrad", "h16_all")
     recipe = Recipe(ladder=ladder, stabilizer=stab, format=fmt)
-    if recipe.random_draws:
-        return None, recipe
     torch.manual_seed(0)
     state = QuantState(seed=0, execution=ExecutionConfig(quant_backend="auto", real_fp8=True))
     layers = torch.nn.ModuleList([QuantLinear(768, 2304, bias=False, recipe=recipe, state=state, layer_index=0),
                                   QuantLinear(2304, 768, bias=False, recipe=recipe, state=state, layer_index=1)])
-    return layers.to(device), recipe
+    return layers.to(device), recipe, state
 
 
 def fwd_bwd(layers, x, dy):
@@ -46,47 +50,67 @@ def fwd_bwd(layers, x, dy):
 
 
 def check(label: str, tokens: int, device) -> str:
-    layers, recipe = build(label, device)
-    if layers is None:
-        return f"SKIP {label}: draws {recipe.random_draws} (runs the plain step)"
+    layers, recipe, state = build(label, device)
     gen = torch.Generator(device=device).manual_seed(1)
     inputs = [(torch.randn(tokens, 768, device=device, generator=gen),
                torch.randn(tokens, 768, device=device, generator=gen, dtype=torch.bfloat16)) for _ in range(2)]
+    capture_step = 3
 
-    def eager(i):
+    def eager(i, step):
+        state.step = step  # resets the call counters, as each optimizer step does
         x = inputs[i][0].clone().requires_grad_(True)
         return fwd_bwd(layers, x, inputs[i][1])
 
-    ref, control = eager(0), eager(0)
+    ref, control = eager(0, capture_step), eager(0, capture_step)
     if not all(torch.equal(a, b) for a, b in zip(ref, control)):
         return f"FAIL {label}: eager does not repeat itself (no bitwise reference)"
-    ref1 = eager(1)
+    plan = [(capture_step, 0), (capture_step, 1), (capture_step + 1, 1), (capture_step + 2, 0)]
+    want = {(s, i): eager(i, s) for s, i in plan}
     static_x = inputs[0][0].clone().requires_grad_(True)
     static_dy = inputs[0][1].clone()
-    out = {}
-    for p in layers.parameters():
-        p.grad = None
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    pool, out = GeneratorPool(), {}
+
+    def forward_backward():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = layers[1](torch.nn.functional.silu(layers[0](static_x)))
         y.backward(static_dy)
         out["y"] = y
-    results = []
-    for i in (0, 1):
+
+    state.step, state.generator_pool = capture_step, pool  # the listing pass (uncaptured)
+    forward_backward()
+    generators = pool.freeze(lambda d: torch.Generator(device=d))
+    for p in list(layers.parameters()) + [static_x]:
+        p.grad = None
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    for g in generators:
+        graph.register_generator_state(g)
+    state.step = capture_step
+    pool.rewind()
+    with torch.cuda.graph(graph):
+        forward_backward()
+    state.generator_pool = None
+
+    def replay(step, i, seeded_for=None):
         with torch.no_grad():
             static_x.copy_(inputs[i][0])
             static_dy.copy_(inputs[i][1])
+        pool.reseed(step if seeded_for is None else seeded_for)
         graph.replay()
         torch.cuda.synchronize()
-        got = [out["y"], static_x.grad] + [p.grad for p in layers.parameters()]
-        want = ref if i == 0 else ref1
-        results.append([bool(torch.equal(a, b)) for a, b in zip(got, want)])
+        return [out["y"], static_x.grad] + [p.grad for p in layers.parameters()]
+
     names = ("Y", "dX", "dW1", "dW2")
-    verdict = all(all(r) for r in results)
-    detail = "; ".join(f"input {i}: " + " ".join(f"{n}={'=' if ok else 'DIFF'}" for n, ok in zip(names, r))
-                       for i, r in enumerate(results))
+    results = {(s, i): [bool(torch.equal(a, b)) for a, b in zip(replay(s, i), want[(s, i)])] for s, i in plan}
+    verdict = all(all(r) for r in results.values())
+    detail = "; ".join(f"step {s} input {i}: " + " ".join(f"{n}={'=' if ok else 'DIFF'}" for n, ok in zip(names, r))
+                       for (s, i), r in results.items())
+    if generators:  # the control: stale seeds must show, else the draws did not matter
+        stale = replay(capture_step + 1, 1, seeded_for=capture_step)
+        differs = not all(torch.equal(a, b) for a, b in zip(stale, want[(capture_step + 1, 1)]))
+        verdict = verdict and differs
+        detail += (f"; {len(generators)} draws; control (seeds of step {capture_step} replayed at step "
+                   f"{capture_step + 1}): {'differs' if differs else 'EQUAL (the draws did not matter)'}")
     return f"{'PASS' if verdict else 'FAIL'} {label} ({recipe.name}, {tokens} tokens): {detail}"
 
 
@@ -101,8 +125,7 @@ def main() -> int:
     for line in lines:
         print(line, flush=True)
     fails = sum(line.startswith("FAIL") for line in lines)
-    print(f"summary: {sum(line.startswith('PASS') for line in lines)} PASS, {fails} FAIL, "
-          f"{sum(line.startswith('SKIP') for line in lines)} SKIP")
+    print(f"summary: {sum(line.startswith('PASS') for line in lines)} PASS, {fails} FAIL")
     return 1 if fails else 0
 
 

@@ -48,7 +48,7 @@ def check_bits(model, label, steps):
     out = {"model": model, "config": label, "steps": steps, "cuda_graph": report,
            "bit_exact": cmp["bit_exact"], "loss_equal": cmp["loss_equal"],
            "grads_differing": cmp["grads_differing"], "grads_compared": cmp["grads_compared"],
-           "worst_rel_diff": cmp["worst_rel_diff"], "losses_plain": [s.loss for s in plain],
+           "worst_param": cmp["worst_param"], "worst_rel_diff": cmp["worst_rel_diff"], "losses_plain": [s.loss for s in plain],
            "losses_graphed": [s.loss for s in graphed]}
     if not cmp["bit_exact"]:
         again, _ = snapshots(model, label, False, steps)
@@ -71,7 +71,7 @@ def time_rows(model, label, steps):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check-model", default="llama-20m")
-    ap.add_argument("--check-configs", default="bf16,wgrad+h16,fp8")
+    ap.add_argument("--check-configs", default="bf16,wgrad+h16,fp8,wgrad+sr,wgrad+rht,ufp4:wgrad")
     ap.add_argument("--check-steps", type=int, default=6)
     ap.add_argument("--time-model", default="llama-150m")
     ap.add_argument("--time-configs", default="wgrad+h16,bf16")
@@ -93,7 +93,8 @@ def main() -> None:
             r = {"model": args.check_model, "config": label, "error": f"{type(err).__name__}: {err}"[:800]}
         result["bits"].append(r)
         print("BITS", json.dumps({k: r.get(k) for k in ("config", "bit_exact", "cuda_graph", "grads_differing",
-                                                        "plain_repeats_itself", "error", "seconds")}, default=str),
+                                                        "worst_param", "worst_rel_diff", "plain_repeats_itself",
+                                                        "error", "seconds")}, default=str),
               flush=True)
         save()
     for label in filter(None, args.time_configs.split(",")):

@@ -9,10 +9,14 @@ capture only.
 
 What a replay computes. The same kernels on the same addresses: the custom ops' quantizers, the
 GEMMs, the compiled layers' fused kernels. The bits equal those of the step it was captured from
-wherever that step's bits depend only on its inputs, which holds for a recipe that draws nothing
-(`Recipe.random_draws == ()`: no stochastic rounding, no random Hadamard signs). A recipe that
-draws seeds its generators from (step, call) in Python at each call (fp4/state.py): a replay
-would reuse the captured draws, so those recipes keep the plain step.
+wherever that step's bits depend only on its inputs and on its random draws' seeds. The draws
+(stochastic rounding, random Hadamard signs) are seeded in Python per call from (step, call)
+(fp4/state.py), which a replay does not run; so the capture takes them from a GeneratorPool: an
+uncaptured pass lists the step's draws in order, one persistent CUDA generator per draw is
+registered with the graph, and before every replay each is seeded as its draw's fresh generator
+would be at the new step. The replay's kernels read those generators' seeds (PyTorch's graph-safe
+RNG), so it draws what the plain step draws. Where this torch cannot register a generator with a
+graph, a recipe that draws keeps the plain step.
 
 Also blocked: data parallelism (the gradient hooks of DDP / FSDP2 communicate outside the graph),
 GEMM observers (diagnostics, record_gemms: Python per call), train.check_finite (reads values on
@@ -39,11 +43,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from fp4.linear import QuantLinear
+from fp4.state import GeneratorPool
 from ..model import causal_lm_loss
 from .step import StepResult, TrainStep
 
@@ -57,16 +62,24 @@ def recipe_draws(model: torch.nn.Module) -> List[str]:
     return sorted({d for m in model.modules() if isinstance(m, QuantLinear) for d in m.recipe.random_draws})
 
 
+def graph_rng_supported() -> bool:
+    """Whether this torch registers a generator with a CUDA graph (graph-safe RNG of one's own generators)."""
+    return hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+
 def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1, diagnostics: bool = False,
                    check_finite: bool = False, has_embedding: bool = True,
-                   tied_accumulation: bool = False) -> List[str]:
-    """Why a run's step cannot be replayed as a CUDA graph with the bits of the plain step; [] when it can."""
+                   tied_accumulation: bool = False, rng_in_graphs: Optional[bool] = None) -> List[str]:
+    """Why a run's step cannot be replayed as a CUDA graph with the bits of the plain step; [] when it can.
+    rng_in_graphs: whether random draws can be replayed (None: graph_rng_supported())."""
     blockers = []
     if torch.device(device).type != "cuda":
         blockers.append(f"the run is on {torch.device(device).type}, not CUDA")
-    if draws:
-        blockers.append(f"the recipe draws random numbers per step and call ({', '.join(draws)}): a replay "
-                        "would repeat the captured draws")
+    rng_in_graphs = graph_rng_supported() if rng_in_graphs is None else rng_in_graphs
+    if draws and not rng_in_graphs:
+        blockers.append(f"the recipe draws random numbers per step and call ({', '.join(draws)}) and this "
+                        "torch cannot register generators with a CUDA graph: a replay would repeat the "
+                        "captured draws")
     if str(parallel) != "none" or world_size > 1:
         blockers.append(f"parallel={parallel} with {world_size} process(es): gradient communication runs "
                         "outside a graph")
@@ -100,9 +113,13 @@ def _release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
-    """Record fn's kernels into a CUDA graph (fn's Python runs once, its kernels do not); returns replay."""
+def cuda_capture(fn: Callable[[], None], generators: Sequence[torch.Generator] = ()) -> Callable[[], None]:
+    """Record fn's kernels into a CUDA graph (fn's Python runs once, its kernels do not); returns replay.
+    `generators`: the ones fn draws from, registered before the capture begins, so that each replay
+    reads their seed and offset at that moment."""
     graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        graph.register_generator_state(gen)
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
@@ -127,7 +144,8 @@ def make_step(cfg, plain: TrainStep, model: torch.nn.Module, device, dist=None):
         if setting:  # validate.check_cuda_graphs refuses this before any work; a model can still differ
             raise ValueError("hardware.cuda_graphs=true but the step cannot be a CUDA graph: " + "; ".join(blockers))
         log.info("step: no CUDA graph (%s); plain step", "; ".join(blockers))
-        return plain, {"used": False, "blockers": blockers, "captured_at_step": None, "capture_s": None}
+        return plain, {"used": False, "blockers": blockers, "captured_at_step": None, "capture_s": None,
+                       "random_draws": None}
     graphed = GraphedStep(plain)
     return graphed, graphed.report
 
@@ -180,15 +198,17 @@ class _MaskWatch:
 class GraphedStep:
     """TrainStep's callable interface; steps after the first `plain_steps` replay a captured graph.
 
-    `capture(fn) -> replay` records fn (cuda_capture on CUDA; tests pass a stand-in). `report`
-    is summary.json's cuda_graph entry for the attempt."""
+    `capture(fn, generators) -> replay` records fn drawing from `generators` (cuda_capture on CUDA;
+    tests pass a stand-in). `report` is summary.json's cuda_graph entry for the attempt."""
 
     def __init__(self, plain: TrainStep, capture: Callable = cuda_capture, plain_steps: int = PLAIN_STEPS):
         self.plain, self.capture, self.plain_steps = plain, capture, plain_steps
         self.steps = 0
         self.replay: Optional[Callable[[], None]] = None
+        self.pool: Optional[GeneratorPool] = None
         self.failed: Optional[str] = None
-        self.report = {"used": False, "blockers": [], "captured_at_step": None, "capture_s": None}
+        self.report = {"used": False, "blockers": [], "captured_at_step": None, "capture_s": None,
+                       "random_draws": None}
 
     @property
     def optimizer(self):
@@ -238,12 +258,13 @@ class GraphedStep:
                 loss.backward()
                 self.loss_sum += loss.detach().float()
 
-        masks = _MaskWatch(p.step_model)
+        masks, pool, generators = _MaskWatch(p.step_model), GeneratorPool(), []
         try:
-            with masks.phase("warm-up"):
+            with masks.phase("warm-up"), self._drawing(pool):  # lists the step's random draws
                 self._warm_up(forward_backward, calls)
-            with masks.phase("capture"):
-                self.replay = self.capture(forward_backward)
+            generators = pool.freeze(lambda device: torch.Generator(device=device))
+            with masks.phase("capture"), self._drawing(pool):  # the draws take the pool's generators
+                self.replay = self.capture(forward_backward, generators)
             self.failed = masks.differs()
         except Exception as err:  # the plain step stands in; the run says why
             self.failed = f"{type(err).__name__}: {err}".strip()
@@ -255,15 +276,28 @@ class GraphedStep:
             p.quant_state.restore_call_counts(calls)
             p.optimizer.zero_grad(set_to_none=True)
             self.replay, self.static_embeds, self.static_labels = None, [], []
+            pool = generators = None
             _release(p.device)  # a failed capture's private memory pool, before the step needs it
             return p.step_from_batches(lr, batches, t0)
         # Parameters the graph gives no gradient (the untied embedding table): their gradient is
         # made fresh by the eager embedding backward each step.
         self.outside = [q for q in p.model.parameters() if q.grad is None]
-        self.report.update(used=True, captured_at_step=self.steps, capture_s=time.perf_counter() - t0)
+        self.pool = pool
+        self.report.update(used=True, random_draws=len(pool.draws), captured_at_step=self.steps, capture_s=time.perf_counter() - t0)
         log.info("step: CUDA graph of forward+backward (the input embedding eager) captured at this "
                  "attempt's step %d in %.1f s; replayed from here on", self.steps, self.report["capture_s"])
         return self._replayed(lr, t0, (embeds, labels))
+
+    @contextlib.contextmanager
+    def _drawing(self, pool: GeneratorPool):
+        """The model's random draws come from `pool` inside (from its start when it is frozen)."""
+        state = self.plain.quant_state
+        pool.rewind()
+        state.generator_pool = pool
+        try:
+            yield
+        finally:
+            state.generator_pool = None
 
     def _warm_up(self, forward_backward, calls) -> None:
         """Run the captured function once for real, uncaptured (on a side stream on CUDA, as
@@ -293,7 +327,9 @@ class GraphedStep:
                 dst.copy_(src)
             for dst, src in zip(self.static_labels, labels):
                 dst.copy_(src)
-        self.replay()
+        self.pool.reseed(p.quant_state.step)  # this step's draws, read by the replay's kernels
+        with self._drawing(self.pool):  # (no Python draws on CUDA; a test's stand-in replay does)
+            self.replay()
         for q in self.outside:
             q.grad = None
         torch.autograd.backward(embeds, [e.grad for e in self.static_embeds])

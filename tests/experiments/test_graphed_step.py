@@ -71,15 +71,26 @@ def _plain(model, state, n_micro=2):
 def _rerun(model, log, graphed=None):
     """A capture that runs fn's Python once, as a real capture does (leaving the gradients it
     makes, as the graph's static ones), and reruns fn at each replay after dropping them, since a
-    replay overwrites the static gradients (of the parameters and of the embedding outputs)."""
-    def capture(fn):
-        log.append("captured")
+    replay overwrites the static gradients (of the parameters and of the embedding outputs). A
+    replay runs no Python, so it counts no calls: the rerun makes the captured calls' indices and
+    leaves the counters as they were; its random draws come from the pool, re-seeded by the step."""
+    def capture(fn, generators=()):
+        log.append(("captured", len(generators)))
+        state = graphed.plain.quant_state if graphed is not None else None
+        captured_calls = state.call_counts() if state is not None else None
         fn()
 
         def replay():
             for t in list(model.parameters()) + (graphed.static_embeds if graphed is not None else []):
                 t.grad = None
-            fn()
+            if state is None:
+                return fn()
+            calls = state.call_counts()
+            state.restore_call_counts(captured_calls)
+            try:
+                fn()
+            finally:
+                state.restore_call_counts(calls)
         return replay
     return capture
 
@@ -94,16 +105,21 @@ def _train(step, n=6):
     return [(r.loss, r.grad_norm) for r in (step(1e-2 * (1 - i / 10)) for i in range(n))]
 
 
-@pytest.mark.parametrize("recipe", [Recipe("wgrad", "h16"), Recipe("fp8"), Recipe("bf16")],
-                         ids=["wgrad+h16", "fp8", "bf16"])
-def test_graphed_step_trains_the_plain_steps_bits(recipe):
+@pytest.mark.parametrize("recipe, draws", [
+    (Recipe("wgrad", "h16"), 0), (Recipe("fp8"), 0), (Recipe("bf16"), 0),
+    # 2 micro-batches x 3 linears x 1 draw (SR on Wgrad's dY | Wgrad's random Hadamard signs)
+    (Recipe("wgrad", "sr"), 2 * 3), (Recipe("wgrad", "rht"), 2 * 3),
+], ids=["wgrad+h16", "fp8", "bf16", "wgrad+sr", "wgrad+rht"])
+def test_graphed_step_trains_the_plain_steps_bits(recipe, draws):
+    """The random draws too: the replays draw from the pool's generators, re-seeded each step."""
     ref_model, ref_state = _model(recipe)
     reference = _train(_plain(ref_model, ref_state))
     model, state = _model(recipe)
     log = []
     graphed = _graphed(model, state, log=log)
     got = _train(graphed)
-    assert log == ["captured"] and graphed.report["used"] and graphed.report["captured_at_step"] == 3
+    assert log == [("captured", draws)] and graphed.report["used"] and graphed.report["captured_at_step"] == 3
+    assert graphed.report["random_draws"] == draws
     assert got == reference
     assert state.step == ref_state.step == 6
     for a, b in zip(model.parameters(), ref_model.parameters()):
@@ -133,13 +149,14 @@ def test_loader_position_after_graphed_steps_is_the_plain_steps():
     assert graphed.plain.loader.state_dict() == plain.loader.state_dict()
 
 
-def test_a_failed_capture_falls_back_to_the_plain_step_and_says_why():
-    recipe = Recipe("wgrad", "h16")
+@pytest.mark.parametrize("stabilizer", ["h16", "sr"])
+def test_a_failed_capture_falls_back_to_the_plain_step_and_says_why(stabilizer):
+    recipe = Recipe("wgrad", stabilizer)
     ref_model, ref_state = _model(recipe)
     reference = _train(_plain(ref_model, ref_state), 4)
     model, state = _model(recipe)
 
-    def failing(fn):
+    def failing(fn, generators=()):
         fn()  # a capture that ran some of the work before failing must not leave its traces
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -147,13 +164,15 @@ def test_a_failed_capture_falls_back_to_the_plain_step_and_says_why():
     assert _train(graphed, 4) == reference
     assert graphed.report["used"] is False
     assert "capture failed: RuntimeError: operation not permitted" in graphed.report["blockers"][0]
+    assert state.generator_pool is None  # the plain steps after it draw from fresh generators
 
 
 def test_what_blocks_a_graph_is_named():
     assert graph_blockers(device="cuda", draws=[]) == []
     assert "not CUDA" in graph_blockers(device="cpu", draws=[])[0]
-    sr = graph_blockers(device="cuda", draws=["sr:wgrad.dy"])
+    sr = graph_blockers(device="cuda", draws=["sr:wgrad.dy"], rng_in_graphs=False)
     assert len(sr) == 1 and "sr:wgrad.dy" in sr[0]
+    assert graph_blockers(device="cuda", draws=["sr:wgrad.dy"], rng_in_graphs=True) == []
     assert "parallel=ddp" in graph_blockers(device="cuda", draws=[], parallel="ddp", world_size=2)[0]
     assert "diagnostics" in graph_blockers(device="cuda", draws=[], diagnostics=True)[0]
     assert "check_finite" in graph_blockers(device="cuda", draws=[], check_finite=True)[0]
@@ -167,7 +186,9 @@ def _cfg(cuda_graphs, every_steps=None, check_finite=False, compile=False):
                            train=SimpleNamespace(check_finite=check_finite))
 
 
-def test_make_step_picks_the_graph_only_where_nothing_blocks_it():
+def test_make_step_picks_the_graph_only_where_nothing_blocks_it(monkeypatch):
+    import fp4_experiments.training.graphed as graphed_module
+    monkeypatch.setattr(graphed_module, "graph_rng_supported", lambda: False)  # as the CPU wheel
     model, state = _model(Recipe("wgrad", "h16"))
     plain = _plain(model, state)
     cuda = torch.device("cuda")  # a device name only: nothing runs here
@@ -185,6 +206,8 @@ def test_make_step_picks_the_graph_only_where_nothing_blocks_it():
     assert step is sr_plain and "sr:wgrad.dy" in report["blockers"][0]
     with pytest.raises(ValueError, match="hardware.cuda_graphs=true"):
         make_step(_cfg(True), sr_plain, sr_model, cuda)
+    monkeypatch.setattr(graphed_module, "graph_rng_supported", lambda: True)  # as torch 2.11 on CUDA
+    assert isinstance(make_step(_cfg(None), sr_plain, sr_model, cuda)[0], GraphedStep)
     with pytest.raises(ValueError, match="not CUDA"):
         make_step(_cfg(True), plain, model, CPU)
     tied, tied_state = _model(Recipe("wgrad", "h16"), tied=True)
@@ -238,10 +261,10 @@ def test_a_capture_that_sees_another_attention_mask_is_refused(mask_while_captur
     graphed = GraphedStep(_plain(model, QuantState(seed=3)), plain_steps=1)
     rerun = _rerun(model, [], graphed)
 
-    def capture(fn):
+    def capture(fn, generators=()):
         model.capturing = mask_while_capturing
         try:
-            return rerun(fn)
+            return rerun(fn, generators)
         finally:
             model.capturing = False
 
