@@ -79,8 +79,11 @@ def check(label: str, tokens: int, device) -> str:
     state.step, state.generator_pool = capture_step, pool  # the listing pass (uncaptured)
     forward_backward()
     generators = pool.freeze(lambda d: torch.Generator(device=d))
-    for p in list(layers.parameters()) + [static_x]:
+    for p in layers.parameters():
         p.grad = None
+    # A fresh input leaf: the listing pass made its gradient accumulator on the default stream,
+    # which a capture on its side stream may not wait on.
+    static_x = inputs[0][0].clone().requires_grad_(True)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     for g in generators:
