@@ -76,8 +76,13 @@ def check(label: str, tokens: int, device) -> str:
         y.backward(static_dy)
         out["y"] = y
 
-    state.step, state.generator_pool = capture_step, pool  # the listing pass (uncaptured)
-    forward_backward()
+    state.step, state.generator_pool = capture_step, pool  # the listing pass (uncaptured), on a
+    side = torch.cuda.Stream()  # side stream as graphed.py's warm-up and PyTorch's capture recipe
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward_backward()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
     generators = pool.freeze(lambda d: torch.Generator(device=d))
     for p in layers.parameters():
         p.grad = None
@@ -124,9 +129,14 @@ def main() -> int:
     args = ap.parse_args()
     device = torch.device("cuda")
     print(f"cuda_graph_check on {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
-    lines = [check(label, args.tokens, device) for label in args.configs.split(",") if label]
-    for line in lines:
-        print(line, flush=True)
+    lines = []
+    for label in filter(None, args.configs.split(",")):
+        try:
+            lines.append(check(label, args.tokens, device))
+        except Exception as err:  # one configuration's failure does not hide the others'
+            lines.append(f"FAIL {label}: {type(err).__name__}: {err}"[:400])
+            torch.cuda.synchronize()
+        print(lines[-1], flush=True)
     fails = sum(line.startswith("FAIL") for line in lines)
     print(f"summary: {sum(line.startswith('PASS') for line in lines)} PASS, {fails} FAIL")
     return 1 if fails else 0
