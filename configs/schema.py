@@ -204,9 +204,10 @@ class HardwareConfig:
     real_fp8: bool = True
     # The step's forward+backward captured once as a CUDA graph and replayed (the host then launches
     # one graph instead of thousands of kernels; experiments/training/graphed.py). Same bits as the
-    # plain step; only for eager layers (hardware.compile=false), steps that draw nothing at random
-    # (no SR, no random Hadamard signs), one process, no diagnostics, no check_finite, and a capture
-    # whose attention masks match the uncaptured step's (else it falls back to the plain step).
+    # plain step, compiled or eager layers; SR and random Hadamard signs are drawn inside the graph
+    # from generators re-seeded per step (where this torch registers generators with a graph). Not
+    # for several processes, diagnostics or check_finite; a failed capture, or one whose attention
+    # masks differ from the uncaptured step's, falls back to the plain step.
     # null (auto): on CUDA whenever nothing blocks it; true: refuse to start if something the
     # config shows does; false: never.
     cuda_graphs: Optional[bool] = None

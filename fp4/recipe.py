@@ -335,7 +335,8 @@ class Recipe:
     def random_draws(self) -> Tuple[str, ...]:
         """What this recipe draws from random generators during a step (stochastic rounding, random
         Hadamard signs), e.g. ("sr:wgrad.dy", "signs:wgrad:step"); () when the step is deterministic.
-        A step that draws nothing can be replayed as a captured CUDA graph."""
+        A step that draws can still be replayed as a CUDA graph if its draws' generators are re-seeded
+        before each replay (fp4.state.GeneratorPool)."""
         draws = []
         for gemm, spec in self.specs.items():
             draws += [f"sr:{gemm}.{name}" for name, op in spec.operands.items() if op.rounding == "stochastic"]

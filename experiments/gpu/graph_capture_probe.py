@@ -27,8 +27,10 @@ def attempt(model: str, label: str, mode: str, error_mode: str) -> None:
         print(f"[{tag}] not a GraphedStep: {build.trainer.cuda_graph}", flush=True)
         return
 
-    def capture(fn):
+    def capture(fn, generators=()):
         graph = torch.cuda.CUDAGraph()
+        for gen in generators:
+            graph.register_generator_state(gen)
         try:
             with torch.cuda.graph(graph, capture_error_mode=error_mode):
                 fn()
