@@ -64,14 +64,15 @@ class _GemmCall:
         self.probe = state.probe  # fp4.probe observer; None = off (the only cost: one test per GEMM)
 
     def sr_generator(self, device, gemm: str, operand: str) -> torch.Generator:
-        return self.generator(device, ("sr", self.seed, self.step, self.layer_index, gemm, operand, self.call), 2)
+        return self.generator(device, ("sr", self.seed, self.step, self.layer_index, gemm, operand, self.call),
+                              2, 6, self.layer_index)
 
     def signs(self, gemm: str, hadamard: HadamardSpec, device) -> Optional[torch.Tensor]:
         if hadamard.signs == "none":
             return None
         where = {"fixed": (), "step": (self.step,), "call": (self.step, self.call)}[hadamard.signs]
         generator = self.generator(device, ("signs", self.seed, *where, self.layer_index, gemm),
-                                   2 if where else None)
+                                   2 if where else None, 3 if len(where) == 2 else None, self.layer_index)
         # One +-1 vector of length `block`, shared by every block of the axis and both operands.
         return random_signs(hadamard.block, generator, device)
 

@@ -122,12 +122,20 @@ class QuantState:
         # Set while a CUDA graph of the step is listed / captured (GeneratorPool); None = fresh generators.
         self.generator_pool: Optional["GeneratorPool"] = None
 
-    def generator(self, device, parts: tuple, step_at: Optional[int]) -> torch.Generator:
+    def generator(self, device, parts: tuple, step_at: Optional[int], call_at: Optional[int] = None,
+                  layer: Optional[int] = None) -> torch.Generator:
         """The generator of one random draw: seeded by derive_seed(*parts), where parts[step_at] is
-        the optimizer step (None: the draw does not depend on it). From the pool while one is set."""
+        the optimizer step and parts[call_at] the call index of `layer` (None: the draw does not
+        depend on it). From the pool while one is set."""
         if self.generator_pool is not None:
-            return self.generator_pool.take(device, parts, step_at)
+            return self.generator_pool.take(device, parts, step_at, call_at, layer)
         return generator(device, *parts)
+
+    def call_base(self, layer_index: int) -> int:
+        """The call index the layer's next forward in this step would get (next_call without counting)."""
+        call = self._calls.get(layer_index, 0)
+        offset = self._offsets.get(layer_index, 0)
+        return offset + (call * self.world_size + self.rank if self.world_size > 1 else call)
 
     @property
     def step(self) -> int:
@@ -255,28 +263,34 @@ class GeneratorPool:
     """Persistent generators standing in for the fresh ones of one step's random draws (see the
     module docstring: random draws inside a CUDA graph).
 
-    listing (the start): `take` notes each draw (its parts and where the step is in them) and hands
-        out the fresh generator it would get anyway;
-    `freeze(make)`: one persistent generator per listed draw, built by make(device) (the graph
-        registers them before its capture); from then on `take` hands them out in the listed
-        order, and a draw that differs from the listed one raises (the capture then fails and the
-        plain step goes on);
+    listing (the start): `take` notes each draw (its parts, where the step and the call index are
+        in them, its layer) and hands out the fresh generator it would get anyway;
+    `freeze(make, call_base)`: one persistent generator per listed draw, built by make(device)
+        (the graph registers them before its capture); call_base(layer) is each layer's first call
+        index in the listed pass. From then on `take` hands the generators out in the listed order,
+        and a draw that differs from the listed one (other than in step and call) raises (the
+        capture then fails and the plain step goes on);
     `rewind()`: start the order again (before each pass that takes);
-    `reseed(step)`: seed each generator as derive_seed of its draw at `step`, the state a fresh
-        generator of that draw starts from."""
+    `reseed(step, call_base)`: seed each generator as derive_seed of its draw at `step`, with its
+        call index moved to start from call_base(layer) (a step after an evaluation starts its
+        calls where the evaluation's left off): the state a fresh generator of that draw starts
+        from in the plain step."""
 
     def __init__(self):
-        self.draws: List[tuple] = []          # (device, parts, step_at) in the order taken
+        self.draws: List[tuple] = []          # (device, parts, step_at, call_at, layer) in the order taken
         self.generators: List[torch.Generator] = []
         self.frozen = False
         self._next = 0
+        self._bases: dict = {}
 
-    def take(self, device, parts: tuple, step_at: Optional[int]) -> torch.Generator:
+    def take(self, device, parts: tuple, step_at: Optional[int], call_at: Optional[int] = None,
+             layer: Optional[int] = None) -> torch.Generator:
+        draw = (torch.device(device), tuple(parts), step_at, call_at, layer)
         if not self.frozen:
-            self.draws.append((torch.device(device), tuple(parts), step_at))
+            self.draws.append(draw)
             return generator(device, *parts)
         i = self._next
-        if i >= len(self.draws) or not self._same(self.draws[i], (torch.device(device), tuple(parts), step_at)):
+        if i >= len(self.draws) or not self._same(self.draws[i], draw):
             listed = self.draws[i][1] if i < len(self.draws) else "none"
             raise RuntimeError(f"random draw {i} of the step is {parts}, but the listed pass drew {listed}: "
                                "the step does not draw in a fixed order")
@@ -285,21 +299,26 @@ class GeneratorPool:
 
     @staticmethod
     def _same(a: tuple, b: tuple) -> bool:
-        (dev_a, parts_a, at_a), (dev_b, parts_b, at_b) = a, b
-        if dev_a != dev_b or at_a != at_b or len(parts_a) != len(parts_b):
+        if a[0] != b[0] or a[2:] != b[2:] or len(a[1]) != len(b[1]):
             return False
-        return all(x == y for k, (x, y) in enumerate(zip(parts_a, parts_b)) if k != at_a)
+        return all(x == y for k, (x, y) in enumerate(zip(a[1], b[1])) if k not in (a[2], a[3]))
 
-    def freeze(self, make: Callable[[torch.device], torch.Generator]) -> List[torch.Generator]:
-        self.generators = [make(device) for device, _, _ in self.draws]
+    def freeze(self, make: Callable[[torch.device], torch.Generator],
+               call_base: Optional[Callable[[int], int]] = None) -> List[torch.Generator]:
+        self.generators = [make(device) for device, *_ in self.draws]
+        layers = {d[4] for d in self.draws if d[3] is not None}
+        self._bases = {layer: call_base(layer) if call_base is not None else 0 for layer in layers}
         self.frozen, self._next = True, 0
         return self.generators
 
     def rewind(self) -> None:
         self._next = 0
 
-    def reseed(self, step: int) -> None:
-        for (_, parts, at), gen in zip(self.draws, self.generators):
-            if at is not None:
-                parts = parts[:at] + (int(step),) + parts[at + 1:]
+    def reseed(self, step: int, call_base: Optional[Callable[[int], int]] = None) -> None:
+        for (_, parts, step_at, call_at, layer), gen in zip(self.draws, self.generators):
+            parts = list(parts)
+            if step_at is not None:
+                parts[step_at] = int(step)
+            if call_at is not None and call_base is not None:
+                parts[call_at] = parts[call_at] - self._bases[layer] + call_base(layer)
             gen.manual_seed(derive_seed(*parts))

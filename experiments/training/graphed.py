@@ -18,7 +18,8 @@ wherever that step's bits depend only on its inputs and on its random draws' see
 (fp4/state.py), which a replay does not run; so the capture takes them from a GeneratorPool: an
 uncaptured pass lists the step's draws in order, one persistent CUDA generator per draw is
 registered with the graph, and before every replay each is seeded as its draw's fresh generator
-would be at the new step. The replay's kernels read those generators' seeds (PyTorch's graph-safe
+would be at the new step (its call index, too, moved to where the step's calls begin: an
+evaluation after the previous step counts its forwards into this one). The replay's kernels read those generators' seeds (PyTorch's graph-safe
 RNG), so it draws what the plain step draws. Where this torch cannot register a generator with a
 graph, a recipe that draws keeps the plain step.
 
@@ -266,7 +267,8 @@ class GraphedStep:
         try:
             with masks.phase("warm-up"), self._drawing(pool):  # lists the step's random draws
                 self._warm_up(forward_backward, calls)
-            generators = pool.freeze(lambda device: torch.Generator(device=device))
+            # The warm-up left the call counters where the step began: each layer's first call index.
+            generators = pool.freeze(lambda device: torch.Generator(device=device), p.quant_state.call_base)
             with masks.phase("capture"), self._drawing(pool):  # the draws take the pool's generators
                 self.replay = self.capture(forward_backward, generators)
             self.failed = masks.differs()
@@ -287,6 +289,9 @@ class GraphedStep:
         # made fresh by the eager embedding backward each step.
         self.outside = [q for q in p.model.parameters() if q.grad is None]
         self.pool = pool
+        # A replay runs no Python and counts no calls: from here on the counters stay where the
+        # step began, which is where the draws of each replay start (after an evaluation's calls).
+        p.quant_state.restore_call_counts(calls)
         self.report.update(used=True, random_draws=len(pool.draws), captured_at_step=self.steps, capture_s=time.perf_counter() - t0)
         log.info("step: CUDA graph of forward+backward (the input embedding eager) captured at this "
                  "attempt's step %d in %.1f s; replayed from here on", self.steps, self.report["capture_s"])
@@ -331,7 +336,9 @@ class GraphedStep:
                 dst.copy_(src)
             for dst, src in zip(self.static_labels, labels):
                 dst.copy_(src)
-        self.pool.reseed(p.quant_state.step)  # this step's draws, read by the replay's kernels
+        # This step's draws, read by the replay's kernels: at this step, each layer's calls
+        # starting where this step's began (an evaluation after the last step made some).
+        self.pool.reseed(p.quant_state.step, p.quant_state.call_base)
         with self._drawing(self.pool):  # (no Python draws on CUDA; a test's stand-in replay does)
             self.replay()
         for q in self.outside:

@@ -252,6 +252,26 @@ class MaskedLM(TinyLM):
         return SimpleNamespace(logits=self.head(self.model.layers[0](h, attention_mask=mask)))
 
 
+def test_draws_after_an_evaluation_start_where_its_calls_left_off():
+    """An evaluation after a step counts its forwards into the next step (their SR call indices);
+    the replayed draws must start there too, as the plain step's do."""
+    def train(step, state, n=7):
+        out = []
+        for i in range(n):
+            out.append((lambda r: (r.loss, r.grad_norm))(step(1e-2 * (1 - i / 10))))
+            if i in (1, 3, 4):  # an evaluation of 2 batches after steps 2, 4 and 5
+                state.skip_calls({layer: 2 for layer in range(3)})
+        return out
+
+    ref_model, ref_state = _model(Recipe("wgrad", "sr"))
+    reference = train(_plain(ref_model, ref_state), ref_state)
+    model, state = _model(Recipe("wgrad", "sr"))
+    graphed = _graphed(model, state)
+    assert train(graphed, state) == reference and graphed.report["used"]
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("mask_while_capturing", [False, True])
 def test_a_capture_that_sees_another_attention_mask_is_refused(mask_while_capturing):
     torch.manual_seed(0)
