@@ -63,10 +63,12 @@ def plan(models: Sequence[str], configs: Sequence[str], *, eager_models: Sequenc
          peers: Sequence[str] = (), peer_models: Sequence[str] = (),
          peer_modes: Sequence[str] = ("compile",), check: bool = True,
          pack_jobs: Sequence[int] = (), pack_model: str = "llama-20m", pack_config: str = "fp8",
-         order: Sequence[str] = SECTIONS) -> List[Dict]:
+         pack_mode: str = "compile", order: Sequence[str] = SECTIONS) -> List[Dict]:
     """Every row of the bench, in the order they run: section by section (`order`), each over the
     models in turn. eager: the eager runner rows; peers; compile: the eager-vs-eager control of the
-    correctness pass, then the compiled runner rows; pack: the sweep-packing rows."""
+    correctness pass, then the compiled runner rows; pack: the sweep-packing rows (pack_mode:
+    compile = what a sweep's `fp4-ablate run` jobs do on CUDA, compiled and replayed as a CUDA
+    graph; eager = hardware.compile=false, no graph)."""
     from .bench_peers import PEERS
     for label in [*configs, *compile_configs, *([pack_config] if pack_jobs else [])]:
         parse_config(label)  # ValueError naming the valid ones
@@ -74,6 +76,8 @@ def plan(models: Sequence[str], configs: Sequence[str], *, eager_models: Sequenc
     if bad:
         raise ValueError(f"unknown peer(s) {', '.join(bad)}; valid: {', '.join(PEERS)} "
                          "(modes: eager, compile)")
+    if pack_mode not in MODES:
+        raise ValueError(f"unknown pack mode {pack_mode!r}; valid: {', '.join(MODES)}")
     bad = [s for s in order if s not in SECTIONS]
     if bad:
         raise ValueError(f"unknown section(s) {', '.join(bad)}; valid: {', '.join(SECTIONS)}")
@@ -92,7 +96,7 @@ def plan(models: Sequence[str], configs: Sequence[str], *, eager_models: Sequenc
                 jobs += [{"kind": "runner", "model": m, "config": c, "mode": "compile"}
                          for c in compile_configs]
         if section == "pack":
-            jobs += [{"kind": "pack", "model": pack_model, "config": pack_config, "mode": "eager",
+            jobs += [{"kind": "pack", "model": pack_model, "config": pack_config, "mode": pack_mode,
                       "jobs": int(j)} for j in pack_jobs]
     return jobs
 
@@ -151,7 +155,7 @@ def run_job(job: Dict, args) -> Dict:
     if job["kind"] == "peer":
         return bench_peers.peer_row(job["model"], job["peer"], job["mode"], steps=args.steps,
                                     warmup=args.warmup, **shape)
-    overrides = bench_steps.config_overrides(job["model"], job["config"], "eager", **runner_args)
+    overrides = bench_steps.config_overrides(job["model"], job["config"], job["mode"], **runner_args)
     return bench_pack.pack_row(job["jobs"], overrides, seconds=args.pack_seconds,
                                warmup=args.warmup, label=job["config"], model=job["model"])
 
@@ -235,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pack-model", default="llama-20m")
     a("--pack-config", default="fp8")
     a("--pack-seconds", type=float, default=10.0, help="measured wall time of each packed job")
+    a("--pack-mode", default="compile", choices=MODES,
+      help="the packed jobs' step: compile (as a sweep's runs on CUDA: compiled, CUDA graph) or eager")
     a("--override", action="append", default=[], metavar="KEY=VALUE",
       help="extra Hydra override of every runner row (repeatable), e.g. hardware.quant_backend=torch")
     a("--profile-model", default="", help="profile the steps of this model (--profile-configs "
@@ -282,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     peers=_names(args.peers, []), peer_models=_names(args.peer_models, models),
                     peer_modes=_names(args.peer_modes, []), check=args.check_steps > 0,
                     pack_jobs=[int(j) for j in _names(args.pack_jobs, [])],
-                    pack_model=args.pack_model, pack_config=args.pack_config,
+                    pack_model=args.pack_model, pack_config=args.pack_config, pack_mode=args.pack_mode,
                     order=_names(args.order, SECTIONS))
     except ValueError as err:
         ap.error(str(err))

@@ -116,10 +116,11 @@ def pack_row(jobs: int, overrides: List[str], *, seconds: float = 10.0, warmup: 
 
 
 def add_pack_ratios(rows: List[Dict]) -> None:
-    """Aggregate tokens/s against one job alone (the J=1 row of the same config)."""
+    """Aggregate tokens/s against one job alone (the J=1 row of the same config and mode)."""
     for row in rows:
         one = next((r for r in rows if r.get("jobs") == 1 and r.get("config") == row.get("config")
-                    and r.get("model") == row.get("model") and "aggregate_tokens_per_s" in r), None)
+                    and r.get("model") == row.get("model") and r.get("mode") == row.get("mode")
+                    and "aggregate_tokens_per_s" in r), None)
         if one and "aggregate_tokens_per_s" in row:
             row["aggregate_vs_one_job"] = row["aggregate_tokens_per_s"] / one["aggregate_tokens_per_s"]
 

@@ -253,12 +253,12 @@ def _correctness(steps: List[Dict], checks: List[Dict]) -> List[str]:
 
 
 def _packing_table(packing: List[Dict]) -> List[str]:
-    lines = ["| model | config | jobs | aggregate tok/s | x one job | per-job tok/s | "
-             "peak GiB per job |", "|---|---|---:|---:|---:|---|---:|"]
+    lines = ["| model | config | mode | jobs | aggregate tok/s | x one job | per-job tok/s | "
+             "peak GiB per job |", "|---|---|---|---:|---:|---:|---|---:|"]
     for r in packing:
-        cells = [str(r.get("model")), label(r), str(r.get("jobs"))]
+        cells = [str(r.get("model")), label(r), str(r.get("mode", "eager")), str(r.get("jobs"))]
         if "aggregate_tokens_per_s" not in r:
-            lines.append(_failed(cells, r, 7))
+            lines.append(_failed(cells, r, 8))
             continue
         per = ", ".join(f"{v:,.0f}" for v in r["per_job_tokens_per_s"])
         cells += [f"{r['aggregate_tokens_per_s']:,.0f}", _f(r.get("aggregate_vs_one_job"), 2),
@@ -312,7 +312,9 @@ def render(meta: Dict, kernel_rows: List[Dict], rows: Dict[str, List[Dict]],
                   "repeats.", ""] + correctness + [""]
     if packing:
         lines += ["## Sweep packing (`sweep.jobs_per_gpu`)", "",
-                  "J processes on the GPU, each its own runner step loop of the same config.", ""]
+                  "J processes on the GPU, each its own runner step loop of the same config (mode "
+                  "compile: compiled and replayed as a CUDA graph, as a sweep's runs on CUDA; eager: "
+                  "neither).", ""]
         lines += _packing_table(packing) + [""]
     for r in steps:
         if r.get("profile"):

@@ -11,7 +11,7 @@
 # Then on the GPU machine, repo root, with .carry/whl and .carry/peers carried:
 #   bash experiments/gpu/bench_h200.sh <git commit> [more fp4-ablate bench flags, last one wins]
 # Sections, cheap and certain first: eager runner rows (llama-150m and llama-20m, all ten
-# configurations), packing (llama-20m fp8, J=1,2,4), the llama-150m peers (both compiled), then the
+# configurations), packing (llama-20m fp8, J=1,2,4; compiled and graphed as a sweep's runs: --pack-mode eager for the older rows' kind), the llama-150m peers (both compiled), then the
 # llama-150m compiled rows (bf16, fp8, wgrad+h16, wgrad+sr, wgrad), each with its correctness pass.
 # Every row is bounded (--row-timeout / --compile-timeout), the whole by --time-budget (BUDGET s:
 # rows that would start later are recorded as skipped), and the .md/.json are rewritten after

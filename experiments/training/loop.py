@@ -58,7 +58,7 @@ class Trainer:
                           quant_state=quant_state, autocast=self.setup.autocast,
                           device=device, n_micro=tc.batch_size // (micro * world),
                           grad_clip=tc.grad_clip, dist=dist)
-        # On CUDA, a deterministic step replays as a captured CUDA graph (hardware.cuda_graphs).
+        # On CUDA the step replays as a captured CUDA graph where nothing blocks it (hardware.cuda_graphs).
         self.step, self.cuda_graph = make_step(cfg, plain, model, device, dist)
         self.divergence = DivergenceCheck.from_config(tc, vocab_size)
         self.tokens_per_step = tc.batch_size * cfg.model.seq_len

@@ -30,11 +30,15 @@ def test_plan_orders_rows_and_rejects_bad_names():
         ("peer", "llama-150m", "torchao-float8", "compile"),
         ("check", "llama-150m", "bf16", "eager"),
         ("runner", "llama-150m", "bf16", "compile"), ("runner", "llama-150m", "wgrad+h16", "compile"),
-        ("pack", "llama-20m", "fp8", "eager"), ("pack", "llama-20m", "fp8", "eager")]
+        ("pack", "llama-20m", "fp8", "compile"), ("pack", "llama-20m", "fp8", "compile")]
     reordered = bench.plan(["llama-20m"], ["bf16"], eager_models=["llama-20m"], pack_jobs=[1],
                            order=["pack", "eager"])
     assert [j["kind"] for j in reordered] == ["pack", "runner"]
     assert [j["jobs"] for j in jobs if j["kind"] == "pack"] == [1, 2]
+    eager_pack = bench.plan(["llama-20m"], [], pack_jobs=[1], pack_mode="eager")
+    assert [j["mode"] for j in eager_pack] == ["eager"]
+    with pytest.raises(ValueError, match="pack mode 'fast'; valid: eager, compile"):
+        bench.plan(["llama-20m"], [], pack_jobs=[1], pack_mode="fast")
     assert bench_steps.parse_config("ufp4:wgrad") == ("ufp4", "wgrad", "none")
     assert bench_steps.parse_config("wgrad+rht") == ("mxfp4", "wgrad", "rht")
     with pytest.raises(ValueError, match="wgrad\\+h16"):
@@ -184,8 +188,8 @@ def test_markdown_tables():
     assert "- m bf16, eager vs eager, 2 step(s): bit-exact" in text
     assert "- m fp8, compile vs eager, 2 step(s): **not bit-exact**: " in text
     assert "3 of 42 gradients differ (worst lm_head.weight" in text
-    assert "| llama-20m | fp8 | 4 | 300,000 | 3.00 | 70,000, 80,000, 70,000, 80,000 |  |" in text
-    assert "| llama-20m | fp8 | 8 | error: RuntimeError: out of memory |" in text
+    assert "| llama-20m | fp8 | eager | 4 | 300,000 | 3.00 | 70,000, 80,000, 70,000, 80,000 |  |" in text
+    assert "| llama-20m | fp8 | eager | 8 | error: RuntimeError: out of memory |" in text
 
 
 def test_run_plan_bounds_rows_and_records_failures():
