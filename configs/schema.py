@@ -205,9 +205,10 @@ class HardwareConfig:
     # The step's forward+backward captured once as a CUDA graph and replayed (the host then launches
     # one graph instead of thousands of kernels; experiments/training/graphed.py). Same bits as the
     # plain step, compiled or eager layers; SR and random Hadamard signs are drawn inside the graph
-    # from generators re-seeded per step (where this torch registers generators with a graph). Not
-    # for several processes, diagnostics or check_finite; a failed capture, or one whose attention
-    # masks differ from the uncaptured step's, falls back to the plain step.
+    # from generators re-seeded per step (where this torch registers generators with a graph); the
+    # steps diagnostics probe run plain among the replays. Not for several processes or
+    # check_finite; a failed capture, or one whose attention masks differ from the uncaptured
+    # step's, falls back to the plain step.
     # null (auto): on CUDA whenever nothing blocks it; true: refuse to start if something the
     # config shows does; false: never.
     cuda_graphs: Optional[bool] = None

@@ -353,7 +353,7 @@ def _check_cuda_graphs(p: List[str], cfg) -> None:
     blockers = graph_blockers(
         device="cuda" if on_cuda else "cpu", draws=list(recipe_from_config(cfg).random_draws),
         parallel=str(cfg.parallel.name), world_size=env_world_size(),
-        diagnostics=bool(cfg.diagnostics.every_steps), check_finite=bool(cfg.train.check_finite))
+        check_finite=bool(cfg.train.check_finite))
     for why in blockers:
         p.append(f"hardware.cuda_graphs=true but {why}; use hardware.cuda_graphs=null (the plain step "
                  "where a graph cannot replay it) or false")

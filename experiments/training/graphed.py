@@ -24,8 +24,9 @@ RNG), so it draws what the plain step draws. Where this torch cannot register a 
 graph, a recipe that draws keeps the plain step.
 
 Also blocked: data parallelism (the gradient hooks of DDP / FSDP2 communicate outside the graph),
-GEMM observers (diagnostics, record_gemms: Python per call), train.check_finite (reads values on
-the host). `graph_blockers` names what blocks a run; hardware.cuda_graphs=null uses the graph when
+train.check_finite (reads values on the host). A step that GEMM observers watch (diagnostics'
+probes every diagnostics.every_steps steps, record_gemms) runs their Python per GEMM: it is a plain
+step among the replays. `graph_blockers` names what blocks a run; hardware.cuda_graphs=null uses the graph when
 nothing does, true refuses to start otherwise (experiments/validate.py), false never uses it.
 
 Mechanics, as in PyTorch's "partial-network capture". The attempt's first `plain_steps` steps run
@@ -72,8 +73,7 @@ def graph_rng_supported() -> bool:
     return hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
-def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1, diagnostics: bool = False,
-                   check_finite: bool = False, has_embedding: bool = True,
+def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1, check_finite: bool = False, has_embedding: bool = True,
                    tied_accumulation: bool = False, rng_in_graphs: Optional[bool] = None) -> List[str]:
     """Why a run's step cannot be replayed as a CUDA graph with the bits of the plain step; [] when it can.
     rng_in_graphs: whether random draws can be replayed (None: graph_rng_supported())."""
@@ -88,8 +88,6 @@ def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1
     if str(parallel) != "none" or world_size > 1:
         blockers.append(f"parallel={parallel} with {world_size} process(es): gradient communication runs "
                         "outside a graph")
-    if diagnostics:
-        blockers.append("diagnostics observe every GEMM from Python")
     if check_finite:
         blockers.append("train.check_finite reads values on the host")
     if not has_embedding:
@@ -142,7 +140,6 @@ def make_step(cfg, plain: TrainStep, model: torch.nn.Module, device, dist=None):
         device=device, draws=recipe_draws(model),
         parallel=dist.mode if dist is not None else "none",
         world_size=dist.world_size if dist is not None else 1,
-        diagnostics=bool(getattr(getattr(cfg, "diagnostics", None), "every_steps", None)),
         check_finite=bool(cfg.train.check_finite),
         has_embedding=has_embedding, tied_accumulation=tied_accumulation)
     if blockers:
@@ -225,11 +222,34 @@ class GraphedStep:
 
     def __call__(self, lr: float) -> StepResult:
         self.steps += 1
-        if self.failed is None and self.replay is None and self.steps > self.plain_steps:
+        observed = self._observed()
+        if self.failed is None and self.replay is None and self.steps > self.plain_steps and not observed:
             return self._capture_and_step(lr)
         if self.replay is None:
             return self.plain(lr)
+        if observed:
+            return self._plain_between_replays(lr)
         return self._replayed(lr, time.perf_counter())
+
+    def _observed(self) -> bool:
+        """Whether GEMM observers watch this step (diagnostics' probes, record_gemms): they run in
+        each GEMM's Python, which a replay does not run, so such a step is a plain one."""
+        state = self.plain.quant_state
+        return state.probe is not None or bool(state.record_sinks())
+
+    def _plain_between_replays(self, lr: float) -> StepResult:
+        """An observed step among replays: the plain step (the same bits), with the graph's
+        gradient tensors set aside so that it does not accumulate onto the last replay's, and put
+        back afterwards for the next replay to overwrite."""
+        params = list(self.plain.model.parameters())
+        static = [q.grad for q in params]
+        for q in params:
+            q.grad = None
+        try:
+            return self.plain(lr)
+        finally:
+            for q, grad in zip(params, static):
+                q.grad = grad
 
     def _batches(self):
         p = self.plain

@@ -69,28 +69,37 @@ def _plain(model, state, n_micro=2):
 
 
 def _rerun(model, log, graphed=None):
-    """A capture that runs fn's Python once, as a real capture does (leaving the gradients it
-    makes, as the graph's static ones), and reruns fn at each replay after dropping them, since a
-    replay overwrites the static gradients (of the parameters and of the embedding outputs). A
-    replay runs no Python, so it counts no calls: the rerun makes the captured calls' indices and
-    leaves the counters as they were; its random draws come from the pool, re-seeded by the step."""
+    """A capture that runs fn's Python once, as a real capture does (the gradients it leaves are
+    the graph's static ones), and reruns fn at each replay. Like a real replay it then writes the
+    results into those static tensors, which must still be the parameters' .grad (and the
+    embedding outputs'), else the optimizer would not see them. A replay runs no Python, so it
+    counts no calls: the rerun makes the captured calls' indices and leaves the counters as they
+    were; its random draws come from the pool, re-seeded by the step."""
     def capture(fn, generators=()):
         log.append(("captured", len(generators)))
         state = graphed.plain.quant_state if graphed is not None else None
         captured_calls = state.call_counts() if state is not None else None
         fn()
+        # The tensors the graph writes gradients into (not the input embedding's table: eager).
+        tensors = [t for t in list(model.parameters()) + (graphed.static_embeds if graphed is not None else [])
+                   if t.grad is not None]
+        static = [t.grad for t in tensors]
 
         def replay():
-            for t in list(model.parameters()) + (graphed.static_embeds if graphed is not None else []):
+            for t, g in zip(tensors, static):
+                assert t.grad is g, "a replay writes the captured gradient tensors: .grad must still be them"
                 t.grad = None
-            if state is None:
-                return fn()
-            calls = state.call_counts()
-            state.restore_call_counts(captured_calls)
+            calls = state.call_counts() if state is not None else None
+            if state is not None:
+                state.restore_call_counts(captured_calls)
             try:
                 fn()
             finally:
-                state.restore_call_counts(calls)
+                if state is not None:
+                    state.restore_call_counts(calls)
+            for t, g in zip(tensors, static):
+                g.copy_(t.grad)
+                t.grad = g
         return replay
     return capture
 
@@ -174,7 +183,6 @@ def test_what_blocks_a_graph_is_named():
     assert len(sr) == 1 and "sr:wgrad.dy" in sr[0]
     assert graph_blockers(device="cuda", draws=["sr:wgrad.dy"], rng_in_graphs=True) == []
     assert "parallel=ddp" in graph_blockers(device="cuda", draws=[], parallel="ddp", world_size=2)[0]
-    assert "diagnostics" in graph_blockers(device="cuda", draws=[], diagnostics=True)[0]
     assert "check_finite" in graph_blockers(device="cuda", draws=[], check_finite=True)[0]
     assert recipe_draws(_model(Recipe("wgrad", "rht"))[0]) == ["signs:wgrad:step"]
     assert recipe_draws(_model(Recipe("wgrad", "h16"))[0]) == []
@@ -198,8 +206,8 @@ def test_make_step_picks_the_graph_only_where_nothing_blocks_it(monkeypatch):
     assert make_step(_cfg(False), plain, model, cuda) == (plain, None)
     step, report = make_step(_cfg(None, compile=None), plain, model, cuda)  # null: compiled on CUDA
     assert isinstance(step, GraphedStep) and report["blockers"] == []
-    step, report = make_step(_cfg(None, every_steps=5), plain, model, cuda)
-    assert step is plain and report["used"] is False and "diagnostics" in report["blockers"][0]
+    step, report = make_step(_cfg(None, every_steps=5), plain, model, cuda)  # observed steps run plain
+    assert isinstance(step, GraphedStep) and report["blockers"] == []
     sr_model, sr_state = _model(Recipe("wgrad", "sr"))
     sr_plain = _plain(sr_model, sr_state)
     step, report = make_step(_cfg(None), sr_plain, sr_model, cuda)
@@ -219,7 +227,6 @@ def test_make_step_picks_the_graph_only_where_nothing_blocks_it(monkeypatch):
 @pytest.mark.parametrize("args, fragment", [
     (["+ladder=wgrad", "+stabilizer=sr", "hardware.cuda_graphs=true"], "sr:wgrad.dy"),
     (["+ladder=wgrad", "hardware=cpu", "hardware.cuda_graphs=true"], "not CUDA"),
-    (["+ladder=fp8", "hardware.cuda_graphs=true", "+diagnostics=on"], "diagnostics"),
 ])
 def test_cuda_graphs_true_is_refused_before_any_work(args, fragment, tmp_path):
     r = run_cli("run", "train=demo", "tokenizer.vocab_size=512", f"results_dir={tmp_path / 'r'}",
@@ -268,6 +275,35 @@ def test_draws_after_an_evaluation_start_where_its_calls_left_off():
     model, state = _model(Recipe("wgrad", "sr"))
     graphed = _graphed(model, state)
     assert train(graphed, state) == reference and graphed.report["used"]
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_observed_steps_among_replays_are_plain_steps_with_the_same_bits_and_records():
+    """Diagnostics probe some steps (here 2, 3, 5 and 6): those run as plain steps, the capture
+    waits for an unobserved step, and the replays after an observed step overwrite gradients that
+    the plain step did not accumulate onto."""
+    from fp4.state import record_gemms
+
+    def train(step, state, n=8):
+        out, records = [], []
+        for i in range(1, n + 1):
+            observe = record_gemms() if i in (2, 3, 5, 6) else contextlib.nullcontext([])
+            with observe as recs:
+                r = step(1e-2 * (1 - i / 20))
+            out.append((r.loss, r.grad_norm))
+            records.append(len(recs))
+        return out, records
+
+    recipe = Recipe("wgrad", "sr")
+    ref_model, ref_state = _model(recipe)
+    reference, ref_records = train(_plain(ref_model, ref_state), ref_state)
+    model, state = _model(recipe)
+    log = []
+    graphed = _graphed(model, state, log=log)
+    got, records = train(graphed, state)
+    assert got == reference and records == ref_records and ref_records[1] > 0
+    assert graphed.report["captured_at_step"] == 4 and len(log) == 1
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(a, b)
 
