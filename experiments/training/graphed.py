@@ -26,7 +26,9 @@ graph, a recipe that draws keeps the plain step.
 Also blocked: data parallelism (the gradient hooks of DDP / FSDP2 communicate outside the graph),
 train.check_finite (reads values on the host). A step that GEMM observers watch (diagnostics'
 probes every diagnostics.every_steps steps, record_gemms) runs their Python per GEMM: it is a plain
-step among the replays. `graph_blockers` names what blocks a run; hardware.cuda_graphs=null uses the graph when
+step among the replays. Memory: the graph's private pool keeps one step's activations for the
+run's life, so such a plain step (and an evaluation) allocates its own beside them: a probed step
+needs up to twice a step's activation memory. `graph_blockers` names what blocks a run; hardware.cuda_graphs=null uses the graph when
 nothing does, true refuses to start otherwise (experiments/validate.py), false never uses it.
 
 Mechanics, as in PyTorch's "partial-network capture". The attempt's first `plain_steps` steps run
