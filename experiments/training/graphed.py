@@ -75,8 +75,9 @@ def graph_rng_supported() -> bool:
     return hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
-def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1, check_finite: bool = False, has_embedding: bool = True,
-                   tied_accumulation: bool = False, rng_in_graphs: Optional[bool] = None) -> List[str]:
+def graph_blockers(*, device, draws, parallel: str = "none", world_size: int = 1, check_finite: bool = False,
+                   has_embedding: bool = True, tied_accumulation: bool = False,
+                   rng_in_graphs: Optional[bool] = None) -> List[str]:
     """Why a run's step cannot be replayed as a CUDA graph with the bits of the plain step; [] when it can.
     rng_in_graphs: whether random draws can be replayed (None: graph_rng_supported())."""
     blockers = []
