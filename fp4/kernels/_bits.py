@@ -153,6 +153,88 @@ def round_bits(a, qlo, qbits, maxb, rnd, MBITS: tl.constexpr, ROUND: tl.constexp
     return tl.where(a >= maxb, maxb, res)
 
 
+# A program whose MX block exponents all lie in [-FAST_E_MAX, FAST_E_MAX] rounds by float32
+# arithmetic (mx_round_nearest); any other program (tiny or huge blocks, NaN / Inf) by round_bits.
+FAST_E_MAX = tl.constexpr(100)
+
+
+@triton.jit
+def round_nearest_f32(v, EMIN: tl.constexpr, MBITS: tl.constexpr, FMT_MAX: tl.constexpr):
+    """RNE of float32 magnitudes v (finite, >= 0, < 2^104) onto the element grid of block
+    exponent 0 (spacing 2^(max(floor(log2 v), EMIN) - MBITS)), saturated at FMT_MAX: the value
+    round_bits gives for the same grid, in about a third of the instructions.
+
+    Magic-number rounding: with B = 2^(Q + 23) for the spacing 2^Q at v, every float32 in
+    [B, 2B) is a multiple of 2^Q, so the IEEE addition v + B rounds v to that multiple (to the
+    even multiple on a tie: the even grid index, as round_bits breaks ties), and subtracting B
+    is exact. B is a normal float32 for every v here, and a subnormal v (which any flushing of
+    float32 subnormals would turn into a zero of its sign) lies far below half the smallest
+    spacing of every grid (E5M2: 2^-17), so it rounds to 0 either way. Callers put the sign back
+    from x's own bits."""
+    expv = v.to(tl.int32, bitcast=True) >> 23
+    big = ((tl.maximum(expv, EMIN + 127) + (23 - MBITS)) << 23).to(tl.float32, bitcast=True)
+    return tl.minimum((v + big) - big, FMT_MAX)
+
+
+@triton.jit
+def mx_round_nearest(a, e, EMIN: tl.constexpr, MBITS: tl.constexpr, FMT_MAX: tl.constexpr):
+    """Bits of the RNE grid point q * 2^e of |x| bits `a` in a block of exponent e, for blocks
+    with |e| <= FAST_E_MAX (the caller's program-level test): round_bits(a, e + emin + 127, ...)
+    for those blocks, by float32 arithmetic.
+
+    v = |x| * 2^-e is exact for every |x| that can round to a non-zero grid point (|x| >=
+    2^(e + emin - mbits - 1) >= 2^-118: normal, and v >= 2^(emin - mbits - 1) too); a smaller
+    |x|, a subnormal one included, gives a v below half the smallest spacing, which rounds to 0
+    however it was computed (flushed or not). q * 2^e is exact and normal: q <= FMT_MAX < 2^16,
+    and a non-zero q >= 2^(emin - mbits) >= 2^-17 times 2^e >= 2^-100. 2^e and 2^-e are normal
+    floats assembled from their exponent fields."""
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    p = ((127 + e) << 23).to(tl.float32, bitcast=True)
+    r = round_nearest_f32(a.to(tl.float32, bitcast=True) * inv, EMIN, MBITS, FMT_MAX)
+    return (r * p).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def mx_fast_program(e, am):
+    """The scalar `fast` of mx_grid_bits: every block of the program with a non-zero amax has
+    |e| <= FAST_E_MAX. All-zero blocks (the tile's padding among them; e = -127) do not count:
+    both routes give 0 there (2^127 and 2^-127 = 0.0 on the float route)."""
+    em = tl.where(am == 0, 0, e)
+    return (tl.min(em) >= -FAST_E_MAX) & (tl.max(em) <= FAST_E_MAX)
+
+
+@triton.jit
+def mx_grid_bits(a, e, rnd, fast, MBITS: tl.constexpr, EMIN: tl.constexpr, MAXN: tl.constexpr,
+                 MAXQ: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr,
+                 FMT_MAX: tl.constexpr, ROUND: tl.constexpr):
+    """Bits of the grid point q * 2^e for |x| bits `a` in MX blocks of exponent e: the float32
+    route (mx_round_nearest) for round-to-nearest where `fast` (a scalar: every block exponent
+    of the program within +-FAST_E_MAX), otherwise round_bits on the block's grid."""
+    if ROUND == 0:
+        if fast:
+            mag = mx_round_nearest(a, e, EMIN, MBITS, FMT_MAX)
+        else:
+            mag = round_bits(a, e + (EMIN + 127), pow2_bits(e + (EMIN - MBITS)),
+                             scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS), rnd, MBITS, ROUND)
+    else:
+        mag = round_bits(a, e + (EMIN + 127), pow2_bits(e + (EMIN - MBITS)),
+                         scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS), rnd, MBITS, ROUND)
+    return mag
+
+
+@triton.jit
+def fixed_grid_bits(v, rnd, EMIN: tl.constexpr, QBITS: tl.constexpr, MAXB: tl.constexpr,
+                    FMT_MAX: tl.constexpr, MBITS: tl.constexpr, ROUND: tl.constexpr):
+    """Bits of |v| rounded onto the element grid of block exponent 0 (v float32, already divided
+    by its scale, |v| < 2^104): round_nearest_f32 for round-to-nearest, round_bits otherwise."""
+    if ROUND == 0:
+        q = round_nearest_f32(tl.abs(v), EMIN, MBITS, FMT_MAX).to(tl.int32, bitcast=True)
+    else:
+        q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, QBITS, MAXB, rnd,
+                       MBITS, ROUND)
+    return q
+
+
 @triton.jit
 def mx_exponent(am, MODE: tl.constexpr, MBITS: tl.constexpr, EMAX: tl.constexpr,
                 MCAP: tl.constexpr):

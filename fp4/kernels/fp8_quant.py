@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ..formats import FP8_DTYPES, FP8_MAX
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_scaled,
-                    encode_minifloat, fixed_scale_consts, load_bits, round_bits, store_bits)
+                    fixed_grid_bits, fixed_scale_consts, load_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 
 # NaN bytes: E4M3FN has only S.1111.111; E5M2 uses exponent 31 with a non-zero mantissa. (An
@@ -65,13 +65,24 @@ def _fp8_tensor_scale(amax_ptr, FMT_MAX: tl.constexpr):
 
 @triton.jit
 def _fp8_grid_bits(bits, s, rnd, MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS: tl.constexpr,
-                   MAXB: tl.constexpr, ROUND: tl.constexpr):
+                   MAXB: tl.constexpr, FMT_MAX: tl.constexpr, ROUND: tl.constexpr):
     """Signed float32 bits of q = fp8_round(fp32(x / s)) for x given as float32 bits (any shape)."""
     # s >= FAST_DIV_MIN: the fp32 IEEE division is exact here (see _bits.div_f32_rn).
     v = div_scaled(bits.to(tl.float32, bitcast=True), s, s >= FAST_DIV_MIN)
-    q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, QBITS, MAXB, rnd,
-                   MBITS, ROUND)
+    q = fixed_grid_bits(v, rnd, EMIN, QBITS, MAXB, FMT_MAX, MBITS, ROUND)
     return q | (bits & (-2147483648))
+
+
+@triton.jit
+def _fp8_code(q, MBITS: tl.constexpr):
+    """The float8 byte of a grid value q (signed float32 bits): a conversion of a value the
+    format holds exactly, so the hardware cvt (or the interpreter's) has nothing to round."""
+    qf = q.to(tl.float32, bitcast=True)
+    if MBITS == 3:
+        code = qf.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        code = qf.to(tl.float8e5).to(tl.uint8, bitcast=True)
+    return code
 
 
 @triton.jit
@@ -95,11 +106,11 @@ def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
         rnd = rnd.to(tl.int32, bitcast=True)
     else:
         rnd = bits
-    q = _fp8_grid_bits(bits, s, rnd, MBITS, EMIN, QBITS, MAXB, ROUND)
+    q = _fp8_grid_bits(bits, s, rnd, MBITS, EMIN, QBITS, MAXB, FMT_MAX, ROUND)
     if WRITE_DQ:
         store_bits(out_ptr, offs, tl.where(finite, q, F32_NAN_BITS), mask, IN_KIND)
     if WRITE_F8:
-        code = tl.where(finite, encode_minifloat(q, MBITS, EMIN, 7), NAN_CODE)
+        code = tl.where(finite, _fp8_code(q, MBITS), NAN_CODE)
         tl.store(f8_ptr + offs, code.to(tl.uint8), mask=mask)
 
 
@@ -120,8 +131,8 @@ def _fp8_t_kernel(x_ptr, f8_ptr, f8t_ptr, amax_ptr, scale_ptr, M, N,
     s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
     if pid_m + pid_n == 0:
         tl.store(scale_ptr, tl.where(finite, s, float("nan")))
-    q = _fp8_grid_bits(bits, s, bits, MBITS, EMIN, QBITS, MAXB, 0)
-    code = tl.where(finite, encode_minifloat(q, MBITS, EMIN, 7), NAN_CODE).to(tl.uint8)
+    q = _fp8_grid_bits(bits, s, bits, MBITS, EMIN, QBITS, MAXB, FMT_MAX, 0)
+    code = tl.where(finite, _fp8_code(q, MBITS), NAN_CODE).to(tl.uint8)
     tl.store(f8_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
     mask_t = (cols[:, None] < N) & (rows[None, :] < M)
     tl.store(f8t_ptr + cols[:, None] * M + rows[None, :], tl.trans(code), mask=mask_t)

@@ -52,8 +52,9 @@ import triton.language as tl
 from ..formats import E4M3, E8M0_BIAS, MX_BLOCK, NVFP4_BLOCK, NVFP4_TENSOR_DIVISOR
 from ..scaling import MX_SCALE_MODES
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_scaled,
-                    encode_minifloat, fixed_scale_consts, f32_bits, load_bits, mul_f32, mx_exponent,
-                    pow2_bits, rand_bits, round_bits, scaled_int_bits, store_bits)
+                    encode_minifloat, fixed_grid_bits, fixed_scale_consts, f32_bits, load_bits,
+                    mul_f32, mx_exponent, mx_fast_program, mx_grid_bits, rand_bits, round_bits,
+                    store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 from .mx_rows_hadamard import mx_rows_hadamard_kernel
 
@@ -185,8 +186,8 @@ def block_quant_kernel(
             rnd = a4
         if KIND == 0:
             e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
-            mag = round_bits(a4, e + (EMIN + 127), pow2_bits(e + (EMIN - MBITS)),
-                             scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS), rnd, MBITS, ROUND)
+            mag = mx_grid_bits(a4, e, rnd, mx_fast_program(e, am), MBITS, EMIN, MAXN, MAXQ, LOG2N,
+                               NBITS, FMT_MAX, ROUND)
             out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | sign)
             code = tl.where(am >= F32_INF_BITS, 255, e + E8M0_B)
         else:
@@ -209,8 +210,7 @@ def block_quant_kernel(
                 # s_g >= FAST_DIV_MIN -> every s >= 2^-9 * s_g (or 1): the fp32 IEEE division
                 # is exact and cheap; tiny tensors take the float64 route.
                 v = div_scaled(x, den, s_g >= FAST_DIV_MIN)
-                q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, FIX_QBITS,
-                               FIX_MAXB, rnd, MBITS, ROUND)
+                q = fixed_grid_bits(v, rnd, EMIN, FIX_QBITS, FIX_MAXB, FMT_MAX, MBITS, ROUND)
                 q = tl.where(s > 0, q, 0)
                 # q * s_b is exact in float32 (<= 5 significant bits, far from the subnormals).
                 dq = (q | sign).to(tl.float32, bitcast=True) * s_b
@@ -222,8 +222,7 @@ def block_quant_kernel(
                 if pid_r + pid_c + pid_b == 0:
                     tl.store(tscale_ptr, tl.where(finite, s, float("nan")))
                 v = div_scaled(x, s, s >= FAST_DIV_MIN)
-                q = round_bits(v.to(tl.int32, bitcast=True) & 0x7FFFFFFF, EMIN + 127, FIX_QBITS,
-                               FIX_MAXB, rnd, MBITS, ROUND)
+                q = fixed_grid_bits(v, rnd, EMIN, FIX_QBITS, FIX_MAXB, FMT_MAX, MBITS, ROUND)
                 out = tl.where(finite, q | sign, F32_NAN_BITS)
                 code = am  # no block scales for a per-tensor format
         store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND)

@@ -19,7 +19,9 @@ elementwise across slabs, i.e. inside one thread:
   3. rows past R were loaded as zeros (the reference's zero padding) and are zeroed again after
      the transform, then never stored;
   4. the block amax is the integer max of |bits| over the 32 slabs, and the E8M0 exponent and
-     the element rounding are mx_quant's (fp4.kernels._bits), once per block and per slab.
+     the element rounding are mx_quant's (fp4.kernels._bits.mx_grid_bits: float32 magic-number
+     rounding where every block exponent of the program is moderate, integer rounding
+     otherwise), once per block and per slab.
 Stochastic rounding draws the same Philox bits per (global row, 4-column group) as mx_quant, so
 the same seed gives the same result whichever kernel ran.
 
@@ -31,8 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, load_bits, mx_exponent, pow2_bits, rand_bits,
-                    round_bits, scaled_int_bits, store_bits)
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, load_bits, mx_exponent, mx_fast_program,
+                    mx_grid_bits, rand_bits, store_bits)
 
 
 @triton.jit
@@ -56,7 +58,7 @@ def mx_rows_hadamard_kernel(
         LOG2HB: tl.constexpr, HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr, MODE: tl.constexpr,
         ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
         MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr,
-        MCAP: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
+        MCAP: tl.constexpr, FMT_MAX: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
         WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr, QB: tl.constexpr):
     blk = tl.program_id(0) * MB + tl.arange(0, MB)  # MX block index along R (QB rows each)
     cols = tl.program_id(1) * TC + tl.arange(0, TC)
@@ -79,9 +81,7 @@ def mx_rows_hadamard_kernel(
         am = tl.maximum(am, b & 0x7FFFFFFF)
         bits = bits + (b,)
     e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
-    qlo = e + (EMIN + 127)
-    qbits = pow2_bits(e + (EMIN - MBITS))
-    maxb = scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS)
+    fast = mx_fast_program(e, am)
     bad = am >= F32_INF_BITS
     if ROUND == 1:
         seed = tl.load(seed_ptr)
@@ -93,7 +93,8 @@ def mx_rows_hadamard_kernel(
                             (C + 3) // 4, MB, TC)
         else:
             rnd = a
-        mag = round_bits(a, qlo, qbits, maxb, rnd, MBITS, ROUND)
+        mag = mx_grid_bits(a, e, rnd, fast, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX,
+                           ROUND)
         out = tl.where(bad, F32_NAN_BITS, mag | (bits[s] & (-2147483648)))
         store_bits(out_ptr, base + rows[:, None].to(tl.int64) * C + cols[None, :], out,
                    (rows[:, None] < R) & in_c, IN_KIND)

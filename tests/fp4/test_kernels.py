@@ -161,6 +161,44 @@ def test_special_blocks_exact_and_finite(axis):
     check(x.to(torch.bfloat16), "mxfp4", axis)
 
 
+def fast_route_blocks(fmt_max):
+    """[8, 128]: MX blocks whose exponents all lie inside the float route's range (|e| <= 100,
+    fp4.kernels._bits.FAST_E_MAX) but whose elements are hard for it: subnormal and tiny ones
+    (never flushed into a wrong non-zero), signed zeros, every tie of the element grids, values
+    just beside half the smallest spacing, saturating ones; at scales from 2^-95 to 2^95."""
+    g = torch.Generator().manual_seed(4)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.125, 0.375, 0.625, 0.875, 1.125,
+                         1.375, 1.625, 6.5, 7.0, 0.5, 1.5, 4.5, 5.5, 6.25, 2.0, 3.0, 4.0, 1.0,
+                         0.0, -0.0, -0.75, -2.5, -5.0, 6.0, -6.0])
+    rows = []
+    for scale in (2.0 ** -95, 2.0 ** -40, 1.0, 2.0 ** 33, 2.0 ** 95):
+        amax = torch.tensor([fmt_max * scale])
+        tiny = torch.tensor([2.0 ** -149, -2.0 ** -149, 3 * 2.0 ** -140, -2.0 ** -126, 2.0 ** -120,
+                             0.0, -0.0])
+        half = 0.25 * scale * torch.tensor([1.0, 1 + 2 ** -20, 1 - 2 ** -20, -1.0])
+        rest = torch.randn(32 - 1 - tiny.numel() - half.numel(), generator=g) * scale
+        rows.append(torch.cat([amax, tiny, half, rest]))
+        rows.append(ties * scale)
+    x = torch.stack(rows)[:8].reshape(8, 32)
+    x = torch.cat([x, x * 0.75, -x * 1.5, x * 2.0 ** -3], dim=1)
+    return x.to(DEV)
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_float_route_edge_elements(axis):
+    """The float32 magic-number rounding (taken for programs of moderate block exponents) gives
+    the reference's bits on the elements that could break it; every MX grid and scale mode."""
+    for fmt, fmt_max in (("mxfp4", 6.0), ("e1m2", 1.75), ("int4", 7.0)):
+        x = fast_route_blocks(fmt_max)
+        if axis == 0:
+            x = x.t().contiguous()
+        for mode in MODES:
+            check(x, fmt, axis, scale_mode=mode)
+        check(x.to(torch.bfloat16), fmt, axis)
+    for fmt in ("nvfp4", "e4m3", "e5m2"):
+        check(fast_route_blocks(6.0), fmt, axis)
+
+
 def test_nan_inf_blocks():
     x = wide((8, 96), torch.float32, seed=9)
     x[1, 40] = float("nan")
