@@ -1,4 +1,5 @@
-"""Integer-only rounding of float32 bit patterns: the subnormal-safe core of every kernel.
+"""Rounding of float32 bit patterns: the subnormal-safe core of every kernel, with a float32
+fast route where it is provably the same.
 
 Why integers. GPU code may flush float32 subnormals to zero (libdevice under Triton's
 nvvm-reflect-ftz, `.ftz` instruction variants, fast-math in generated code). MX scaling lives
@@ -21,7 +22,17 @@ a gradient block whose amax is subnormal needs it. A quantizer that materialises
 
 So the MX kernels are exact and identical on any device for every finite input, including
 subnormal ones, and under TRITON_INTERPRET=1 (numpy, which keeps subnormals) they compute
-the same bits. Paths that need a division by an arbitrary float32 scale (NVFP4, FP8) emulate
+the same bits.
+
+The float route (round_nearest_f32, mx_round_nearest). The integer rounding costs ~22 integer
+instructions an element, and Hopper issues integer ops at half the float32 rate, which bound the
+quantizers (results/bench/README.md, ninth session). Round-to-nearest is also two float32
+additions, (v + B) - B with B = 2^(spacing exponent + 23), on v = |x| / scale. It is taken only
+where it gives round_bits' bits whether or not float32 subnormals are flushed: for NVFP4 / FP8
+elements after their division (v is at most ~max, and a subnormal v rounds to 0 either way), and
+for MX in programs whose non-zero blocks all have |e| <= FAST_E_MAX (there v = |x| * 2^-e, 2^e
+and q * 2^e are normal wherever the result is non-zero). Other programs (tiny or huge blocks,
+NaN / Inf) and stochastic rounding keep the integer route. Paths that need a division by an arbitrary float32 scale (NVFP4, FP8) emulate
 the float32 division as float64 division rounded to float32: float64 has more than 2*24+2
 significand bits, so that double rounding equals one correctly rounded float32 division
 (Figueroa), Triton lowers float64 division to IEEE `div.rn.f64` (its float32 `/` is the

@@ -16,8 +16,10 @@ program 0, so no host round trip sits between the passes.
 Numerics: s = fp32(amax / max) is a float64 division rounded once to float32 (equal to the
 correctly rounded float32 division; Triton's float32 `/` is the approximate div.full.f32 on
 NVIDIA), v = fp32(x / s) the float32 IEEE division (div_rn; float64 for a tiny s < 2^-89),
-and v is rounded onto the FP8 grid by integer arithmetic on its bits (fp4.kernels._bits), so a
-subnormal x, v or s is handled exactly and never flushed. The pass reads x twice (amax, then
+and v is rounded onto the FP8 grid: to nearest by two float32 additions
+(fp4.kernels._bits.round_nearest_f32; a subnormal v rounds to a zero of x's sign, flushed or
+not), stochastically by integer arithmetic on its bits. The FP8 byte is the conversion of that
+grid value (exact: the format holds it), not of v. The pass reads x twice (amax, then
 quantize) and writes once: the per-tensor scale depends on all of x, so that is the floor for
 current scaling.
 
