@@ -32,11 +32,13 @@ where it gives round_bits' bits whether or not float32 subnormals are flushed: f
 elements after their division (v is at most ~max, and a subnormal v rounds to 0 either way), and
 for MX in programs whose non-zero blocks all have |e| <= FAST_E_MAX (there v = |x| * 2^-e, 2^e
 and q * 2^e are normal wherever the result is non-zero). Other programs (tiny or huge blocks,
-NaN / Inf) and stochastic rounding keep the integer route. Paths that need a division by an arbitrary float32 scale (NVFP4, FP8) emulate
-the float32 division as float64 division rounded to float32: float64 has more than 2*24+2
-significand bits, so that double rounding equals one correctly rounded float32 division
-(Figueroa), Triton lowers float64 division to IEEE `div.rn.f64` (its float32 `/` is the
-approximate `div.full.f32`), and flush-to-zero never applies to float64.
+NaN / Inf) and stochastic rounding keep the integer route.
+
+Paths that need a division by an arbitrary float32 scale (NVFP4, FP8) emulate the float32
+division as float64 division rounded to float32: float64 has more than 2*24+2 significand bits,
+so that double rounding equals one correctly rounded float32 division (Figueroa), Triton lowers
+float64 division to IEEE `div.rn.f64` (its float32 `/` is the approximate `div.full.f32`), and
+flush-to-zero never applies to float64.
 
 Format descriptors (FORMATS): mbits, emin (exponent of the smallest normal binade; below it the
 spacing stays 2^(emin - mbits)), emax_elem = floor(log2 max), and max = maxn * 2^maxq with maxn
@@ -225,12 +227,19 @@ def mx_grid_bits(a, e, rnd, fast, MBITS: tl.constexpr, EMIN: tl.constexpr, MAXN:
         if fast:
             mag = mx_round_nearest(a, e, EMIN, MBITS, FMT_MAX)
         else:
-            mag = round_bits(a, e + (EMIN + 127), pow2_bits(e + (EMIN - MBITS)),
-                             scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS), rnd, MBITS, ROUND)
+            mag = _mx_round_bits(a, e, rnd, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, ROUND)
     else:
-        mag = round_bits(a, e + (EMIN + 127), pow2_bits(e + (EMIN - MBITS)),
-                         scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS), rnd, MBITS, ROUND)
+        mag = _mx_round_bits(a, e, rnd, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, ROUND)
     return mag
+
+
+@triton.jit
+def _mx_round_bits(a, e, rnd, MBITS: tl.constexpr, EMIN: tl.constexpr, MAXN: tl.constexpr,
+                   MAXQ: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr,
+                   ROUND: tl.constexpr):
+    """round_bits on the grid of MX block exponent e (the integer route of mx_grid_bits)."""
+    return round_bits(a, e + (EMIN + 127), pow2_bits(e + (EMIN - MBITS)),
+                      scaled_int_bits(e + MAXQ, MAXN, LOG2N, NBITS), rnd, MBITS, ROUND)
 
 
 @triton.jit

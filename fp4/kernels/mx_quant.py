@@ -22,8 +22,9 @@ What one program computes (PASS=1):
      block exponents are moderate, else `round_bits` in x's own units) -- bits of q * 2^e.
      NVFP4: s_g, s_b, s = s_b * s_g and v = x / s as correctly rounded float32 operations
      (per-block ops: float64 op then one rounding; per-element x / s: the float32 IEEE
-     division div_rn, or float64 for tensors so tiny that s_g < 2^-89), E4M3 block-scale rounding by
-     `round_bits`, E2M1 elements by `fixed_grid_bits`, output q * s_b. Never Triton's float32 `/` (approximate div.full.f32).
+     division div_rn, or float64 for tensors so tiny that s_g < 2^-89), the E4M3 block scale
+     rounded by `round_bits`, E2M1 elements by `fixed_grid_bits`, output q * s_b. Never
+     Triton's float32 `/` (approximate div.full.f32).
      FP8 (KIND=2): s = fp32(amax / max), v = x / s, output q.
   4. optional per-block scale codes (E8M0 byte e + 127, 0xFF for NaN; E4M3 byte of s_b).
 PASS=0 is the cheap global-amax pre-pass for NVFP4 / FP8: it recomputes the (transformed) tile
@@ -32,8 +33,8 @@ and atomically maxes its |bits| into one int32.
 Subnormal safety: see fp4/kernels/_bits.py. A program with a block of extreme exponent (an
 all-zero block aside) rounds by integer arithmetic only, so a block with subnormal amax or with
 amax just above 2^-127 comes out exact and finite on a flushing GPU too; the other programs take
-the float route, exact there with or without flushing. The Hadamard butterflies
-are plain float32 add/mul (IEEE in Triton's default lowering, no libdevice); the tests prove
+the float route, exact there with or without flushing. The Hadamard butterflies are plain
+float32 add/mul (IEEE in Triton's default lowering, no libdevice); the tests prove
 bit-identity with the reference where the float32 sums are exact (the reference's float32
 matmul has its own summation order, so inexact sums may differ in the last bit there).
 
