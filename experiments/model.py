@@ -4,7 +4,8 @@ The architecture is `transformers`' own `LlamaForCausalLM` (RMSNorm, SwiGLU MLP,
 grouped-query attention), so what is measured is the real model family, not a look-alike.
 Every `nn.Linear` inside the decoder blocks (q, k, v, o projections and the gate, up and
 down projections) is swapped for `fp4.QuantLinear`, which runs its Fprop, Dgrad and Wgrad
-GEMMs as the recipe says. The embedding, the norms and the output head stay in high
+GEMMs as the recipe says; q/k/v and gate/up quantize their shared input once (projections.py).
+The embedding, the norms and the output head stay in high
 precision, as in the paper, unless `model.quantize_embedding` / `model.quantize_head` say
 otherwise (the embedding is a lookup, not a GEMM, so "quantizing" it means fake-quantizing
 its table along the hidden axis on every forward).
@@ -65,6 +66,8 @@ def build_llama(model_cfg, vocab_size: int, recipe: Recipe, state: QuantState,
     # causal over whole packed sequences, with no mask that could change while a CUDA graph
     # captures (attention.py).
     config._attn_implementation = register_attention()
+    from .projections import share_projection_inputs
+
     model = LlamaForCausalLM(config)
     refuse_masks(model.model)
 
@@ -75,6 +78,8 @@ def build_llama(model_cfg, vocab_size: int, recipe: Recipe, state: QuantState,
         return in_decoder_block(name) or (model_cfg.quantize_head and name == "lm_head")
 
     n_swapped = swap_linears(model, recipe, state, quantized)
+    # q/k/v and gate/up quantize their common X once per orientation (the same bits: projections.py).
+    share_projection_inputs(model)
     if model_cfg.quantize_embedding:
         _quantize_embedding(model, recipe)
 

@@ -112,16 +112,15 @@ def _pad_axis(tensor: torch.Tensor, axis: int, multiple: int) -> torch.Tensor:
 
 
 def _quantize(call: _GemmCall, gemm: str, name: str, tensor: torch.Tensor, op: OperandSpec, axis: int,
-              hadamard: Optional[HadamardSpec], signs, cache: dict):
+              hadamard: Optional[HadamardSpec], signs, cache: "OperandCache"):
     """(grid values in the compute dtype, per-tensor scale or None) of one operand."""
     if op.fmt is None:
         if hadamard is not None:
             tensor = hadamard_transform(tensor, block=hadamard.block, axis=axis, signs=signs)
         return tensor.to(call.compute_dtype), None
-    # Per-tensor FP8 is the same along any axis: dY's FP8 copy serves Dgrad and Wgrad.
-    key = (name, op.fmt) if op.is_fp8 and hadamard is None and op.rounding == "nearest" else None
-    if key is not None and key in cache:
-        return cache[key]
+    key = _deterministic_key(op, axis, hadamard)
+    if key is not None and cache.get(name, key) is not None:
+        return cache.get(name, key)
     generator = call.sr_generator(tensor.device, gemm, name) if op.rounding == "stochastic" else None
     grid, scale = quantize_operand(
         tensor, op.fmt, axis, rounding=op.rounding, scale_mode=op.scale_mode, generator=generator,
@@ -133,9 +132,50 @@ def _quantize(call: _GemmCall, gemm: str, name: str, tensor: torch.Tensor, op: O
     # default). Every other grid value is exact in the compute dtype.
     keep_fp32 = op.scale_mode == ScaleMode.fp32
     result = (grid if keep_fp32 else grid.to(call.compute_dtype), scale)
-    if key is not None:
-        cache[key] = result
-    return result
+    return cache.put(name, key, result) if key is not None else result
+
+
+def _deterministic_key(op: OperandSpec, axis: int, hadamard: Optional[HadamardSpec]) -> Optional[tuple]:
+    """What an operand's quantization depends on besides its values, when that is all: round to
+    nearest and a Hadamard without random signs (SR uniforms and signs are drawn per layer, GEMM and
+    call, so such a copy is never reused). Per-tensor FP8 without a transform is the same along any
+    axis, so one copy of dY serves Dgrad and Wgrad."""
+    if op.rounding != "nearest" or (hadamard is not None and hadamard.signs != "none"):
+        return None
+    per_tensor = op.is_fp8 and hadamard is None
+    return ("grid", op, None if per_tensor else axis, hadamard.block if hadamard is not None else None)
+
+
+class OperandCache:
+    """The quantized copies of the operands of one op call (a layer's forward or its backward) that
+    another GEMM of the call will read, so that no copy is made twice: dY's per-tensor FP8 copy serves
+    Dgrad and Wgrad, Fprop's FP8 copies of X and W serve the backward.
+
+    `shared` is the table of X's copies. Sibling layers that read the same X (q/k/v, gate/up:
+    fp4.linear.shared_input_linears) run in one op call and pass one table, so X is quantized once
+    per orientation for all of them -- only where that is bit-identical to quantizing it per layer
+    (keys exist for deterministic quantization only: _deterministic_key). Other copies are kept
+    only when no axis enters the key (the next GEMM of the call can read them); the rest die with
+    their GEMM, as without a cache."""
+
+    def __init__(self, both_layouts=(), shared: Optional[dict] = None):
+        # The operands whose FP8 copy is needed in both layouts in this call (the caller knows: dY
+        # when Dgrad and Wgrad both run; X and W when Fprop's copies serve backward).
+        self.both_layouts = tuple(both_layouts)
+        self._own: dict = {}
+        self._shared = shared
+
+    def _table(self, name: str) -> dict:
+        return self._shared if name == "x" and self._shared is not None else self._own
+
+    def get(self, name: str, key: tuple):
+        return self._table(name).get((name, *key))
+
+    def put(self, name: str, key: tuple, value):
+        axis_free = key[0] == "float8" or key[2] is None
+        if axis_free or self._table(name) is self._shared:
+            self._table(name)[(name, *key)] = value
+        return value
 
 
 class Fp8Copy:
@@ -157,21 +197,16 @@ class Fp8Copy:
         return self.q if self.q is not None else self.q_t.t()
 
 
-# The cache entry naming the operands whose FP8 copy is needed in both layouts in this call (the
-# caller knows: dY when Dgrad and Wgrad both run; X and W when Fprop's copies serve backward).
-BOTH_LAYOUTS = "fp8 both layouts"
-
-
-def _fp8_copy(cache: dict, tensor: Optional[torch.Tensor], name: str, fmt: str, backend) -> Fp8Copy:
-    key = ("float8", name, fmt)
-    if key not in cache:
-        if name in cache.get(BOTH_LAYOUTS, ()) and tensor.dim() == 2:
+def _fp8_copy(cache: OperandCache, tensor: Optional[torch.Tensor], name: str, fmt: str, backend) -> Fp8Copy:
+    key = ("float8", fmt)
+    if cache.get(name, key) is None:
+        if name in cache.both_layouts and tensor.dim() == 2:
             q, q_t, scale = fp8_gemm.quantize_fp8_both(tensor, fmt, backend=backend)  # one cast-transpose pass
-            cache[key] = Fp8Copy(q, scale, q_t)
+            cache.put(name, key, Fp8Copy(q, scale, q_t))
         else:
             q, scale = fp8_gemm.quantize_fp8(tensor, fmt, backend=backend)
-            cache[key] = Fp8Copy(q, scale)
-    return cache[key]
+            cache.put(name, key, Fp8Copy(q, scale))
+    return cache.get(name, key)
 
 
 def fp8_shared_copies(specs: Dict[str, GemmSpec], device, tokens: int, in_features: int, out_features: int,
@@ -188,11 +223,11 @@ def fp8_shared_copies(specs: Dict[str, GemmSpec], device, tokens: int, in_featur
 
 
 def _run_gemm(call: _GemmCall, gemm: str, a: torch.Tensor, b: torch.Tensor,
-              bias: Optional[torch.Tensor] = None, cache: Optional[dict] = None) -> torch.Tensor:
+              bias: Optional[torch.Tensor] = None, cache: Optional["OperandCache"] = None) -> torch.Tensor:
     """op(a) @ op(b) for one GEMM. a and b come in their natural layout (X, W, dY), reduced along
     REDUCTION_AXES[gemm]; op transposes so that the reduction is a's last and b's first dim."""
     spec, (name_a, name_b), (a_axis, b_axis) = call.specs[gemm], GEMM_OPERANDS[gemm], REDUCTION_AXES[gemm]
-    cache = {} if cache is None else cache
+    cache = OperandCache() if cache is None else cache
     probe, inputs, observed = call.probe, (a, b), None
     if call.check:
         _check_finite(a, call, gemm, name_a)

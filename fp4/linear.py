@@ -76,7 +76,7 @@ call; there are no process-wide switches, so two models in one process each run 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ from fp4.gemm import (REDUCTION_AXES, NonFiniteError, _GemmCall, _check_finite, 
 from fp4.recipe import Recipe
 from fp4.state import ExecutionConfig, GemmRecord, QuantState, derive_seed, record_gemms
 
-__all__ = ["QuantLinear", "QuantState", "ExecutionConfig", "NonFiniteError", "GemmRecord", "record_gemms",
+__all__ = ["QuantLinear", "shared_input_linears", "QuantState", "ExecutionConfig", "NonFiniteError", "GemmRecord", "record_gemms",
            "derive_seed", "gemm_path", "gemm_paths", "swap_linears", "REDUCTION_AXES"]
 
 class _Probe(torch.autograd.Function):
@@ -158,8 +158,8 @@ class QuantLinear(nn.Linear):
             return self._forward_unquantized(x)
         compute_dtype = self._compute_dtype(x)
         x2d = x.reshape(-1, self.in_features).to(compute_dtype)
-        y, _, _ = linear_op.quant_linear(x2d, self.weight, self.bias, self.op_layer, compute_dtype,
-                                         self._shared_fp8(x2d))
+        (y,), _, _ = linear_op.quant_linear([x2d], [self.weight], [] if self.bias is None else [self.bias],
+                                            [self.op_layer], compute_dtype, self._shared_fp8(x2d))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _shared_fp8(self, x2d: torch.Tensor) -> str:
@@ -227,6 +227,36 @@ def _fp8_shares(recipe_id: int, device_type: str, device_index: Optional[int], t
     device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     return fp8_shared_copies(_RECIPES[recipe_id].specs, device, 16 if tokens_fit else 1, in_features,
                              out_features, ExecutionConfig(real_fp8=True))
+
+
+def shared_input_linears(x: torch.Tensor, linears: Sequence[nn.Module]) -> List[torch.Tensor]:
+    """[linear(x) for linear in linears], for sibling linears that read the same X (q/k/v, gate/up),
+    with X quantized once per orientation for all of them: one Fprop copy and one Wgrad copy instead
+    of one each per linear, as a fused projection would. Every output and gradient has the bits of
+    the separate calls (dX too: autograd adds the linears' dX_i as it adds separate layers'). Only deterministic copies are shared (round to nearest, Hadamard
+    without random signs); SR uniforms and signs stay each linear's own (fp4.gemm.OperandCache).
+
+    QuantLinears of one recipe and QuantState with the same in_features and all or none with a
+    bias run as one group; anything else (plain modules, the unquantized bf16 recipe, mixed
+    recipes) is called one by one."""
+    first = linears[0] if linears else None
+    grouped = (isinstance(first, QuantLinear) and first.recipe.quantizes and all(
+        isinstance(m, QuantLinear) and m.recipe is first.recipe and m.state is first.state
+        and m.in_features == first.in_features and (m.bias is None) == (first.bias is None) for m in linears))
+    if not grouped:
+        return [linear(x) for linear in linears]
+    compute_dtype = first._compute_dtype(x)
+    # One cast per linear, as separate calls make: autograd then adds their dX as it adds separate
+    # layers' (in x's dtype, last layer first); the op quantizes only the first.
+    xs = [x.reshape(-1, first.in_features).to(compute_dtype) for _ in linears]
+    shared = {m._shared_fp8(xs[0]) for m in linears}
+    if len(shared) != 1:  # the layers' FP8 copies must all serve backward, or none
+        return [linear(x) for linear in linears]
+    layers = [m.op_layer for m in linears]
+    biases = [m.bias for m in linears] if first.bias is not None else []
+    ys, _, _ = linear_op.quant_linear(xs, [m.weight for m in linears], biases, layers, compute_dtype,
+                                      shared.pop())
+    return [y.reshape(*x.shape[:-1], m.out_features) for y, m in zip(ys, linears)]
 
 
 def _state_for(recipe: Recipe, state: Optional[QuantState], execution: Optional[ExecutionConfig]) -> QuantState:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp4.linear import QuantLinear, QuantState, record_gemms
+from fp4.linear import QuantLinear, QuantState, record_gemms, shared_input_linears
 from fp4.recipe import Recipe
 
 RECIPES = [Recipe("fprop", "none"), Recipe("wgrad", "none"), Recipe("wgrad", "sr"), Recipe("wgrad", "rht"),
@@ -135,3 +135,42 @@ def test_compiled_blocks_take_new_batch_sizes(recipe):
         assert torch.equal(losses[0].detach(), losses[1].detach()), rows
         for a, b in zip(eager.parameters(), compiled.parameters()):
             assert torch.equal(a.grad, b.grad), rows
+
+
+class SiblingBlock(nn.Module):
+    """Gate and up read one X (fp4.linear.shared_input_linears), or are called one by one."""
+
+    def __init__(self, dim: int, recipe: Recipe, state: QuantState, index: int, grouped: bool):
+        super().__init__()
+        self.gate, self.up, self.down = (
+            QuantLinear(i, o, bias=bias, recipe=recipe, state=state, layer_index=3 * index + j,
+                        name=f"b{index}.{j}")
+            for j, (i, o, bias) in enumerate(((dim, 2 * dim, True), (dim, dim, True), (dim, dim, False))))
+        self.grouped = grouped
+
+    def forward(self, x):
+        if self.grouped:
+            gate, up = shared_input_linears(x, (self.gate, self.up))
+        else:
+            gate, up = self.gate(x), self.up(x)
+        return x + self.down(torch.nn.functional.silu(gate[:, :64]) * up)
+
+
+@pytest.mark.parametrize("recipe", [Recipe("wgrad", "h16"), Recipe("wgrad", "sr", sr_operands="all"),
+                                    Recipe("wgrad", "rht"), Recipe("fp8", "none")], ids=lambda r: r.name)
+def test_shared_input_linears_equal_separate_linears_compiled_or_not(recipe):
+    def model(grouped):
+        torch.manual_seed(0)
+        state = QuantState(seed=11)
+        return nn.Sequential(*[SiblingBlock(64, recipe, state, i, grouped) for i in range(2)]), state
+
+    separate, separate_state = model(False)
+    expected = _steps(separate, separate_state)
+    grouped, grouped_state = model(True)
+    assert [a.equal(b) for a, b in zip(expected, _steps(grouped, grouped_state))] == [True] * len(expected)
+    compiled, compiled_state = model(True)
+    torch._dynamo.reset()
+    for block in compiled:
+        block.compile(backend="aot_eager", fullgraph=True)
+    got = _steps(compiled, compiled_state)
+    assert [a.equal(b) for a, b in zip(expected, got)] == [True] * len(expected), recipe.name
