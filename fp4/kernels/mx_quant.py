@@ -112,9 +112,10 @@ def _hadamard_rows_dot(f, LOG2HB: tl.constexpr, TR: tl.constexpr):
 @triton.jit
 def _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND: tl.constexpr, AXIS: tl.constexpr,
                       LOG2HB: tl.constexpr, HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr,
-                      TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr = 0):
+                      TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr = 0,
+                      EVEN: tl.constexpr = False):
     """float32 bits of the (optionally Hadamard-transformed) [TR, TC] tile; pad positions 0."""
-    bits = load_bits(x_ptr, offs, inb, IN_KIND)
+    bits = load_bits(x_ptr, offs, inb, IN_KIND, EVEN)
     if LOG2HB > 0:
         f = bits.to(tl.float32, bitcast=True)
         if HAS_SIGNS:
@@ -130,17 +131,24 @@ def _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND: tl.constexpr, AXIS: 
         else:
             for st in tl.static_range(LOG2HB):
                 f = _butterfly(f, 1 << st, AXIS, TR, TC)
-        bits = tl.where(inb, f, 0.0).to(tl.int32, bitcast=True)
+        if EVEN:
+            bits = f.to(tl.int32, bitcast=True)
+        else:
+            bits = tl.where(inb, f, 0.0).to(tl.int32, bitcast=True)
     return bits
 
 
 @triton.jit
-def _tile_coords(R, C, TR: tl.constexpr, TC: tl.constexpr):
+def _tile_coords(R, C, TR: tl.constexpr, TC: tl.constexpr, OFF64: tl.constexpr = True):
     """This program's [TR, TC] tile of a contiguous [B, R, C] tensor (program ids (row tile,
-    column tile, b)): (rows, cols, element offsets, in-bounds mask)."""
+    column tile, b)): (rows, cols, element offsets, in-bounds mask). OFF64 False: the launcher
+    knows every offset fits an int32 (cheaper address arithmetic)."""
     rows = tl.program_id(0) * TR + tl.arange(0, TR)
     cols = tl.program_id(1) * TC + tl.arange(0, TC)
-    offs = tl.program_id(2).to(tl.int64) * R * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+    if OFF64:
+        offs = tl.program_id(2).to(tl.int64) * R * C + rows[:, None].to(tl.int64) * C + cols[None, :]
+    else:
+        offs = tl.program_id(2) * R * C + rows[:, None] * C + cols[None, :]
     return rows, cols, offs, (rows[:, None] < R) & (cols[None, :] < C)
 
 
@@ -167,13 +175,14 @@ def block_quant_kernel(
         NBITS: tl.constexpr, MCAP: tl.constexpr, FMT_MAX: tl.constexpr, FIX_QBITS: tl.constexpr,
         FIX_MAXB: tl.constexpr, SB_ROUND: tl.constexpr, NV_DIV: tl.constexpr, SB_MBITS: tl.constexpr,
         SB_EMIN: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
-        WRITE_SCALES: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr):
+        WRITE_SCALES: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr,
+        EVEN: tl.constexpr = False, OFF64: tl.constexpr = True):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2)
-    rows, cols, offs, inb = _tile_coords(R, C, TR, TC)
+    rows, cols, offs, inb = _tile_coords(R, C, TR, TC, OFF64)
     bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
-                             HAS_SIGNS, TR, TC, HMODE)
+                             HAS_SIGNS, TR, TC, HMODE, EVEN)
     if PASS == 0:
         tl.atomic_max(amax_ptr, tl.max(tl.max(bits & 0x7FFFFFFF, axis=1), axis=0))
     else:
@@ -228,7 +237,7 @@ def block_quant_kernel(
                 q = fixed_grid_bits(v, rnd, EMIN, FIX_QBITS, FIX_MAXB, FMT_MAX, MBITS, ROUND)
                 out = tl.where(finite, q | sign, F32_NAN_BITS)
                 code = am  # no block scales for a per-tensor format
-        store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND)
+        store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
         if WRITE_SCALES:
             _store_block_values(scale_ptr, code.to(tl.uint8), R, C, RB, CB, TR, TC)
 
@@ -270,8 +279,8 @@ TILE_CONFIG = {
 
 def _fits(config, axis, hb, rb, cb):
     tr, tc = config[:2]
-    if config[3] == 2:  # the slab kernel: MX blocks of 32 rows, Hadamard blocks inside them
-        return (axis == 0 and rb == MX_BLOCK and cb == 1 and 1 < hb <= MX_BLOCK
+    if config[3] == 2:  # the slab kernel: MX blocks of 32 rows, Hadamard blocks inside them (or none)
+        return (axis == 0 and rb == MX_BLOCK and cb == 1 and 1 <= hb <= MX_BLOCK
                 and tr % MX_BLOCK == 0 and tc % 4 == 0)
     if axis == 1:
         return tc % max(hb, cb) == 0 and tr % rb == 0
@@ -317,7 +326,7 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
     tr, tc, num_warps, hmode = config
     if hmode == 2 and (kind != KIND_MX or not _fits(config, axis, hb, rb, cb)):
         raise ValueError(f"config {config}: HMODE 2 (mx_rows_hadamard) needs an MX format, "
-                         f"axis 0, a Hadamard block of 2..32 and TR a multiple of 32; got "
+                         f"axis 0, a Hadamard block of 32 or less (or none) and TR a multiple of 32; got "
                          f"kind {kind}, axis {axis}, Hadamard block {hb}")
     # The dot Hadamard needs a dot-sized tile (>= 16 each way) and no 2-D tiles.
     # Zero entries of its block-diagonal matrix may meet an Inf (0 * Inf = NaN) only inside one
@@ -340,6 +349,8 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
                 MODE=MODES[mode] if mode else 0, ROUND=1 if rounding == "stochastic" else 0,
                 SB_ROUND=2 if rounding == "stochastic" else 0,
                 IN_KIND=in_kind, WRITE_SCALES=write_scales, TR=tr, TC=tc, HMODE=hmode,
+                # Tiles that divide the tensor need no masks; offsets below 2^31 no int64 arithmetic.
+                EVEN=R % tr == 0 and C % tc == 0, OFF64=x3.numel() >= 2 ** 31,
                 num_warps=num_warps, **_fmt_constexprs(elem), **_scale_constexprs())
     if hmode == 2:
         # The slab kernel: TR = MX_BLOCK x blocks per program, so the same grid; it takes the

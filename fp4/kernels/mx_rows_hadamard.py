@@ -26,7 +26,13 @@ Stochastic rounding draws the same Philox bits per (global row, 4-column group) 
 the same seed gives the same result whichever kernel ran.
 
 HB divides the 32-row MX block (2..32): a Hadamard block never straddles an MX block, so the
-slabs of one program are closed under the butterflies.
+slabs of one program are closed under the butterflies. HB = 1 is plain MX along the tokens: the
+block amax is still a max across slabs inside one thread, where mx_quant's tile reduces across
+threads.
+
+Launch facts as constexprs (block_quantize): EVEN when the tiles divide the tensor (no masks,
+no re-zeroing of padding), OFF64 only for tensors of 2^31 elements or more (int32 offsets
+otherwise): fewer instructions per element, the same bits.
 """
 from __future__ import annotations
 
@@ -59,25 +65,34 @@ def mx_rows_hadamard_kernel(
         ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
         MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr,
         MCAP: tl.constexpr, FMT_MAX: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
-        WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr, QB: tl.constexpr):
+        WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr, QB: tl.constexpr,
+        EVEN: tl.constexpr = False, OFF64: tl.constexpr = True):
     blk = tl.program_id(0) * MB + tl.arange(0, MB)  # MX block index along R (QB rows each)
     cols = tl.program_id(1) * TC + tl.arange(0, TC)
-    base = tl.program_id(2).to(tl.int64) * R * C
+    if OFF64:
+        offs0 = (tl.program_id(2).to(tl.int64) * R * C + (blk * QB).to(tl.int64)[:, None] * C
+                 + cols[None, :])
+    else:  # the launcher's promise: every offset fits an int32 (cheaper address arithmetic)
+        offs0 = tl.program_id(2) * R * C + (blk * QB)[:, None] * C + cols[None, :]
     in_c = cols[None, :] < C
     xs = ()
     for s in tl.static_range(QB):
         rows = blk * QB + s
-        offs = base + rows[:, None].to(tl.int64) * C + cols[None, :]
-        f = load_bits(x_ptr, offs, (rows[:, None] < R) & in_c, IN_KIND).to(tl.float32,
-                                                                             bitcast=True)
+        f = load_bits(x_ptr, offs0 + s * C, (rows[:, None] < R) & in_c, IN_KIND,
+                      EVEN).to(tl.float32, bitcast=True)
         if HAS_SIGNS:
             f = f * tl.load(signs_ptr + s % (1 << LOG2HB))
-        xs = xs + (f * HSCALE,)
+        if LOG2HB > 0:
+            f = f * HSCALE
+        xs = xs + (f,)
     xs = _slab_butterflies(xs, LOG2HB, QB)
     bits = ()
     am = tl.zeros([MB, TC], dtype=tl.int32)
     for s in tl.static_range(QB):
-        b = tl.where(((blk * QB + s)[:, None] < R) & in_c, xs[s], 0.0).to(tl.int32, bitcast=True)
+        if EVEN or LOG2HB == 0:  # no transform: padding loaded as 0 stays 0
+            b = xs[s].to(tl.int32, bitcast=True)
+        else:
+            b = tl.where(((blk * QB + s)[:, None] < R) & in_c, xs[s], 0.0).to(tl.int32, bitcast=True)
         am = tl.maximum(am, b & 0x7FFFFFFF)
         bits = bits + (b,)
     e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
@@ -96,8 +111,7 @@ def mx_rows_hadamard_kernel(
         mag = mx_grid_bits(a, e, rnd, fast, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX,
                            ROUND)
         out = tl.where(bad, F32_NAN_BITS, mag | (bits[s] & (-2147483648)))
-        store_bits(out_ptr, base + rows[:, None].to(tl.int64) * C + cols[None, :], out,
-                   (rows[:, None] < R) & in_c, IN_KIND)
+        store_bits(out_ptr, offs0 + s * C, out, (rows[:, None] < R) & in_c, IN_KIND, EVEN)
     if WRITE_SCALES:
         nblk = (R + QB - 1) // QB
         code = tl.where(bad, 255, e + E8M0_B).to(tl.uint8)

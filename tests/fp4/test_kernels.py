@@ -427,3 +427,20 @@ def test_e2m1_runs_the_mxfp4_kernel():
     for mode in ("even", "floor"):
         assert mismatches(triton_quantize_operand(x, "e2m1", -1, scale_mode=mode)[0].cpu(),
                           reference(x, "mxfp4", -1, scale_mode=mode)[0]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_even_tiles_bit_identical(axis, dtype):
+    """Tensors that the tiles divide (64 x 256: every default and tuned tile) launch without masks
+    (block_quantize's EVEN): the same bits as the reference, hard blocks included."""
+    x = wide_tensor((64, 256), torch.float32, seed=11, spread=20)
+    x[:8, :96] = special_blocks().cpu()
+    x[8:16, 96:224] = fast_route_blocks(6.0).cpu()
+    if axis == 0:
+        x = x.t().contiguous()
+    x = x.to(dtype).to(DEV)
+    for fmt in MX:
+        check(x, fmt, axis)
+    for fmt in ("nvfp4", "e4m3"):
+        check(x, fmt, axis)

@@ -66,9 +66,11 @@ def test_is_the_default_for_h16_along_tokens():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("hb", [16, 4])  # 1/sqrt(hb) exact: every product and sum is exact
 @pytest.mark.parametrize("signed", [False, True])
-def test_reference_bits_on_exact_sums(dtype, hb, signed):
-    # 100 rows: three full MX blocks and a partial one (zero-padded rows inside a Hadamard block).
-    x = exact_input((100, 40), dtype, seed=hb)
+@pytest.mark.parametrize("shape", [(100, 40), (64, 256)])
+def test_reference_bits_on_exact_sums(dtype, hb, signed, shape):
+    # 100 rows: three full MX blocks and a partial one (zero-padded rows inside a Hadamard block);
+    # 64 x 256: the default tile divides it, so the kernel runs without masks (EVEN).
+    x = exact_input(shape, dtype, seed=hb)
     signs = signs_for(hb, 3) if signed else None
     for fmt, mode in (("mxfp4", "even"), ("mxfp4", "floor"), ("e1m2", "rceil"), ("int4", "ceil")):
         ref, _ = quantize_operand(x.cpu(), fmt, 0, scale_mode=mode, hadamard_block=hb,
@@ -126,3 +128,25 @@ def test_config_errors_name_the_constraint():
     with pytest.raises(ValueError, match="HMODE 2"):
         block_quantize(x.reshape(1, 32, 32), KIND_NVFP4, "e2m1", 0, None, hadamard_block=16,
                        config=(32, 64, 4, 2))
+
+
+@pytest.mark.parametrize("shape,config", [((64, 256), (32, 256, 4, 2)), ((100, 40), (32, 64, 4, 2)),
+                                          ((96, 70), (64, 64, 2, 2))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_without_a_transform(shape, config, dtype):
+    """HB = 1: plain MX along the tokens in the slab layout, the reference's bits (nearest, every
+    scale mode) and mx_quant's draws under stochastic rounding."""
+    x = wide_tensor(shape, dtype, seed=13, spread=20, device=DEV)
+    x[:32, 3] = 0.0
+    x[5, 7] = float("inf")
+    for fmt, elem, mode in (("mxfp4", "e2m1", "even"), ("mxfp4", "e2m1", "floor"), ("e1m2", "e1m2", "rceil"),
+                            ("int4", "int4", "ceil")):
+        ref, _ = quantize_operand(x.cpu(), fmt, 0, scale_mode=mode, backend="torch")
+        got, _, codes = run(x, elem, mode, hb=1, config=config)
+        _, _, codes0 = run(x, elem, mode, hb=1, config=(32, 64, 4, 0))
+        assert same_bits(got.reshape(ref.shape), ref), (fmt, mode)
+        assert torch.equal(codes, codes0)
+    gen = lambda s: torch.Generator(device=DEV).manual_seed(s)  # noqa: E731
+    a, _, _ = run(x, rounding="stochastic", gen=gen(4), hb=1, config=config)
+    b, _, _ = run(x, rounding="stochastic", gen=gen(4), hb=1, config=(32, 64, 4, 0))
+    assert same_bits(a, b)
