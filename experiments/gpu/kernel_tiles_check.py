@@ -7,7 +7,8 @@ bf16, four of them per launch so that a launch moves 0.4-1.2 GB and host time hi
 candidate tile (TR, TC, num_warps, HMODE) of fp4.kernels.mx_quant.block_quantize for
 
     mxfp4 along the last axis and along the tokens (HMODE 2 = the slab kernel, here without a
-    transform), h16+mxfp4 along the tokens (slab kernel), nvfp4 both ways,
+    transform), h16+mxfp4 both ways (the slab kernel along the tokens), nvfp4 both ways, and
+    the default of per-tensor E4M3 (its own kernel) both ways,
 
 1. bytes: the output and scale codes equal those of the launcher's default tile (FAIL otherwise;
    every tile computes the same elementwise operations, so any difference is a kernel bug);
@@ -22,6 +23,7 @@ import sys
 import torch
 import triton
 
+from fp4.kernels import triton_quantize_operand
 from fp4.kernels.mx_quant import KIND_MX, KIND_NVFP4, block_quantize
 
 dev = torch.device("cuda")
@@ -36,16 +38,23 @@ CASES = {
     "h16+mxfp4 tokens": (KIND_MX, "e2m1", 0, 16, [(32, 128, 4, 2), (32, 256, 4, 2), (32, 256, 2, 2),
                                                   (32, 128, 2, 2), (32, 256, 8, 2), (64, 128, 4, 2),
                                                   (64, 256, 8, 2)]),
+    "h16+mxfp4 last axis": (KIND_MX, "e2m1", 1, 16, [(8, 512, 4, 0), (16, 256, 4, 0)]),
     "nvfp4 last axis": (KIND_NVFP4, "e2m1", 1, None, [(16, 256, 4, 0), (8, 512, 4, 0), (32, 256, 8, 0),
                                                       (16, 512, 8, 0), (32, 128, 4, 0)]),
     "nvfp4 tokens": (KIND_NVFP4, "e2m1", 0, None, [(32, 256, 4, 0), (16, 256, 4, 0), (32, 128, 4, 0),
                                                    (64, 128, 8, 0), (32, 512, 8, 0), (16, 512, 8, 0)]),
+    # Per-tensor E4M3 (fp4.kernels.fp8_quant, its own tiles): the default only.
+    "e4m3 last axis": (None, "e4m3", 1, None, []),
+    "e4m3 tokens": (None, "e4m3", 0, None, []),
 }
 
 
 def quant(x3, case, config, rounding="nearest"):
     kind, elem, axis, hb, _ = CASES[case]
     gen = torch.Generator(device=dev).manual_seed(7)
+    if kind is None:  # the public entry of the per-tensor FP8 quantizer
+        q, scale = triton_quantize_operand(x3.view(-1, x3.shape[-1]), elem, -1 if axis == 1 else 0)
+        return q, scale, torch.empty(0, device=dev)
     return block_quantize(x3, kind, elem, axis, "even" if kind == KIND_MX else None, rounding, gen,
                           hadamard_block=hb, write_scales=True, config=config)
 
@@ -58,6 +67,7 @@ def same(a, b):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the 65536 x 768 shape only")
+    ap.add_argument("--defaults-only", action="store_true", help="time the launcher's default tiles only")
     args = ap.parse_args()
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50)  # noqa: E731  (ms)
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
@@ -72,6 +82,7 @@ def main() -> int:
         copy_gbs = 4 * n / copy_ms / 1e6
         print(f"\n{R} x {C} bf16 (x4): copy {copy_ms * 1e3:.0f} us = {copy_gbs:.0f} GB/s", flush=True)
         for case, (_, _, _, _, tiles) in CASES.items():
+            tiles = [] if args.defaults_only else tiles
             want = quant(x3, case, None)
             timed = {}
             for config in [None] + tiles:
@@ -86,7 +97,7 @@ def main() -> int:
                     continue
                 print(f"  {case:18s} {'default *' if config is None else str(config):18s} nearest "
                       f"{ms * 1e3:6.0f} us ({100 * 4 * n / ms / 1e6 / copy_gbs:5.1f}% of copy)", flush=True)
-            if case.startswith(("mxfp4", "h16")) and timed:
+            if case in ("mxfp4 last axis", "mxfp4 tokens") and timed:
                 best = min(timed, key=timed.get)
                 for config in dict.fromkeys([None, best]):
                     ms = bench(lambda: quant(x3, case, config, "stochastic"))
