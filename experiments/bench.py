@@ -4,7 +4,8 @@ the training stacks a researcher would use instead.
 Everything is measured in one process on one GPU and reported as ratios taken inside that run, so
 numbers from different machines are never mixed:
 
-1. kernels (`bench_kernels`): each quantizer on an 8192 x 8192 bf16 tensor, both orientations,
+1. kernels (`bench_kernels`): each quantizer timed on a 4 x 8192 x 8192 bf16 tensor (checked on
+   8192 x 8192), both orientations,
    against the device-to-device copy bandwidth measured in the same run, beside the torch
    reference eager and under torch.compile, with a bit-exactness pass on planted hard blocks;
 2. the runner's own step (`bench_steps`: the config `fp4-ablate run` composes, its model, and the
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = ap.add_argument
     a("--out", default="results/bench")
     a("--name", default="", help="suffix of the output files: <device>[-NAME].md / .json")
-    a("--size", type=int, default=8192, help="kernel tensor is SIZE x SIZE bf16")
+    a("--size", type=int, default=8192, help="kernel tensor: 4 * SIZE x SIZE bf16 timed, SIZE x SIZE checked")
     a("--skip-kernels", action="store_true")
     a("--skip-steps", action="store_true", help="kernels only: no runner, peer or packing rows")
     a("--models", default="llama-20m,llama-150m")

@@ -1,12 +1,16 @@
 """Quantize-kernel benchmark: Triton fast path vs the torch reference (eager and torch.compile).
 
-bench_kernels(device="cuda", size=8192, dtype=torch.bfloat16) -> list of row dicts
+bench_kernels(device="cuda", size=8192, dtype=torch.bfloat16, batch=4) -> list of row dicts
 
-What it measures, in one process on one CUDA device, for an [size, size] operand:
+What it measures, in one process on one CUDA device, for an operand of [batch * size, size]
+(timing) and [size, size] (correctness):
   - the device-to-device copy bandwidth of the same tensor (bytes read + bytes written): the
     ceiling every quantize pass is compared with (`pct_copy`);
   - for mxfp4, nvfp4, h16+mxfp4, sr+mxfp4 and e4m3, in both orientations (axis=-1: blocks along
     the contiguous dim; axis=0: blocks along the token dim, no transposed copy), the median time
+    of one launch on the [batch * size, size] operand (batch 4: 0.5 GB in and out, so that the
+    launcher's host time, ~0.1 ms, hides behind the GPU's; at batch 1 it inflated the H200's
+    timings of 8192 x 8192 operands, results/bench/bench_kernels-h200-0d76e75.txt)
     (triton.testing.do_bench), achieved GB/s counting x read once and x_dq written once, and the
     percentage of copy bandwidth, for impl = "triton", "torch" (eager reference) and
     "torch.compile" (the reference compiled; a compile failure is recorded in `error`);
@@ -63,7 +67,7 @@ def _mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 def bench_kernels(device: str = "cuda", size: int = 8192, dtype: torch.dtype = torch.bfloat16,
-                  compile_reference: bool = True) -> List[Dict]:
+                  compile_reference: bool = True, batch: int = 4) -> List[Dict]:
     import triton.testing
 
     from fp4.kernels import triton_quantize_operand
@@ -72,8 +76,10 @@ def bench_kernels(device: str = "cuda", size: int = 8192, dtype: torch.dtype = t
     dev = torch.device(device)
     if dev.type != "cuda":
         raise RuntimeError("bench_kernels measures GPU bandwidth: pass a CUDA device")
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be >= 1")
     torch.manual_seed(0)
-    x = torch.randn(size, size, device=dev, dtype=dtype)
+    x = torch.randn(batch * size, size, device=dev, dtype=dtype)  # what is timed
     nbytes = 2 * x.numel() * x.element_size()  # read x once + write x_dq once
     rows: List[Dict] = []
 
@@ -81,10 +87,10 @@ def bench_kernels(device: str = "cuda", size: int = 8192, dtype: torch.dtype = t
     copy_ms = triton.testing.do_bench(lambda: y.copy_(x))
     copy_gbps = nbytes / copy_ms / 1e6
     rows.append(dict(op="copy", orientation="-", impl="torch", median_ms=copy_ms,
-                     gbps=copy_gbps, pct_copy=100.0, correct=None))
+                     gbps=copy_gbps, pct_copy=100.0, correct=None, shape=list(x.shape)))
     del y
 
-    xs = _plant_special_blocks(x)
+    xs = _plant_special_blocks(x[:size])  # what is checked
     for op, kw in OPS.items():
         for orient, axis in ORIENTATIONS.items():
             kw = dict(kw)
@@ -294,12 +300,13 @@ if __name__ == "__main__":
     parser.add_argument("--diagnose", action="store_true", help="kernel / GPU ref / CPU ref bits")
     parser.add_argument("--sweep", action="store_true", help="time launch configurations")
     parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4, help="timed operand: [BATCH * SIZE, SIZE]")
     args = parser.parse_args()
     if args.diagnose or args.sweep:
         result = (diagnose(size=args.size) if args.diagnose else []) + (
             sweep(size=args.size) if args.sweep else [])
     else:
-        result = bench_kernels(size=args.size, compile_reference=not args.no_compile)
+        result = bench_kernels(size=args.size, compile_reference=not args.no_compile, batch=args.batch)
         print(_table(result))
     if args.out:
         with open(args.out, "w") as f:
