@@ -4,7 +4,7 @@ Why. The q, k and v projections of a decoder layer read the same X, and so do ga
 separate quantized linears, each quantizes X again -- for Fprop along in_features and for Wgrad
 along the tokens -- so X is quantized three (two) times per orientation where a fused projection
 (Megatron's linear_qkv / linear_fc1, a fused QKV GEMM on FP4 hardware) quantizes it once. On
-llama-150m that is 6 of the 14 X quantizations a decoder layer makes per orientation.
+llama-150m that is 3 of the 7 X quantizations a decoder layer makes per orientation.
 
 How. `transformers`' LlamaAttention and LlamaMLP call their projections one by one, so they get a
 forward of their own here (the same computation, written against the same modules and

@@ -9,7 +9,9 @@ reshapes it *logically* to [TR/RB, RB, TC/CB, CB] with (RB, CB) = (1, QB) for AX
 (QB, 1) for AXIS=0 and (16, 16) for NVFP4 2-D tiles, and reduces the block amax over dims 1
 and 3. One tile holds TR*TC/QB blocks (e.g. 32 x 128 bf16 = 128 MX blocks), so every element is
 read once and written once. Elements past R or C load as zeros: the same as the reference's zero
-padding, since zeros never raise an amax; they are never stored.
+padding, since zeros never raise an amax; they are never stored. Where the tiles divide the
+tensor the launcher passes EVEN and no mask is computed at all; below 2^31 elements (OFF64
+False) offsets are int32: fewer instructions per element for the same bits.
 
 What one program computes (PASS=1):
   1. bits of x (bf16 widened by a shift; fp32 as int32; fp16 upcast) -> optional block Hadamard:
