@@ -10,8 +10,8 @@ How. `transformers`' LlamaAttention and LlamaMLP call their projections one by o
 forward of their own here (the same computation, written against the same modules and
 parameters: the state_dict is unchanged) that runs each group through
 fp4.linear.shared_input_linears. That op quantizes X once per orientation where this gives the
-bits of quantizing it per layer (round to nearest, Hadamard without random signs) and adds the
-Dgrad outputs as autograd would add separate layers' gradients, so the loss and every gradient
+bits of quantizing it per layer (round to nearest, Hadamard without random signs) and returns each
+linear's dX_i for autograd to add, as it adds separate layers' gradients, so the loss and every gradient
 equal the ungrouped model's bit for bit in eager (tests/experiments/test_projections.py). What is
 not shareable (SR uniforms, random signs: drawn per layer) stays per layer, inside the same op.
 

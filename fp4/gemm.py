@@ -119,8 +119,9 @@ def _quantize(call: _GemmCall, gemm: str, name: str, tensor: torch.Tensor, op: O
             tensor = hadamard_transform(tensor, block=hadamard.block, axis=axis, signs=signs)
         return tensor.to(call.compute_dtype), None
     key = _deterministic_key(op, axis, hadamard)
-    if key is not None and cache.get(name, key) is not None:
-        return cache.get(name, key)
+    made = cache.get(name, key) if key is not None else None
+    if made is not None:
+        return made
     generator = call.sr_generator(tensor.device, gemm, name) if op.rounding == "stochastic" else None
     grid, scale = quantize_operand(
         tensor, op.fmt, axis, rounding=op.rounding, scale_mode=op.scale_mode, generator=generator,
@@ -199,14 +200,16 @@ class Fp8Copy:
 
 def _fp8_copy(cache: OperandCache, tensor: Optional[torch.Tensor], name: str, fmt: str, backend) -> Fp8Copy:
     key = ("float8", fmt)
-    if cache.get(name, key) is None:
+    copy = cache.get(name, key)
+    if copy is None:
         if name in cache.both_layouts and tensor.dim() == 2:
             q, q_t, scale = fp8_gemm.quantize_fp8_both(tensor, fmt, backend=backend)  # one cast-transpose pass
-            cache.put(name, key, Fp8Copy(q, scale, q_t))
+            copy = Fp8Copy(q, scale, q_t)
         else:
             q, scale = fp8_gemm.quantize_fp8(tensor, fmt, backend=backend)
-            cache.put(name, key, Fp8Copy(q, scale))
-    return cache.get(name, key)
+            copy = Fp8Copy(q, scale)
+        cache.put(name, key, copy)
+    return copy
 
 
 def fp8_shared_copies(specs: Dict[str, GemmSpec], device, tokens: int, in_features: int, out_features: int,

@@ -89,8 +89,8 @@ from fp4.gemm import (REDUCTION_AXES, NonFiniteError, _GemmCall, _check_finite, 
 from fp4.recipe import Recipe
 from fp4.state import ExecutionConfig, GemmRecord, QuantState, derive_seed, record_gemms
 
-__all__ = ["QuantLinear", "shared_input_linears", "QuantState", "ExecutionConfig", "NonFiniteError", "GemmRecord", "record_gemms",
-           "derive_seed", "gemm_path", "gemm_paths", "swap_linears", "REDUCTION_AXES"]
+__all__ = ["QuantLinear", "shared_input_linears", "QuantState", "ExecutionConfig", "NonFiniteError", "GemmRecord",
+           "record_gemms", "derive_seed", "gemm_path", "gemm_paths", "swap_linears", "REDUCTION_AXES"]
 
 class _Probe(torch.autograd.Function):
     """Identity whose backward checks/records the gradient passing through (bf16 path, debug only)."""
@@ -158,9 +158,7 @@ class QuantLinear(nn.Linear):
             return self._forward_unquantized(x)
         compute_dtype = self._compute_dtype(x)
         x2d = x.reshape(-1, self.in_features).to(compute_dtype)
-        (y,), _, _ = linear_op.quant_linear([x2d], [self.weight], [] if self.bias is None else [self.bias],
-                                            [self.op_layer], compute_dtype, self._shared_fp8(x2d))
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return _quant_linears([self], [x2d], compute_dtype, self._shared_fp8(x2d), x.shape[:-1])[0]
 
     def _shared_fp8(self, x2d: torch.Tensor) -> str:
         """"<X's>,<W's FP8 format>" when Fprop's FP8 copies can serve backward (fp4.gemm.fp8_shared_copies),
@@ -233,8 +231,9 @@ def shared_input_linears(x: torch.Tensor, linears: Sequence[nn.Module]) -> List[
     """[linear(x) for linear in linears], for sibling linears that read the same X (q/k/v, gate/up),
     with X quantized once per orientation for all of them: one Fprop copy and one Wgrad copy instead
     of one each per linear, as a fused projection would. Every output and gradient has the bits of
-    the separate calls (dX too: autograd adds the linears' dX_i as it adds separate layers'). Only deterministic copies are shared (round to nearest, Hadamard
-    without random signs); SR uniforms and signs stay each linear's own (fp4.gemm.OperandCache).
+    the separate calls (dX too: autograd adds the linears' dX_i as it adds separate layers'). Only
+    deterministic copies are shared (round to nearest, Hadamard without random signs); SR uniforms
+    and signs stay each linear's own (fp4.gemm.OperandCache).
 
     QuantLinears of one recipe and QuantState with the same in_features and all or none with a
     bias run as one group; anything else (plain modules, the unquantized bf16 recipe, mixed
@@ -252,11 +251,17 @@ def shared_input_linears(x: torch.Tensor, linears: Sequence[nn.Module]) -> List[
     shared = {m._shared_fp8(xs[0]) for m in linears}
     if len(shared) != 1:  # the layers' FP8 copies must all serve backward, or none
         return [linear(x) for linear in linears]
-    layers = [m.op_layer for m in linears]
-    biases = [m.bias for m in linears] if first.bias is not None else []
-    ys, _, _ = linear_op.quant_linear(xs, [m.weight for m in linears], biases, layers, compute_dtype,
-                                      shared.pop())
-    return [y.reshape(*x.shape[:-1], m.out_features) for y, m in zip(ys, linears)]
+    return _quant_linears(linears, xs, compute_dtype, shared.pop(), x.shape[:-1])
+
+
+def _quant_linears(linears: Sequence[QuantLinear], xs: List[torch.Tensor], compute_dtype: torch.dtype,
+                   shared_fp8: str, lead_shape) -> List[torch.Tensor]:
+    """The Fprop op for k >= 1 QuantLinears (all or none with a bias) on their casts xs of one X;
+    outputs reshaped to lead_shape + (out_features,)."""
+    biases = [m.bias for m in linears] if linears[0].bias is not None else []
+    ys, _, _ = linear_op.quant_linear(xs, [m.weight for m in linears], biases, [m.op_layer for m in linears],
+                                      compute_dtype, shared_fp8)
+    return [y.reshape(*lead_shape, m.out_features) for y, m in zip(ys, linears)]
 
 
 def _state_for(recipe: Recipe, state: Optional[QuantState], execution: Optional[ExecutionConfig]) -> QuantState:

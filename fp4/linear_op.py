@@ -23,14 +23,15 @@ Naming the layer without specializing on it
 ===========================================
 Ops take tensors and scalars only, so a layer is passed by its `layer` tensor, a one-element int64
 CPU tensor (a plain attribute of the QuantLinear, not a buffer: it stays on the CPU, out of the
-state_dict and of FSDP's reach) that keys a table of live layers; `layers` is a group's list of them. A Python int would be a constant the compiled
-code guards on, one recompilation per layer; a tensor is a graph input, so one compiled decoder
-layer serves every decoder layer (regional compilation, experiments/training/setup.py). The table
-holds weak references: it is a lookup of live modules, not a setting.
+state_dict and of FSDP's reach) that keys a table of live layers; `layers` is a group's list of
+them. A Python int would be a constant the compiled code guards on, one recompilation per layer;
+a tensor is a graph input, so one compiled decoder layer serves every decoder layer (regional
+compilation, experiments/training/setup.py). The table holds weak references: it is a lookup of
+live modules, not a setting.
 
 `wheres` (int64 [k, 2] on the CPU: each layer's step and call index) is Fprop's second output,
-saved for backward: the backward op rebuilds each call of its own forward from it, so Dgrad and Wgrad draw from the
-identities of their forward. Observers (record_gemms, the diagnostics probe) belong to the forward
+saved for backward: the backward op rebuilds each call of its own forward from it, so Dgrad and
+Wgrad draw from the identities of their forward. Observers (record_gemms, the diagnostics probe) belong to the forward
 too: "the GEMMs of forwards started inside the block" include their backward GEMMs even when the
 backward runs after the block, so a forward that has observers leaves them in `_OBSERVERS` under
 its (layer, step, call) for its backward to take; a forward without observers leaves nothing, and
@@ -94,21 +95,23 @@ def _group_calls(layers: List[torch.Tensor], compute_dtype: torch.dtype, wheres=
 
 
 @torch.library.custom_op("fp4::quant_linear", mutates_args=())
-def quant_linear(xs: List[torch.Tensor], weights: List[torch.Tensor], biases: List[torch.Tensor], layers: List[torch.Tensor],
-                 compute_dtype: torch.dtype, shared_fp8: str
+def quant_linear(xs: List[torch.Tensor], weights: List[torch.Tensor], biases: List[torch.Tensor],
+                 layers: List[torch.Tensor], compute_dtype: torch.dtype, shared_fp8: str
                  ) -> Tuple[List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
     """Fprop of k >= 1 linears reading one X: Y_i = X . W_i^T with X: [T, in] in the compute dtype,
     given once per layer (xs: the same values, each layer's own cast, so that autograd adds the dX_i
     of the layers exactly as it adds separate layers' gradients; layers: their `layer` tensors;
-    biases: [] or one per layer). The quantized copies of X are made from xs[0] and shared. Returns (Ys, wheres int64 [k, 2], saved FP8
-    copies). shared_fp8 = "<X's format>,<W's format>" when Fprop's FP8 copies serve backward
-    (fp4.gemm.fp8_shared_copies; else ""): then saved = [q of X^T, s_X] + [q of W_i^T, s_W_i] per layer."""
+    biases: [] or one per layer). The quantized copies of X are made from xs[0] and shared.
+    Returns (Ys, wheres int64 [k, 2], saved FP8 copies). shared_fp8 = "<X's format>,<W's format>"
+    when Fprop's FP8 copies serve backward (fp4.gemm.fp8_shared_copies; else ""): then saved =
+    [q of X^T, s_X] + [q of W_i^T, s_W_i] per layer."""
     calls = _group_calls(layers, compute_dtype)
     shared_x: dict = {}  # X's quantized copies, made once for every layer of the group
     ys: List[torch.Tensor] = []
     saved: List[torch.Tensor] = []
     # Autocast off inside: the casts are explicit (grid values -> compute dtype, fp32 alpha).
     x = xs[0]
+    x_fmt, w_fmt = shared_fp8.split(",") if shared_fp8 else (None, None)
     with torch.autocast(x.device.type, enabled=False):
         for i, (call, weight) in enumerate(zip(calls, weights)):
             _leave_observers(int(layers[i][0]), call)
@@ -116,7 +119,6 @@ def quant_linear(xs: List[torch.Tensor], weights: List[torch.Tensor], biases: Li
             # ---- Fprop: Y = X . W^T, reduced over in_features (X and W blocked along dim -1) ----
             ys.append(_run_gemm(call, "fprop", x, weight, bias=biases[i] if biases else None, cache=cache))
             if shared_fp8:
-                x_fmt, w_fmt = shared_fp8.split(",")
                 if i == 0:
                     copy = cache.get("x", ("float8", x_fmt))
                     saved += [copy.transposed(), copy.scale.clone()]
