@@ -14,7 +14,9 @@ candidate tile (TR, TC, num_warps, HMODE) of fp4.kernels.mx_quant.block_quantize
    every tile computes the same elementwise operations, so any difference is a kernel bug);
 2. speed: triton.testing.do_bench, GB/s at 4 bytes per element (2 read, 2 written) and % of a
    device copy of the same tensors timed in the same process. The default tile is marked "*".
-Stochastic rounding: the default and the fastest tile of each nearest row. One line per tile,
+Stochastic rounding: the default and the fastest tile of each nearest row. --reload-ab adds each
+default tile with RELOAD False (the tile held in registers across the program-wide test instead
+of read again: more registers, fewer programs per SM; experiments/kernel_sass.py). One line per tile,
 then a summary; exit 1 on any byte FAIL.
 """
 import argparse
@@ -24,7 +26,8 @@ import torch
 import triton
 
 from fp4.kernels import triton_quantize_operand
-from fp4.kernels.mx_quant import KIND_MX, KIND_NVFP4, block_quantize
+from fp4.formats import MX_BLOCK, NVFP4_BLOCK
+from fp4.kernels.mx_quant import KIND_MX, KIND_NVFP4, block_quantize, launch_config
 
 dev = torch.device("cuda")
 
@@ -59,6 +62,14 @@ def quant(x3, case, config, rounding="nearest"):
                           hadamard_block=hb, write_scales=True, config=config)
 
 
+def default_tile(case):
+    """The (TR, TC, num_warps, HMODE) block_quantize picks for this case."""
+    kind, _, axis, hb, _ = CASES[case]
+    qb = MX_BLOCK if kind == KIND_MX else NVFP4_BLOCK
+    rb, cb = (1, qb) if axis == 1 else (qb, 1)
+    return tuple(launch_config(kind, axis, hb or 1, rb, cb, "nearest", False)[:4])
+
+
 def same(a, b):
     return (torch.equal(a[0].view(torch.int16), b[0].view(torch.int16)) and torch.equal(a[2], b[2])
             and (a[1] is None or torch.equal(a[1], b[1])))
@@ -68,6 +79,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the 65536 x 768 shape only")
     ap.add_argument("--defaults-only", action="store_true", help="time the launcher's default tiles only")
+    ap.add_argument("--reload-ab", action="store_true",
+                    help="also time each default tile holding its tile in registers (RELOAD False)")
     args = ap.parse_args()
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50)  # noqa: E731  (ms)
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
@@ -81,8 +94,10 @@ def main() -> int:
         copy_ms = bench(lambda: x3.clone())
         copy_gbs = 4 * n / copy_ms / 1e6
         print(f"\n{R} x {C} bf16 (x4): copy {copy_ms * 1e3:.0f} us = {copy_gbs:.0f} GB/s", flush=True)
-        for case, (_, _, _, _, tiles) in CASES.items():
+        for case, (kind, _, _, _, tiles) in CASES.items():
             tiles = [] if args.defaults_only else tiles
+            if args.reload_ab and kind is not None:
+                tiles = tiles + [default_tile(case) + (False,)]
             want = quant(x3, case, None)
             timed = {}
             for config in [None] + tiles:

@@ -29,6 +29,16 @@ What one program computes (PASS=1):
      Triton's float32 `/` (approximate div.full.f32).
      FP8 (KIND=2): s = fp32(amax / max), v = x / s, output q.
   4. optional per-block scale codes (E8M0 byte e + 127, 0xFF for NaN; E4M3 byte of s_b).
+Registers decide the speed. At copy speed an H200 has ~32 issue slots per element, so these
+kernels are bound by the bytes each SM keeps in flight, i.e. by how many programs fit its
+registers (experiments/kernel_sass.py prints both). The rare routes -- MX integer rounding for
+programs with a tiny or huge block exponent, the float64 division of tensors with s_g <
+FAST_DIV_MIN -- would set the register count of the whole kernel, so they run on SUB parts of the
+tile one after another (each part loaded, rounded and stored by itself, along the axis the blocks
+do not run). And the MX round-to-nearest route reads its tile again after the program-wide test
+of the block exponents (RELOAD, a cache hit) instead of holding it across that test's barrier:
+for MXFP4 along the last axis 48 registers instead of 128, 10 programs per SM instead of 4
+(Triton 3.9's sm_90 build).
 PASS=0 is the cheap global-amax pre-pass for NVFP4 / FP8: it recomputes the (transformed) tile
 and atomically maxes its |bits| into one int32.
 
@@ -56,10 +66,10 @@ import triton.language as tl
 
 from ..formats import E4M3, E8M0_BIAS, MX_BLOCK, NVFP4_BLOCK, NVFP4_TENSOR_DIVISOR
 from ..scaling import MX_SCALE_MODES
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_scaled,
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
                     encode_minifloat, fixed_grid_bits, fixed_scale_consts, f32_bits, load_bits,
-                    mul_f32, mx_exponent, mx_fast_program, mx_grid_bits, rand_bits, round_bits,
-                    store_bits)
+                    mul_f32, mx_exponent, mx_fast_program, mx_grid_bits, mx_round_nearest,
+                    rand_bits, round_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 from .mx_rows_hadamard import mx_rows_hadamard_kernel
 
@@ -141,12 +151,12 @@ def _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND: tl.constexpr, AXIS: 
 
 
 @triton.jit
-def _tile_coords(R, C, TR: tl.constexpr, TC: tl.constexpr, OFF64: tl.constexpr = True):
-    """This program's [TR, TC] tile of a contiguous [B, R, C] tensor (program ids (row tile,
-    column tile, b)): (rows, cols, element offsets, in-bounds mask). OFF64 False: the launcher
-    knows every offset fits an int32 (cheaper address arithmetic)."""
-    rows = tl.program_id(0) * TR + tl.arange(0, TR)
-    cols = tl.program_id(1) * TC + tl.arange(0, TC)
+def _tile_at(R, C, r0, c0, TR: tl.constexpr, TC: tl.constexpr, OFF64: tl.constexpr = True):
+    """The [TR, TC] tile at element (r0, c0) of matrix tl.program_id(2) of a contiguous [B, R, C]
+    tensor: (rows, cols, element offsets, in-bounds mask). OFF64 False: the launcher knows every
+    offset fits an int32 (cheaper address arithmetic)."""
+    rows = r0 + tl.arange(0, TR)
+    cols = c0 + tl.arange(0, TC)
     if OFF64:
         offs = tl.program_id(2).to(tl.int64) * R * C + rows[:, None].to(tl.int64) * C + cols[None, :]
     else:
@@ -155,16 +165,113 @@ def _tile_coords(R, C, TR: tl.constexpr, TC: tl.constexpr, OFF64: tl.constexpr =
 
 
 @triton.jit
-def _store_block_values(ptr, v, R, C, RB: tl.constexpr, CB: tl.constexpr, TR: tl.constexpr,
-                        TC: tl.constexpr):
-    """Store one value per [RB, CB] block of this program's tile (v: [TR//RB, 1, TC//CB, 1]) to
-    the row-major [B, ceil(R/RB), ceil(C/CB)] array at ptr: the block scales."""
+def _tile_coords(R, C, TR: tl.constexpr, TC: tl.constexpr, OFF64: tl.constexpr = True):
+    """This program's [TR, TC] tile (program ids (row tile, column tile, b)): see _tile_at."""
+    return _tile_at(R, C, tl.program_id(0) * TR, tl.program_id(1) * TC, TR, TC, OFF64)
+
+
+@triton.jit
+def _store_block_values_at(ptr, v, R, C, r0, c0, RB: tl.constexpr, CB: tl.constexpr,
+                           TR: tl.constexpr, TC: tl.constexpr):
+    """Store one value per [RB, CB] block of the [TR, TC] tile at element (r0, c0) (v:
+    [TR//RB, 1, TC//CB, 1]) to the row-major [B, ceil(R/RB), ceil(C/CB)] array at ptr: the block
+    scales."""
     nrb = (R + RB - 1) // RB
     ncb = (C + CB - 1) // CB
-    rb = (tl.program_id(0) * (TR // RB) + tl.arange(0, TR // RB))[:, None, None, None]
-    cb = (tl.program_id(1) * (TC // CB) + tl.arange(0, TC // CB))[None, None, :, None]
+    rb = (r0 // RB + tl.arange(0, TR // RB))[:, None, None, None]
+    cb = (c0 // CB + tl.arange(0, TC // CB))[None, None, :, None]
     tl.store(ptr + tl.program_id(2).to(tl.int64) * nrb * ncb + rb * ncb + cb, v,
              mask=(rb < nrb) & (cb < ncb))
+
+
+@triton.jit
+def _store_block_values(ptr, v, R, C, RB: tl.constexpr, CB: tl.constexpr, TR: tl.constexpr,
+                        TC: tl.constexpr):
+    """_store_block_values_at for this program's tile."""
+    _store_block_values_at(ptr, v, R, C, tl.program_id(0) * TR, tl.program_id(1) * TC, RB, CB, TR, TC)
+
+
+@triton.jit
+def _mx_tile_integer(x_ptr, out_ptr, signs_ptr, scale_ptr, R, C, r0, c0, AXIS: tl.constexpr,
+                     RB: tl.constexpr, CB: tl.constexpr, LOG2HB: tl.constexpr, HSCALE: tl.constexpr,
+                     HAS_SIGNS: tl.constexpr, MODE: tl.constexpr, MBITS: tl.constexpr,
+                     EMIN: tl.constexpr, EMAX: tl.constexpr, MAXN: tl.constexpr, MAXQ: tl.constexpr,
+                     LOG2N: tl.constexpr, NBITS: tl.constexpr, MCAP: tl.constexpr,
+                     E8M0_B: tl.constexpr, IN_KIND: tl.constexpr, WRITE_SCALES: tl.constexpr,
+                     TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr, EVEN: tl.constexpr,
+                     OFF64: tl.constexpr):
+    """MX round-to-nearest of the [TR, TC] tile at (r0, c0) by integer arithmetic alone
+    (round_bits on each block's grid), loaded and stored by itself: the route of programs with a
+    tiny or huge block exponent, run on a part of the program's tile at a time so that this rare
+    route does not set the kernel's register count (and with it the programs per SM)."""
+    rows, cols, offs, inb = _tile_at(R, C, r0, c0, TR, TC, OFF64)
+    bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
+                             HAS_SIGNS, TR, TC, HMODE, EVEN)
+    b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
+    a4 = b4 & 0x7FFFFFFF
+    am = tl.max(tl.max(a4, axis=3, keep_dims=True), axis=1, keep_dims=True)
+    e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
+    mag = mx_grid_bits(a4, e, a4, False, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, 0.0, 0)  # (no FMT_MAX on this route)
+    out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | (b4 & (-2147483648)))
+    store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
+    if WRITE_SCALES:
+        code = tl.where(am >= F32_INF_BITS, 255, e + E8M0_B)
+        _store_block_values_at(scale_ptr, code.to(tl.uint8), R, C, r0, c0, RB, CB, TR, TC)
+
+
+@triton.jit
+def _scaled_tile(x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C, r0, c0, gf, finite,
+                 KIND: tl.constexpr, AXIS: tl.constexpr, RB: tl.constexpr, CB: tl.constexpr,
+                 LOG2HB: tl.constexpr, HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr,
+                 ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                 FMT_MAX: tl.constexpr, FIX_QBITS: tl.constexpr, FIX_MAXB: tl.constexpr,
+                 SB_ROUND: tl.constexpr, NV_DIV: tl.constexpr, SB_MBITS: tl.constexpr,
+                 SB_EMIN: tl.constexpr, IN_KIND: tl.constexpr, WRITE_SCALES: tl.constexpr,
+                 TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr, EVEN: tl.constexpr,
+                 OFF64: tl.constexpr, DIV64: tl.constexpr):
+    """NVFP4 (KIND 1) or tensor-scaled FP8 (KIND 2) of the [TR, TC] tile at (r0, c0), loaded and
+    stored here, with the tensor amax gf (float32; finite False for NaN / Inf). DIV64: x / s by
+    the float64 route (tensors so tiny that s_g < FAST_DIV_MIN), else the float32 IEEE division."""
+    rows, cols, offs, inb = _tile_at(R, C, r0, c0, TR, TC, OFF64)
+    bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
+                             HAS_SIGNS, TR, TC, HMODE, EVEN)
+    b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
+    a4 = b4 & 0x7FFFFFFF
+    sign = b4 & (-2147483648)
+    if ROUND == 1:
+        rnd = tl.reshape(rand_bits(tl.load(seed_ptr), tl.program_id(2) * R + rows, c0 // 4,
+                                   (C + 3) // 4, TR, TC), [TR // RB, RB, TC // CB, CB])
+    else:
+        rnd = a4
+    x = b4.to(tl.float32, bitcast=True)
+    if KIND == 1:
+        am = tl.max(tl.max(a4, axis=3, keep_dims=True), axis=1, keep_dims=True)
+        s_g = div_f32(gf, NV_DIV)
+        safe_g = tl.where(s_g > 0, s_g, 1.0)
+        ratio = div_f32(div_f32(am.to(tl.float32, bitcast=True), FMT_MAX), safe_g)
+        sb = round_bits(ratio.to(tl.int32, bitcast=True) & 0x7FFFFFFF, E4M3_QLO, E4M3_QBITS,
+                        E4M3_MAXB, am, SB_MBITS, SB_ROUND)
+        sb = tl.where(s_g > 0, sb, 0)
+        s_b = sb.to(tl.float32, bitcast=True)
+        s = mul_f32(s_b, s_g)
+        den = tl.where(s > 0, s, 1.0)
+        # s_g >= FAST_DIV_MIN -> every s >= 2^-9 * s_g (or 1): the fp32 IEEE division is exact.
+        v = div_f32(x, den) if DIV64 else div_f32_rn(x, den)
+        q = fixed_grid_bits(v, rnd, EMIN, FIX_QBITS, FIX_MAXB, FMT_MAX, MBITS, ROUND)
+        q = tl.where(s > 0, q, 0)
+        # q * s_b is exact in float32 (<= 5 significant bits, far from the subnormals).
+        dq = (q | sign).to(tl.float32, bitcast=True) * s_b
+        out = tl.where(finite, dq.to(tl.int32, bitcast=True), F32_NAN_BITS)
+        if WRITE_SCALES:
+            code = encode_minifloat(sb, SB_MBITS, SB_EMIN, 7)
+            _store_block_values_at(scale_ptr, code.to(tl.uint8), R, C, r0, c0, RB, CB, TR, TC)
+    else:
+        s = div_f32(gf, FMT_MAX)
+        s = tl.where(s == 0, 1.0, s)
+        v = div_f32(x, s) if DIV64 else div_f32_rn(x, s)
+        q = fixed_grid_bits(v, rnd, EMIN, FIX_QBITS, FIX_MAXB, FMT_MAX, MBITS, ROUND)
+        out = tl.where(finite, q | sign, F32_NAN_BITS)
+    store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
 
 
 @triton.jit
@@ -178,70 +285,94 @@ def block_quant_kernel(
         FIX_MAXB: tl.constexpr, SB_ROUND: tl.constexpr, NV_DIV: tl.constexpr, SB_MBITS: tl.constexpr,
         SB_EMIN: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
         WRITE_SCALES: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr,
-        EVEN: tl.constexpr = False, OFF64: tl.constexpr = True):
+        EVEN: tl.constexpr = False, OFF64: tl.constexpr = True, SUB: tl.constexpr = 1,
+        RELOAD: tl.constexpr = True):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2)
-    rows, cols, offs, inb = _tile_coords(R, C, TR, TC, OFF64)
-    bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
-                             HAS_SIGNS, TR, TC, HMODE, EVEN)
     if PASS == 0:
+        rows, cols, offs, inb = _tile_coords(R, C, TR, TC, OFF64)
+        bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
+                                 HAS_SIGNS, TR, TC, HMODE, EVEN)
         tl.atomic_max(amax_ptr, tl.max(tl.max(bits & 0x7FFFFFFF, axis=1), axis=0))
-    else:
+    elif KIND == 0:
+        rows, cols, offs, inb = _tile_coords(R, C, TR, TC, OFF64)
+        bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
+                                 HAS_SIGNS, TR, TC, HMODE, EVEN)
         b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
         a4 = b4 & 0x7FFFFFFF
-        sign = b4 & (-2147483648)
         am = tl.max(tl.max(a4, axis=3, keep_dims=True), axis=1, keep_dims=True)
+        e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
+        code = tl.where(am >= F32_INF_BITS, 255, e + E8M0_B)
         if ROUND == 1:
-            rnd = tl.reshape(rand_bits(tl.load(seed_ptr), pid_b * R + rows,
-                                        pid_c * (TC // 4), (C + 3) // 4, TR, TC),
-                             [TR // RB, RB, TC // CB, CB])
+            rnd = tl.reshape(rand_bits(tl.load(seed_ptr), pid_b * R + rows, pid_c * (TC // 4),
+                                       (C + 3) // 4, TR, TC), [TR // RB, RB, TC // CB, CB])
+            mag = mx_grid_bits(a4, e, rnd, False, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX,
+                               ROUND)
+            out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | (b4 & (-2147483648)))
+            store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
+            if WRITE_SCALES:
+                _store_block_values(scale_ptr, code.to(tl.uint8), R, C, RB, CB, TR, TC)
+        elif mx_fast_program(e, am):
+            if RELOAD:
+                # Read the tile again (a cache hit) rather than hold it across the block-wide
+                # test: the kernel then needs a third of the registers, and more programs per
+                # SM keep more bytes in flight (experiments/kernel_sass.py).
+                bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB,
+                                         HSCALE, HAS_SIGNS, TR, TC, HMODE, EVEN)
+                b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
+                a4 = b4 & 0x7FFFFFFF
+            mag = mx_round_nearest(a4, e, EMIN, MBITS, FMT_MAX)
+            out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | (b4 & (-2147483648)))
+            store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
+            if WRITE_SCALES:
+                _store_block_values(scale_ptr, code.to(tl.uint8), R, C, RB, CB, TR, TC)
         else:
-            rnd = a4
-        if KIND == 0:
-            e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
-            mag = mx_grid_bits(a4, e, rnd, mx_fast_program(e, am), MBITS, EMIN, MAXN, MAXQ, LOG2N,
-                               NBITS, FMT_MAX, ROUND)
-            out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | sign)
-            code = tl.where(am >= F32_INF_BITS, 255, e + E8M0_B)
+            # The integer route, SUB parts of the tile one after another (_mx_tile_integer).
+            for part in range(SUB):
+                if AXIS == 1:
+                    r0 = pid_r * TR + part * (TR // SUB)
+                    c0 = pid_c * TC
+                else:
+                    r0 = pid_r * TR
+                    c0 = pid_c * TC + part * (TC // SUB)
+                _mx_tile_integer(x_ptr, out_ptr, signs_ptr, scale_ptr, R, C, r0, c0, AXIS, RB, CB,
+                                 LOG2HB, HSCALE, HAS_SIGNS, MODE, MBITS, EMIN, EMAX, MAXN, MAXQ,
+                                 LOG2N, NBITS, MCAP, E8M0_B, IN_KIND, WRITE_SCALES,
+                                 TR // SUB if AXIS == 1 else TR, TC if AXIS == 1 else TC // SUB,
+                                 HMODE, EVEN, OFF64)
+    else:
+        g = tl.load(amax_ptr)
+        finite = g < F32_INF_BITS
+        gf = g.to(tl.float32, bitcast=True)
+        if KIND == 1:
+            s_t = div_f32(gf, NV_DIV)
         else:
-            g = tl.load(amax_ptr)
-            finite = g < F32_INF_BITS
-            gf = g.to(tl.float32, bitcast=True)
-            x = b4.to(tl.float32, bitcast=True)
-            if KIND == 1:
-                s_g = div_f32(gf, NV_DIV)
-                if pid_r + pid_c + pid_b == 0:
-                    tl.store(tscale_ptr, tl.where(finite, s_g, float("nan")))
-                safe_g = tl.where(s_g > 0, s_g, 1.0)
-                ratio = div_f32(div_f32(am.to(tl.float32, bitcast=True), FMT_MAX), safe_g)
-                sb = round_bits(ratio.to(tl.int32, bitcast=True) & 0x7FFFFFFF, E4M3_QLO,
-                                E4M3_QBITS, E4M3_MAXB, am, SB_MBITS, SB_ROUND)
-                sb = tl.where(s_g > 0, sb, 0)
-                s_b = sb.to(tl.float32, bitcast=True)
-                s = mul_f32(s_b, s_g)
-                den = tl.where(s > 0, s, 1.0)
-                # s_g >= FAST_DIV_MIN -> every s >= 2^-9 * s_g (or 1): the fp32 IEEE division
-                # is exact and cheap; tiny tensors take the float64 route.
-                v = div_scaled(x, den, s_g >= FAST_DIV_MIN)
-                q = fixed_grid_bits(v, rnd, EMIN, FIX_QBITS, FIX_MAXB, FMT_MAX, MBITS, ROUND)
-                q = tl.where(s > 0, q, 0)
-                # q * s_b is exact in float32 (<= 5 significant bits, far from the subnormals).
-                dq = (q | sign).to(tl.float32, bitcast=True) * s_b
-                out = tl.where(finite, dq.to(tl.int32, bitcast=True), F32_NAN_BITS)
-                code = encode_minifloat(sb, SB_MBITS, SB_EMIN, 7)
-            else:
-                s = div_f32(gf, FMT_MAX)
-                s = tl.where(s == 0, 1.0, s)
-                if pid_r + pid_c + pid_b == 0:
-                    tl.store(tscale_ptr, tl.where(finite, s, float("nan")))
-                v = div_scaled(x, s, s >= FAST_DIV_MIN)
-                q = fixed_grid_bits(v, rnd, EMIN, FIX_QBITS, FIX_MAXB, FMT_MAX, MBITS, ROUND)
-                out = tl.where(finite, q | sign, F32_NAN_BITS)
-                code = am  # no block scales for a per-tensor format
-        store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
-        if WRITE_SCALES:
-            _store_block_values(scale_ptr, code.to(tl.uint8), R, C, RB, CB, TR, TC)
+            s_t = div_f32(gf, FMT_MAX)
+            s_t = tl.where(s_t == 0, 1.0, s_t)
+        if pid_r + pid_c + pid_b == 0:
+            tl.store(tscale_ptr, tl.where(finite, s_t, float("nan")))
+        if s_t >= FAST_DIV_MIN:
+            _scaled_tile(x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C, pid_r * TR,
+                         pid_c * TC, gf, finite, KIND, AXIS, RB, CB, LOG2HB, HSCALE, HAS_SIGNS,
+                         ROUND, MBITS, EMIN, FMT_MAX, FIX_QBITS, FIX_MAXB, SB_ROUND, NV_DIV,
+                         SB_MBITS, SB_EMIN, IN_KIND, WRITE_SCALES, TR, TC, HMODE, EVEN, OFF64,
+                         False)
+        else:
+            # The float64 division, SUB parts of the tile one after another (the register
+            # count of this rare route would otherwise be the kernel's).
+            for part in range(SUB):
+                if AXIS == 1:
+                    r0 = pid_r * TR + part * (TR // SUB)
+                    c0 = pid_c * TC
+                else:
+                    r0 = pid_r * TR
+                    c0 = pid_c * TC + part * (TC // SUB)
+                _scaled_tile(x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C, r0, c0, gf,
+                             finite, KIND, AXIS, RB, CB, LOG2HB, HSCALE, HAS_SIGNS, ROUND, MBITS,
+                             EMIN, FMT_MAX, FIX_QBITS, FIX_MAXB, SB_ROUND, NV_DIV, SB_MBITS,
+                             SB_EMIN, IN_KIND, WRITE_SCALES, TR // SUB if AXIS == 1 else TR,
+                             TC if AXIS == 1 else TC // SUB, HMODE, EVEN, OFF64, True)
 
 
 def _fmt_constexprs(elem: str):
@@ -293,6 +424,21 @@ def _fits(config, axis, hb, rb, cb):
     return tr % max(hb, rb) == 0 and tc % cb == 0 and tc % 4 == 0
 
 
+def _tile_parts(axis, tr, tc, rb, cb, hmode, parts=4):
+    """SUB of block_quant_kernel: how many parts a tile's rare routes (MX integer rounding, the
+    float64 division of tiny tensors) split it into, along the axis the blocks do not run (rows
+    for axis 1, columns for axis 0), so that those routes do not set the kernel's register count.
+    Each part holds whole blocks, whole 4-column groups of the SR draws, and >= 16 columns for
+    the dot Hadamard."""
+    while parts > 1:
+        if axis == 1 and tr % (parts * rb) == 0:
+            return parts
+        if axis == 0 and tc % (parts * max(cb, 4)) == 0 and (hmode != 1 or tc // parts >= 16):
+            return parts
+        parts //= 2
+    return 1
+
+
 def _default_config(kind, axis, hb, rb, cb, rounding):
     if axis == 1:
         tc = max(128, hb, cb)
@@ -303,6 +449,15 @@ def _default_config(kind, axis, hb, rb, cb, rounding):
     return tr, tc, 4, (1 if hb > 1 else 0)
 
 
+def launch_config(kind, axis, hb, rb, cb, rounding, block_2d):
+    """The launch configuration (TR, TC, num_warps, HMODE[, RELOAD]) block_quantize uses: the
+    TILE_CONFIG entry where it fits the blocks, else _default_config."""
+    config = TILE_CONFIG.get((kind == KIND_MX, axis, hb, rounding == "stochastic", block_2d))
+    if config is None or not _fits(config, axis, hb, rb, cb):
+        config = _default_config(kind, axis, hb, rb, cb, rounding)
+    return config
+
+
 def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str = "even",
                    rounding: str = "nearest", generator=None, block_2d: bool = False,
                    hadamard_block=None, hadamard_signs=None, write_scales: bool = False,
@@ -310,7 +465,7 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
     """Launch on a contiguous [B, R, C] tensor; blocks along C (axis=1) or R (axis=0).
 
     Returns (x_dq [B, R, C] in x's dtype, tensor scale (0-dim fp32) or None, scale codes (uint8
-    [B, ceil(R/RB), ceil(C/CB)]) or None). `config` = (TR, TC, num_warps, HMODE) overrides the
+    [B, ceil(R/RB), ceil(C/CB)]) or None). `config` = (TR, TC, num_warps, HMODE[, RELOAD]) overrides the
     tile (TR a multiple of the row block and of HB for axis 0, TC of CB / HB for axis 1).
     """
     assert x3.dim() == 3 and x3.is_contiguous() and axis in (0, 1)
@@ -324,12 +479,10 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
         rb, cb = (1, qb) if axis == 1 else (qb, 1)
     hb = hadamard_block or 1
     log2hb = int(math.log2(hb))
-    key = (kind == KIND_MX, axis, hb, rounding == "stochastic", block_2d)
     if config is None:
-        config = TILE_CONFIG.get(key)
-        if config is None or not _fits(config, axis, hb, rb, cb):
-            config = _default_config(kind, axis, hb, rb, cb, rounding)
-    tr, tc, num_warps, hmode = config
+        config = launch_config(kind, axis, hb, rb, cb, rounding, block_2d)
+    tr, tc, num_warps, hmode = config[:4]
+    reload = config[4] if len(config) > 4 else True
     if hmode == 2 and (kind != KIND_MX or not _fits(config, axis, hb, rb, cb)):
         raise ValueError(f"config {config}: HMODE 2 (mx_rows_hadamard) needs an MX format, "
                          f"axis 0, a Hadamard block of 32 or less (or none) and TR a multiple of 32; got "
@@ -357,6 +510,7 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
                 IN_KIND=in_kind, WRITE_SCALES=write_scales, TR=tr, TC=tc, HMODE=hmode,
                 # Tiles that divide the tensor need no masks; offsets below 2^31 no int64 arithmetic.
                 EVEN=R % tr == 0 and C % tc == 0, OFF64=x3.numel() >= 2 ** 31,
+                SUB=_tile_parts(axis, tr, tc, rb, cb, hmode), RELOAD=reload,
                 num_warps=num_warps, **_fmt_constexprs(elem), **_scale_constexprs())
     if hmode == 2:
         # The slab kernel: TR = MX_BLOCK x blocks per program, so the same grid; it takes the

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, load_bits, mx_exponent, mx_fast_program,
-                    mx_grid_bits, rand_bits, store_bits)
+                    mx_grid_bits, mx_round_nearest, rand_bits, store_bits)
 
 
 @triton.jit
@@ -59,21 +59,11 @@ def _slab_butterflies(xs, LOG2HB: tl.constexpr, QB: tl.constexpr):
 
 
 @triton.jit
-def mx_rows_hadamard_kernel(
-        x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C,
-        LOG2HB: tl.constexpr, HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr, MODE: tl.constexpr,
-        ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
-        MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr,
-        MCAP: tl.constexpr, FMT_MAX: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
-        WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr, QB: tl.constexpr,
-        EVEN: tl.constexpr = False, OFF64: tl.constexpr = True):
-    blk = tl.program_id(0) * MB + tl.arange(0, MB)  # MX block index along R (QB rows each)
-    cols = tl.program_id(1) * TC + tl.arange(0, TC)
-    if OFF64:
-        offs0 = (tl.program_id(2).to(tl.int64) * R * C + (blk * QB).to(tl.int64)[:, None] * C
-                 + cols[None, :])
-    else:  # the launcher's promise: every offset fits an int32 (cheaper address arithmetic)
-        offs0 = tl.program_id(2) * R * C + (blk * QB)[:, None] * C + cols[None, :]
+def _slab_bits(x_ptr, signs_ptr, offs0, blk, cols, R, C, LOG2HB: tl.constexpr,
+               HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr, IN_KIND: tl.constexpr,
+               MB: tl.constexpr, TC: tl.constexpr, QB: tl.constexpr, EVEN: tl.constexpr):
+    """(the QB slabs' float32 bits after the transform, the [MB, TC] block amax) of the tile of
+    MX blocks `blk` by columns `cols` (offs0: the offsets of each block's first row)."""
     in_c = cols[None, :] < C
     xs = ()
     for s in tl.static_range(QB):
@@ -95,21 +85,40 @@ def mx_rows_hadamard_kernel(
             b = tl.where(((blk * QB + s)[:, None] < R) & in_c, xs[s], 0.0).to(tl.int32, bitcast=True)
         am = tl.maximum(am, b & 0x7FFFFFFF)
         bits = bits + (b,)
-    e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
-    fast = mx_fast_program(e, am)
-    bad = am >= F32_INF_BITS
-    if ROUND == 1:
-        seed = tl.load(seed_ptr)
+    return bits, am
+
+
+@triton.jit
+def _slab_offsets(blk, cols, R, C, QB: tl.constexpr, OFF64: tl.constexpr):
+    if OFF64:
+        offs0 = (tl.program_id(2).to(tl.int64) * R * C + (blk * QB).to(tl.int64)[:, None] * C
+                 + cols[None, :])
+    else:  # the launcher's promise: every offset fits an int32 (cheaper address arithmetic)
+        offs0 = tl.program_id(2) * R * C + (blk * QB)[:, None] * C + cols[None, :]
+    return offs0
+
+
+@triton.jit
+def _slab_store(out_ptr, scale_ptr, bits, e, bad, offs0, blk, cols, R, C, seed,
+                ROUTE: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, MAXN: tl.constexpr,
+                MAXQ: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr,
+                FMT_MAX: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
+                WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr, QB: tl.constexpr,
+                EVEN: tl.constexpr):
+    """Round every slab onto its block's grid and store it, then the scale codes. ROUTE 0: float32
+    round-to-nearest (every block exponent moderate), 1: stochastic, 2: integer round-to-nearest."""
+    in_c = cols[None, :] < C
     for s in tl.static_range(QB):
         rows = blk * QB + s
         a = bits[s] & 0x7FFFFFFF
-        if ROUND == 1:
+        if ROUTE == 1:
             rnd = rand_bits(seed, tl.program_id(2) * R + rows, tl.program_id(1) * (TC // 4),
-                            (C + 3) // 4, MB, TC)
+                            (C + 3) // 4, MB, TC)  # (the whole tile: SR is never split)
+            mag = mx_grid_bits(a, e, rnd, False, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX, 1)
+        elif ROUTE == 0:
+            mag = mx_round_nearest(a, e, EMIN, MBITS, FMT_MAX)
         else:
-            rnd = a
-        mag = mx_grid_bits(a, e, rnd, fast, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX,
-                           ROUND)
+            mag = mx_grid_bits(a, e, a, False, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX, 0)
         out = tl.where(bad, F32_NAN_BITS, mag | (bits[s] & (-2147483648)))
         store_bits(out_ptr, offs0 + s * C, out, (rows[:, None] < R) & in_c, IN_KIND, EVEN)
     if WRITE_SCALES:
@@ -117,3 +126,46 @@ def mx_rows_hadamard_kernel(
         code = tl.where(bad, 255, e + E8M0_B).to(tl.uint8)
         tl.store(scale_ptr + tl.program_id(2).to(tl.int64) * nblk * C + blk[:, None] * C
                  + cols[None, :], code, mask=(blk[:, None] < nblk) & in_c)
+
+
+@triton.jit
+def mx_rows_hadamard_kernel(
+        x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C,
+        LOG2HB: tl.constexpr, HSCALE: tl.constexpr, HAS_SIGNS: tl.constexpr, MODE: tl.constexpr,
+        ROUND: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, EMAX: tl.constexpr,
+        MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr, NBITS: tl.constexpr,
+        MCAP: tl.constexpr, FMT_MAX: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
+        WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr, QB: tl.constexpr,
+        EVEN: tl.constexpr = False, OFF64: tl.constexpr = True, SUB: tl.constexpr = 1,
+        RELOAD: tl.constexpr = True):
+    blk = tl.program_id(0) * MB + tl.arange(0, MB)  # MX block index along R (QB rows each)
+    cols = tl.program_id(1) * TC + tl.arange(0, TC)
+    offs0 = _slab_offsets(blk, cols, R, C, QB, OFF64)
+    bits, am = _slab_bits(x_ptr, signs_ptr, offs0, blk, cols, R, C, LOG2HB, HSCALE, HAS_SIGNS,
+                          IN_KIND, MB, TC, QB, EVEN)
+    e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
+    bad = am >= F32_INF_BITS
+    if ROUND == 1:
+        _slab_store(out_ptr, scale_ptr, bits, e, bad, offs0, blk, cols, R, C, tl.load(seed_ptr),
+                    1, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX, E8M0_B, IN_KIND,
+                    WRITE_SCALES, MB, TC, QB, EVEN)
+    elif mx_fast_program(e, am):
+        if RELOAD:
+            # Load (and transform) the tile again, a cache hit, rather than hold it across the
+            # program-wide test: fewer registers, more programs per SM (mx_quant's RELOAD).
+            bits, am = _slab_bits(x_ptr, signs_ptr, offs0, blk, cols, R, C, LOG2HB, HSCALE,
+                                  HAS_SIGNS, IN_KIND, MB, TC, QB, EVEN)
+        _slab_store(out_ptr, scale_ptr, bits, e, bad, offs0, blk, cols, R, C, 0, 0, MBITS, EMIN,
+                    MAXN, MAXQ, LOG2N, NBITS, FMT_MAX, E8M0_B, IN_KIND, WRITE_SCALES, MB, TC, QB,
+                    EVEN)
+    else:
+        # The integer route, SUB column parts of the tile one after another.
+        for part in range(SUB):
+            pcols = tl.program_id(1) * TC + part * (TC // SUB) + tl.arange(0, TC // SUB)
+            poffs0 = _slab_offsets(blk, pcols, R, C, QB, OFF64)
+            pbits, pam = _slab_bits(x_ptr, signs_ptr, poffs0, blk, pcols, R, C, LOG2HB, HSCALE,
+                                    HAS_SIGNS, IN_KIND, MB, TC // SUB, QB, EVEN)
+            pe = mx_exponent(pam, MODE, MBITS, EMAX, MCAP)
+            _slab_store(out_ptr, scale_ptr, pbits, pe, pam >= F32_INF_BITS, poffs0, blk, pcols, R,
+                        C, 0, 2, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX, E8M0_B, IN_KIND,
+                        WRITE_SCALES, MB, TC // SUB, QB, EVEN)
