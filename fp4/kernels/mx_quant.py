@@ -482,7 +482,10 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
     if config is None:
         config = launch_config(kind, axis, hb, rb, cb, rounding, block_2d)
     tr, tc, num_warps, hmode = config[:4]
-    reload = config[4] if len(config) > 4 else True
+    # Reading the tile again pays where it is only a load (80.3% of copy against 74.3% along the
+    # tokens), not where the Hadamard must be recomputed too (52.8% against 61.5%; results/bench/
+    # kernel_occupancy_check-h200-f8509e8.txt).
+    reload = config[4] if len(config) > 4 else hb == 1
     if hmode == 2 and (kind != KIND_MX or not _fits(config, axis, hb, rb, cb)):
         raise ValueError(f"config {config}: HMODE 2 (mx_rows_hadamard) needs an MX format, "
                          f"axis 0, a Hadamard block of 32 or less (or none) and TR a multiple of 32; got "
