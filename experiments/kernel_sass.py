@@ -12,7 +12,8 @@ the Triton installed here, and prints per kernel:
     blocks/SM resident programs per SM allowed by registers and threads (65,536 registers,
               2,048 threads, 32 blocks), bytes/SM the input bytes those programs hold in flight,
     instr     static SASS instructions, instr/elem over the elements one thread owns
-              (straight-line code: both routes of a branch count), bars  block-wide barriers.
+              (straight-line code: both routes of a branch count), bars  block-wide barriers,
+    compile s the time Triton and ptxas took (no cache), which the first step of a run pays.
 
 Why: on an H200 a quantize pass at copy speed has ~32 issue slots per element, so the kernels are
 not bound by instruction count but by the bytes each SM keeps in flight, i.e. by occupancy; a
@@ -29,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -146,19 +148,21 @@ def main(argv=None) -> int:
     import triton
     print(f"triton {triton.__version__}, sm_90, [{args.rows}, {args.cols}] bfloat16")
     print(f"{'case':14s} {'kernel':24s} {'tile':>10s} {'regs':>5s} {'spill':>5s} {'blocks/SM':>9s} "
-          f"{'bytes/SM':>8s} {'instr':>6s} {'instr/elem':>10s} {'bars':>4s}")
+          f"{'bytes/SM':>8s} {'instr':>6s} {'instr/elem':>10s} {'bars':>4s} {'compile s':>9s}")
     for case in args.case or list(CASES):
         for fn, grid, largs, meta in record_launches(*CASES[case], args.rows, args.cols):
             programs = 1
             for g in (grid if isinstance(grid, tuple) else (grid,)):
                 programs *= g
             elements = args.rows * args.cols / max(programs, 1)
+            t0 = time.perf_counter()
             kernel = compile_launch(fn, largs, meta)
+            compile_s = time.perf_counter() - t0
             st = sass_stats(kernel, elements, args.sass, f"{case}-{fn.__name__}")
             tile = f"{int(elements)}"
             print(f"{case:14s} {fn.__name__:24s} {tile:>10s} {st['regs']:5d} {st['spill']:5d} {st['blocks']:9d} "
                   f"{st['blocks'] * elements * 2 / 1024:7.0f}K {st['instr']:6d} {st['per_elem']:10.1f} "
-                  f"{st['bars']:4d}", flush=True)
+                  f"{st['bars']:4d} {compile_s:9.1f}", flush=True)
     return 0
 
 

@@ -67,7 +67,8 @@ from ..formats import FP32_BLOCK
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
                     fixed_scale_consts, grid_split, mul_f32, round_bits)
 from .amax import IN_KINDS, KIND_VIEWS
-from .mx_quant import _f32_value, _store_block_values, _tile_coords, _transformed_tile
+from ._tiles import _store_block_values, _tile_coords, _transformed_tile
+from .mx_quant import _f32_value
 
 F32_MIN_NORMAL_BITS = tl.constexpr(0x00800000)
 

@@ -21,7 +21,10 @@ elementwise across slabs, i.e. inside one thread:
   4. the block amax is the integer max of |bits| over the 32 slabs, and the E8M0 exponent and
      the element rounding are mx_quant's (fp4.kernels._bits.mx_grid_bits: float32 magic-number
      rounding where every block exponent of the program is moderate, integer rounding
-     otherwise), once per block and per slab.
+     otherwise), once per block and per slab. A program that needs the integer route runs it on
+     SUB column parts of its tile through mx_quant's tile code (fp4.kernels._tiles), which gives
+     the same bits; without a transform the fast route reads the slabs again after the
+     program-wide test (RELOAD) rather than hold them: registers, hence programs per SM.
 Stochastic rounding draws the same Philox bits per (global row, 4-column group) as mx_quant, so
 the same seed gives the same result whichever kernel ran.
 
@@ -41,6 +44,7 @@ import triton.language as tl
 
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, load_bits, mx_exponent, mx_fast_program,
                     mx_grid_bits, mx_round_nearest, rand_bits, store_bits)
+from ._tiles import _mx_tile_integer
 
 
 @triton.jit
@@ -106,19 +110,17 @@ def _slab_store(out_ptr, scale_ptr, bits, e, bad, offs0, blk, cols, R, C, seed,
                 WRITE_SCALES: tl.constexpr, MB: tl.constexpr, TC: tl.constexpr, QB: tl.constexpr,
                 EVEN: tl.constexpr):
     """Round every slab onto its block's grid and store it, then the scale codes. ROUTE 0: float32
-    round-to-nearest (every block exponent moderate), 1: stochastic, 2: integer round-to-nearest."""
+    round-to-nearest (every block exponent of the program moderate), 1: stochastic."""
     in_c = cols[None, :] < C
     for s in tl.static_range(QB):
         rows = blk * QB + s
         a = bits[s] & 0x7FFFFFFF
         if ROUTE == 1:
             rnd = rand_bits(seed, tl.program_id(2) * R + rows, tl.program_id(1) * (TC // 4),
-                            (C + 3) // 4, MB, TC)  # (the whole tile: SR is never split)
+                            (C + 3) // 4, MB, TC)
             mag = mx_grid_bits(a, e, rnd, False, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX, 1)
-        elif ROUTE == 0:
-            mag = mx_round_nearest(a, e, EMIN, MBITS, FMT_MAX)
         else:
-            mag = mx_grid_bits(a, e, a, False, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX, 0)
+            mag = mx_round_nearest(a, e, EMIN, MBITS, FMT_MAX)
         out = tl.where(bad, F32_NAN_BITS, mag | (bits[s] & (-2147483648)))
         store_bits(out_ptr, offs0 + s * C, out, (rows[:, None] < R) & in_c, IN_KIND, EVEN)
     if WRITE_SCALES:
@@ -159,13 +161,10 @@ def mx_rows_hadamard_kernel(
                     MAXN, MAXQ, LOG2N, NBITS, FMT_MAX, E8M0_B, IN_KIND, WRITE_SCALES, MB, TC, QB,
                     EVEN)
     else:
-        # The integer route, SUB column parts of the tile one after another.
+        # The integer route, SUB column parts of the tile one after another, as mx_quant's tile
+        # (its butterflies give this kernel's bits on every input): a small body to compile.
         for part in range(SUB):
-            pcols = tl.program_id(1) * TC + part * (TC // SUB) + tl.arange(0, TC // SUB)
-            poffs0 = _slab_offsets(blk, pcols, R, C, QB, OFF64)
-            pbits, pam = _slab_bits(x_ptr, signs_ptr, poffs0, blk, pcols, R, C, LOG2HB, HSCALE,
-                                    HAS_SIGNS, IN_KIND, MB, TC // SUB, QB, EVEN)
-            pe = mx_exponent(pam, MODE, MBITS, EMAX, MCAP)
-            _slab_store(out_ptr, scale_ptr, pbits, pe, pam >= F32_INF_BITS, poffs0, blk, pcols, R,
-                        C, 0, 2, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX, E8M0_B, IN_KIND,
-                        WRITE_SCALES, MB, TC // SUB, QB, EVEN)
+            _mx_tile_integer(x_ptr, out_ptr, signs_ptr, scale_ptr, R, C, tl.program_id(0) * MB * QB,
+                             tl.program_id(1) * TC + part * (TC // SUB), 0, QB, 1, LOG2HB, HSCALE,
+                             HAS_SIGNS, MODE, MBITS, EMIN, EMAX, MAXN, MAXQ, LOG2N, NBITS, MCAP,
+                             E8M0_B, IN_KIND, WRITE_SCALES, MB * QB, TC // SUB, 0, EVEN, OFF64)
