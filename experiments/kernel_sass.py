@@ -64,14 +64,18 @@ class _Recorder:
         return lambda *args, **meta: self.launches.append((self.fn, grid, args, meta))
 
 
-def record_launches(fmt, axis, hadamard, rounding, rows, cols):
-    """The launches triton_quantize_operand_ex makes for a [rows, cols] bfloat16 operand."""
+def record_launches(fmt, axis, hadamard, rounding, rows, cols, config=None):
+    """The launches triton_quantize_operand_ex makes for a [rows, cols] bfloat16 operand (with
+    `config`: the block kernels' launch configuration in place of their table's)."""
     from fp4.kernels import amax, fp8_quant, mx_quant, triton_quantize_operand_ex
     launches, saved = [], {}
+    if config is not None:
+        saved[(mx_quant, "launch_config")] = mx_quant.launch_config
+        mx_quant.launch_config = lambda *args: config
     for module in (mx_quant, fp8_quant, amax):
         for name in dir(module):
             obj = getattr(module, name)
-            if name.endswith("_kernel") and hasattr(obj, "arg_names"):
+            if name.endswith("_kernel") and hasattr(obj, "arg_names") and (module, name) not in saved:
                 saved[(module, name)] = obj
                 setattr(module, name, _Recorder(obj, launches))
     try:
@@ -142,6 +146,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=65536)
     ap.add_argument("--cols", type=int, default=768)
     ap.add_argument("--sass", help="write each kernel's SASS into this directory")
+    ap.add_argument("--config", type=lambda v: tuple(int(t) for t in v.split(",")),
+                    help="TR,TC,WARPS,HMODE[,RELOAD] for the block kernels instead of their table's")
     args = ap.parse_args(argv)
     if args.sass:
         os.makedirs(args.sass, exist_ok=True)
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
     print(f"{'case':14s} {'kernel':24s} {'tile':>10s} {'regs':>5s} {'spill':>5s} {'blocks/SM':>9s} "
           f"{'bytes/SM':>8s} {'instr':>6s} {'instr/elem':>10s} {'bars':>4s} {'compile s':>9s}")
     for case in args.case or list(CASES):
-        for fn, grid, largs, meta in record_launches(*CASES[case], args.rows, args.cols):
+        for fn, grid, largs, meta in record_launches(*CASES[case], args.rows, args.cols, args.config):
             programs = 1
             for g in (grid if isinstance(grid, tuple) else (grid,)):
                 programs *= g
