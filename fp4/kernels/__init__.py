@@ -5,6 +5,11 @@ Modules:
                 kernels are subnormal-safe on a flushing GPU; read its docstring first)
   mx_quant.py   one fused pass per operand for MX and NVFP4 (and FP8 behind a Hadamard), blocks
                 along the last axis or along the first (token) axis without a transposed copy
+  mx_rows_hadamard.py  MX along the token axis (with the block Hadamard fused or none) as 32 row
+                slabs per MX block, so the block amax and the butterflies stay inside a thread
+  _tiles.py     tile geometry, the Hadamard on a tile, block-value stores and MX integer rounding
+                of a tile, shared by the two kernels above
+  amax.py       the global-amax pre-pass and the SR seed draw (shared by mx_quant and fp8_quant)
   fp32_block_quant.py  scale mode "fp32" (UFP4: one unrounded float32 scale per 16, e2m1 / e1m2 /
                 int4 elements), both orientations, fused Hadamard, bit-identical to the reference
                 under stochastic rounding too (it reads the reference's own torch.rand uniforms)
