@@ -46,6 +46,7 @@ CASES = {
     "nvfp4-last": ("nvfp4", -1, None, "nearest"),
     "nvfp4-tokens": ("nvfp4", 0, None, "nearest"),
     "e4m3-last": ("e4m3", -1, None, "nearest"),
+    "e4m3-cast-transpose": ("e4m3", "t", None, "nearest"),  # fp8_quantize_t: the FP8 rung's operands
 }
 _TORCH_PTR = {torch.int16: "*i16", torch.int32: "*i32", torch.float32: "*fp32", torch.float16: "*fp16",
               torch.uint8: "*u8", torch.bfloat16: "*bf16", torch.int64: "*i64"}
@@ -81,8 +82,11 @@ def record_launches(fmt, axis, hadamard, rounding, rows, cols, config=None):
     try:
         x = torch.zeros(rows, cols, dtype=torch.bfloat16)
         gen = torch.Generator().manual_seed(0)
-        triton_quantize_operand_ex(x, fmt, axis, rounding, generator=gen, hadamard_block=hadamard,
-                                   return_scales=fmt != "e4m3")
+        if axis == "t":
+            fp8_quant.fp8_quantize_t(x, fmt)
+        else:
+            triton_quantize_operand_ex(x, fmt, axis, rounding, generator=gen, hadamard_block=hadamard,
+                                       return_scales=fmt != "e4m3")
     finally:
         for (module, name), obj in saved.items():
             setattr(module, name, obj)
