@@ -345,6 +345,18 @@ def div_f32_rn(num, den):
 
 
 @triton.jit
+def div_scaled(x, den, fast):
+    """Correctly rounded float32 x / den: the cheap float32 IEEE division (div_f32_rn) when `fast`
+    (a scalar: every den of the call is >= FAST_DIV_MIN, where it is exact), else the float64
+    route (div_f32)."""
+    if fast:
+        v = div_f32_rn(x, den)
+    else:
+        v = div_f32(x, den)
+    return v
+
+
+@triton.jit
 def mul_f32(a, b):
     """Correctly rounded float32 a * b via float64 (exact product), safe for subnormal operands."""
     return (a.to(tl.float64) * b.to(tl.float64)).to(tl.float32)

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..formats import FP8_DTYPES, FP8_MAX
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_scaled,
                     fixed_grid_bits, fixed_scale_consts, load_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 
@@ -69,13 +69,10 @@ def _fp8_tensor_scale(amax_ptr, FMT_MAX: tl.constexpr):
 
 @triton.jit
 def _fp8_grid_bits(bits, s, rnd, MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS: tl.constexpr,
-                   MAXB: tl.constexpr, FMT_MAX: tl.constexpr, ROUND: tl.constexpr,
-                   DIV64: tl.constexpr):
-    """Signed float32 bits of q = fp8_round(fp32(x / s)) for x given as float32 bits (any shape).
-    DIV64: the float64 division (s < FAST_DIV_MIN), else the float32 IEEE one, exact there
-    (see _bits.div_f32_rn)."""
-    x = bits.to(tl.float32, bitcast=True)
-    v = div_f32(x, s) if DIV64 else div_f32_rn(x, s)
+                   MAXB: tl.constexpr, FMT_MAX: tl.constexpr, ROUND: tl.constexpr):
+    """Signed float32 bits of q = fp8_round(fp32(x / s)) for x given as float32 bits (any shape)."""
+    # s >= FAST_DIV_MIN: the fp32 IEEE division is exact here (see _bits.div_f32_rn).
+    v = div_scaled(bits.to(tl.float32, bitcast=True), s, s >= FAST_DIV_MIN)
     q = fixed_grid_bits(v, rnd, EMIN, QBITS, MAXB, FMT_MAX, MBITS, ROUND)
     return q | (bits & (-2147483648))
 
@@ -93,27 +90,27 @@ def _fp8_code(q, MBITS: tl.constexpr):
 
 
 @triton.jit
-def _fp8_chunk(x_ptr, out_ptr, f8_ptr, seed_ptr, N, start, bits, s, finite, FMT_MAX: tl.constexpr,
-               MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS: tl.constexpr, MAXB: tl.constexpr,
-               NAN_CODE: tl.constexpr, ROUND: tl.constexpr, WRITE_F8: tl.constexpr,
-               WRITE_DQ: tl.constexpr, IN_KIND: tl.constexpr, BLOCK: tl.constexpr,
-               DIV64: tl.constexpr):
-    """_fp8_kernel's work on the BLOCK elements from `start` (a multiple of 4): their bits as
-    loaded by the caller (the fast route, whose load is issued before the tensor scale is known)
-    or, when `bits` is None, loaded here."""
-    offs = start + tl.arange(0, BLOCK)
+def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
+                FMT_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                QBITS: tl.constexpr, MAXB: tl.constexpr, NAN_CODE: tl.constexpr,
+                ROUND: tl.constexpr, WRITE_F8: tl.constexpr, WRITE_DQ: tl.constexpr,
+                IN_KIND: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    if bits is None:
-        bits = load_bits(x_ptr, offs, mask, IN_KIND)
+    bits = load_bits(x_ptr, offs, mask, IN_KIND)
+    s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
+    if pid == 0:
+        tl.store(scale_ptr, tl.where(finite, s, float("nan")))
     if ROUND == 1:
         # One Philox call (4 x 32 bits) per 4 consecutive elements.
-        ctr = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.int32)
+        ctr = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
         r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
         rnd = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
         rnd = rnd.to(tl.int32, bitcast=True)
     else:
         rnd = bits
-    q = _fp8_grid_bits(bits, s, rnd, MBITS, EMIN, QBITS, MAXB, FMT_MAX, ROUND, DIV64)
+    q = _fp8_grid_bits(bits, s, rnd, MBITS, EMIN, QBITS, MAXB, FMT_MAX, ROUND)
     if WRITE_DQ:
         store_bits(out_ptr, offs, tl.where(finite, q, F32_NAN_BITS), mask, IN_KIND)
     if WRITE_F8:
@@ -122,85 +119,27 @@ def _fp8_chunk(x_ptr, out_ptr, f8_ptr, seed_ptr, N, start, bits, s, finite, FMT_
 
 
 @triton.jit
-def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
-                FMT_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-                QBITS: tl.constexpr, MAXB: tl.constexpr, NAN_CODE: tl.constexpr,
-                ROUND: tl.constexpr, WRITE_F8: tl.constexpr, WRITE_DQ: tl.constexpr,
-                IN_KIND: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr = 4):
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    # The load first: it is in flight while the tensor scale is read (a program that waited for
-    # the scale before loading ran about half as fast in the cast-transpose, 69f500e).
-    bits = load_bits(x_ptr, offs, offs < N, IN_KIND)
-    s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
-    if pid == 0:
-        tl.store(scale_ptr, tl.where(finite, s, float("nan")))
-    if s >= FAST_DIV_MIN:
-        _fp8_chunk(x_ptr, out_ptr, f8_ptr, seed_ptr, N, start, bits, s, finite, FMT_MAX, MBITS,
-                   EMIN, QBITS, MAXB, NAN_CODE, ROUND, WRITE_F8, WRITE_DQ, IN_KIND, BLOCK, False)
-    else:
-        # The float64 division of a tiny tensor, PARTS chunks one after another: this rare route
-        # would otherwise set the kernel's register count (mx_quant: "Registers decide the speed").
-        for part in range(PARTS):
-            _fp8_chunk(x_ptr, out_ptr, f8_ptr, seed_ptr, N, start + part * (BLOCK // PARTS), None,
-                       s, finite, FMT_MAX, MBITS, EMIN, QBITS, MAXB, NAN_CODE, ROUND, WRITE_F8,
-                       WRITE_DQ, IN_KIND, BLOCK // PARTS, True)
-
-
-@triton.jit
-def _fp8_t_tile(x_ptr, f8_ptr, f8t_ptr, M, N, r0, c0, bits, s, finite, FMT_MAX: tl.constexpr,
-                MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS: tl.constexpr,
-                MAXB: tl.constexpr, NAN_CODE: tl.constexpr, IN_KIND: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIV64: tl.constexpr):
-    """The cast-transpose of the [BLOCK_M, BLOCK_N] tile of x at (r0, c0); `bits` as the caller
-    loaded them, or None: loaded here."""
-    rows = r0 + tl.arange(0, BLOCK_M)
-    cols = c0 + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    if bits is None:
-        bits = load_bits(x_ptr, rows[:, None] * N + cols[None, :], mask, IN_KIND)
-    q = _fp8_grid_bits(bits, s, bits, MBITS, EMIN, QBITS, MAXB, FMT_MAX, 0, DIV64)
-    code = tl.where(finite, _fp8_code(q, MBITS), NAN_CODE).to(tl.uint8)
-    tl.store(f8_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
-    mask_t = (cols[:, None] < N) & (rows[None, :] < M)
-    tl.store(f8t_ptr + cols[:, None] * M + rows[None, :], tl.trans(code), mask=mask_t)
-
-
-@triton.jit
 def _fp8_t_kernel(x_ptr, f8_ptr, f8t_ptr, amax_ptr, scale_ptr, M, N,
                   FMT_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                   QBITS: tl.constexpr, MAXB: tl.constexpr, NAN_CODE: tl.constexpr,
-                  IN_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PARTS: tl.constexpr = 2, OFF64: tl.constexpr = True):
+                  IN_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Cast-transpose: one [BLOCK_M, BLOCK_N] tile of a row-major x [M, N] is loaded once, rounded
     as _fp8_kernel rounds (nearest), and its codes stored to f8 [M, N] and, transposed in
     registers (tl.trans), to f8t [N, M], both row-major with rows along the contiguous axis."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if OFF64:
-        r0 = pid_m.to(tl.int64) * BLOCK_M
-        c0 = pid_n.to(tl.int64) * BLOCK_N
-    else:  # the launcher's promise: every offset fits an int32 (cheaper address arithmetic)
-        r0 = pid_m * BLOCK_M
-        c0 = pid_n * BLOCK_N
-    rows = r0 + tl.arange(0, BLOCK_M)
-    cols = c0 + tl.arange(0, BLOCK_N)
-    # The load first, in flight while the tensor scale is read (_fp8_kernel).
-    bits = load_bits(x_ptr, rows[:, None] * N + cols[None, :],
-                     (rows[:, None] < M) & (cols[None, :] < N), IN_KIND)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    bits = load_bits(x_ptr, rows[:, None] * N + cols[None, :], mask, IN_KIND)
     s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
     if pid_m + pid_n == 0:
         tl.store(scale_ptr, tl.where(finite, s, float("nan")))
-    if s >= FAST_DIV_MIN:
-        _fp8_t_tile(x_ptr, f8_ptr, f8t_ptr, M, N, r0, c0, bits, s, finite, FMT_MAX, MBITS, EMIN,
-                    QBITS, MAXB, NAN_CODE, IN_KIND, BLOCK_M, BLOCK_N, False)
-    else:
-        # The float64 division of a tiny tensor, PARTS row parts one after another (_fp8_kernel).
-        for part in range(PARTS):
-            _fp8_t_tile(x_ptr, f8_ptr, f8t_ptr, M, N, r0 + part * (BLOCK_M // PARTS), c0, None, s,
-                        finite, FMT_MAX, MBITS, EMIN, QBITS, MAXB, NAN_CODE, IN_KIND,
-                        BLOCK_M // PARTS, BLOCK_N, True)
+    q = _fp8_grid_bits(bits, s, bits, MBITS, EMIN, QBITS, MAXB, FMT_MAX, 0)
+    code = tl.where(finite, _fp8_code(q, MBITS), NAN_CODE).to(tl.uint8)
+    tl.store(f8_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
+    mask_t = (cols[:, None] < N) & (rows[None, :] < M)
+    tl.store(f8t_ptr + cols[:, None] * M + rows[None, :], tl.trans(code), mask=mask_t)
 
 
 def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator=None,
@@ -276,7 +215,7 @@ def fp8_quantize_t(x2d: torch.Tensor, fmt: str, config=None):
         _fp8_t_kernel[grid](xc.view(view), f8, f8t, amax, scale, m, n,
                             FMT_MAX=FP8_MAX[fmt], MBITS=mbits, EMIN=emin, QBITS=qbits, MAXB=maxb,
                             NAN_CODE=FP8_NAN_CODE[fmt], IN_KIND=in_kind, BLOCK_M=bm, BLOCK_N=bn,
-                            OFF64=m * n >= 2 ** 31, num_warps=warps)
+                            num_warps=warps)
     else:
         scale.fill_(1.0)
     dtype = FP8_DTYPES[fmt]
