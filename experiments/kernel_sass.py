@@ -9,8 +9,9 @@ pointers specialised as divisible by 16 where the launch values are) for an sm_9
 the Triton installed here, and prints per kernel:
 
     regs      registers per thread (ptxas), spill  local-memory loads/stores in the SASS,
-    blocks/SM resident programs per SM allowed by registers and threads (65,536 registers,
-              2,048 threads, 32 blocks), bytes/SM the input bytes those programs hold in flight,
+    blocks/SM resident programs per SM allowed by registers, threads and shared memory (65,536
+              registers, 2,048 threads, 32 blocks, 228 KB), bytes/SM the input bytes those
+              programs hold in flight,
     instr     static SASS instructions, instr/elem over the elements one thread owns
               (straight-line code: both routes of a branch count), bars  block-wide barriers,
     compile s the time Triton and ptxas took (no cache), which the first step of a run pays.
@@ -138,7 +139,10 @@ def sass_stats(kernel, elements, sass_dir=None, label=""):
             ops[m.group(1)] += 1
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     threads = 32 * kernel.metadata.num_warps
-    blocks = min(65536 // (regs * threads), 2048 // threads, 32)
+    # An H200 SM: 65,536 registers, 2,048 threads, 32 blocks, 228 KB of shared memory (1 KB of
+    # it reserved per block).
+    blocks = min(65536 // (regs * threads), 2048 // threads, 32,
+                 228 * 1024 // (kernel.metadata.shared + 1024))
     total = sum(ops.values()) - ops["NOP"]
     return dict(regs=regs, spill=ops["LDL"] + ops["STL"], blocks=blocks, threads=threads, instr=total,
                 per_elem=total / max(elements / threads, 1), bars=ops["BAR"])
