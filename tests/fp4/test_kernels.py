@@ -410,6 +410,23 @@ def test_tiny_tensors_take_the_exact_division_route(fmt, scale_exp):
     check(x.to(DEV), fmt, 0)
 
 
+@pytest.mark.parametrize("scale_exp", [-110, 0])
+@pytest.mark.parametrize("shape", [(100, 37), (48, 300)])
+def test_exact_division_route_in_tile_parts(shape, scale_exp):
+    """The float64 route runs on parts of each tile (mx_quant._tile_parts): tiles cut by the
+    tensor's edge, NVFP4's 16 x 16 blocks and an FP8 operand behind a Hadamard included."""
+    x = (wide(shape, torch.float32, seed=9, spread=6).cpu() * 2.0 ** scale_exp).to(DEV)
+    for axis in (-1, 0):
+        check(x, "nvfp4", axis)
+        check(x, "nvfp4", axis, block_2d=True)
+    # Small integers times a power of two: the Hadamard's float32 sums are exact, so the
+    # reference's matmul and the kernel's butterflies agree on every bit (amax and scale too).
+    g = torch.Generator().manual_seed(3)
+    xi = (torch.randint(-8, 9, shape, generator=g).float() * 2.0 ** scale_exp).to(DEV)
+    check(xi[:, :32].contiguous(), "e4m3", -1, hadamard_block=16)
+    check(xi[:32].contiguous(), "e4m3", 0, hadamard_block=16)
+
+
 def test_stochastic_counters_unique_odd_width():
     """One Philox call per 4 columns of a row: a width that is not a multiple of 4 must not let
     two rows share a draw (their SR decisions would be correlated)."""
