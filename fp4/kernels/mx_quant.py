@@ -31,14 +31,16 @@ What one program computes (PASS=1):
   4. optional per-block scale codes (E8M0 byte e + 127, 0xFF for NaN; E4M3 byte of s_b).
 Registers decide the speed. At copy speed an H200 has ~32 issue slots per element, so these
 kernels are bound by the bytes each SM keeps in flight, i.e. by how many programs fit its
-registers (experiments/kernel_sass.py prints both). The rare routes -- MX integer rounding for
-programs with a tiny or huge block exponent, the float64 division of tensors with s_g <
-FAST_DIV_MIN -- would set the register count of the whole kernel, so they run on SUB parts of the
-tile one after another (each part loaded, rounded and stored by itself, along the axis the blocks
-do not run). And the MX round-to-nearest route reads its tile again after the program-wide test
-of the block exponents (RELOAD, a cache hit) instead of holding it across that test's barrier:
-for MXFP4 along the last axis 48 registers instead of 128, 10 programs per SM instead of 4
-(Triton 3.9's sm_90 build).
+registers (experiments/kernel_sass.py prints both, offline). The rare routes -- MX integer
+rounding for programs with a tiny or huge block exponent, the float64 division of tensors with
+s_g < FAST_DIV_MIN -- would set the register count of the whole kernel, so they run on SUB parts
+of the tile one after another (each part loaded, rounded and stored by itself along the axis the
+blocks do not run; fp4.kernels._tiles holds the tile code). Without a Hadamard the MX
+round-to-nearest route reads its tile again after the program-wide test of the block exponents
+(RELOAD: a cache hit, so DRAM still sees one read) instead of holding it across that test's
+barrier; with one, recomputing the transform costs more than the registers save. MXFP4 along the
+last axis: 53 registers instead of 128 on the device's Triton 3.6, 9 programs per SM instead of 4,
+81% of copy instead of 76% (results/bench/kernel_occupancy_check-h200-f8509e8.txt).
 PASS=0 is the cheap global-amax pre-pass for NVFP4 / FP8: it recomputes the (transformed) tile
 and atomically maxes its |bits| into one int32.
 
@@ -67,7 +69,7 @@ import triton.language as tl
 from ..formats import E4M3, E8M0_BIAS, MX_BLOCK, NVFP4_BLOCK, NVFP4_TENSOR_DIVISOR
 from ..scaling import MX_SCALE_MODES
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
-                    encode_minifloat, fixed_grid_bits, fixed_scale_consts, f32_bits, load_bits,
+                    encode_minifloat, fixed_grid_bits, fixed_scale_consts, f32_bits,
                     mul_f32, mx_exponent, mx_fast_program, mx_grid_bits, mx_round_nearest,
                     rand_bits, round_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
