@@ -26,7 +26,6 @@ import torch
 import triton
 
 from fp4.kernels import triton_quantize_operand
-from fp4.formats import MX_BLOCK, NVFP4_BLOCK
 from fp4.kernels.mx_quant import KIND_MX, KIND_NVFP4, block_quantize, launch_config
 
 dev = torch.device("cuda")
@@ -65,9 +64,7 @@ def quant(x3, case, config, rounding="nearest"):
 def default_tile(case):
     """The (TR, TC, num_warps, HMODE) block_quantize picks for this case."""
     kind, _, axis, hb, _ = CASES[case]
-    qb = MX_BLOCK if kind == KIND_MX else NVFP4_BLOCK
-    rb, cb = (1, qb) if axis == 1 else (qb, 1)
-    return tuple(launch_config(kind, axis, hb or 1, rb, cb, "nearest", False)[:4])
+    return tuple(launch_config(kind, axis, hb or 1, "nearest", False)[:4])
 
 
 def same(a, b):

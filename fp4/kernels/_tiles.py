@@ -124,6 +124,50 @@ def _store_block_values(ptr, v, R, C, RB: tl.constexpr, CB: tl.constexpr, TR: tl
 
 
 @triton.jit
+def _part_origin(part, AXIS: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, SUB: tl.constexpr):
+    """Element origin (r0, c0) of part `part` of this program's [TR, TC] tile split SUB ways
+    along the axis the blocks do not run (rows for AXIS 1, columns for AXIS 0); the part is
+    [TR // SUB, TC] or [TR, TC // SUB]."""
+    r0 = tl.program_id(0) * TR
+    c0 = tl.program_id(1) * TC
+    if AXIS == 1:
+        r0 = r0 + part * (TR // SUB)
+    else:
+        c0 = c0 + part * (TC // SUB)
+    return r0, c0
+
+
+@triton.jit
+def _mx_tile_blocks(x_ptr, signs_ptr, offs, inb, AXIS: tl.constexpr, RB: tl.constexpr,
+                    CB: tl.constexpr, LOG2HB: tl.constexpr, HSCALE: tl.constexpr,
+                    HAS_SIGNS: tl.constexpr, MODE: tl.constexpr, MBITS: tl.constexpr,
+                    EMAX: tl.constexpr, MCAP: tl.constexpr, IN_KIND: tl.constexpr,
+                    TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr, EVEN: tl.constexpr):
+    """(b4, a4, am, e) of a [TR, TC] tile: its (transformed) bits as [TR/RB, RB, TC/CB, CB]
+    blocks, their magnitudes, each block's amax bits and E8M0 exponent."""
+    bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
+                             HAS_SIGNS, TR, TC, HMODE, EVEN)
+    b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
+    a4 = b4 & 0x7FFFFFFF
+    am = tl.max(tl.max(a4, axis=3, keep_dims=True), axis=1, keep_dims=True)
+    return b4, a4, am, mx_exponent(am, MODE, MBITS, EMAX, MCAP)
+
+
+@triton.jit
+def _mx_store_tile(out_ptr, scale_ptr, mag, b4, am, e, offs, inb, R, C, r0, c0,
+                   RB: tl.constexpr, CB: tl.constexpr, E8M0_B: tl.constexpr,
+                   IN_KIND: tl.constexpr, WRITE_SCALES: tl.constexpr, TR: tl.constexpr,
+                   TC: tl.constexpr, EVEN: tl.constexpr):
+    """Store the MX tile at (r0, c0): grid magnitudes `mag` with x's signs (NaN for a block whose
+    amax is NaN / Inf), then, with WRITE_SCALES, the E8M0 codes (0xFF for such a block)."""
+    out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | (b4 & (-2147483648)))
+    store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
+    if WRITE_SCALES:
+        code = tl.where(am >= F32_INF_BITS, 255, e + E8M0_B)
+        _store_block_values_at(scale_ptr, code.to(tl.uint8), R, C, r0, c0, RB, CB, TR, TC)
+
+
+@triton.jit
 def _mx_tile_integer(x_ptr, out_ptr, signs_ptr, scale_ptr, R, C, r0, c0, AXIS: tl.constexpr,
                      RB: tl.constexpr, CB: tl.constexpr, LOG2HB: tl.constexpr, HSCALE: tl.constexpr,
                      HAS_SIGNS: tl.constexpr, MODE: tl.constexpr, MBITS: tl.constexpr,
@@ -137,15 +181,9 @@ def _mx_tile_integer(x_ptr, out_ptr, signs_ptr, scale_ptr, R, C, r0, c0, AXIS: t
     tiny or huge block exponent, run on a part of the program's tile at a time so that this rare
     route does not set the kernel's register count (and with it the programs per SM)."""
     rows, cols, offs, inb = _tile_at(R, C, r0, c0, TR, TC, OFF64)
-    bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
-                             HAS_SIGNS, TR, TC, HMODE, EVEN)
-    b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
-    a4 = b4 & 0x7FFFFFFF
-    am = tl.max(tl.max(a4, axis=3, keep_dims=True), axis=1, keep_dims=True)
-    e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
+    b4, a4, am, e = _mx_tile_blocks(x_ptr, signs_ptr, offs, inb, AXIS, RB, CB, LOG2HB, HSCALE,
+                                    HAS_SIGNS, MODE, MBITS, EMAX, MCAP, IN_KIND, TR, TC, HMODE,
+                                    EVEN)
     mag = mx_grid_bits(a4, e, a4, False, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, 0.0, 0)  # (no FMT_MAX on this route)
-    out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | (b4 & (-2147483648)))
-    store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
-    if WRITE_SCALES:
-        code = tl.where(am >= F32_INF_BITS, 255, e + E8M0_B)
-        _store_block_values_at(scale_ptr, code.to(tl.uint8), R, C, r0, c0, RB, CB, TR, TC)
+    _mx_store_tile(out_ptr, scale_ptr, mag, b4, am, e, offs, inb, R, C, r0, c0, RB, CB, E8M0_B,
+                   IN_KIND, WRITE_SCALES, TR, TC, EVEN)

@@ -70,11 +70,11 @@ from ..formats import E4M3, E8M0_BIAS, MX_BLOCK, NVFP4_BLOCK, NVFP4_TENSOR_DIVIS
 from ..scaling import MX_SCALE_MODES
 from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
                     encode_minifloat, fixed_grid_bits, fixed_scale_consts, f32_bits,
-                    mul_f32, mx_exponent, mx_fast_program, mx_grid_bits, mx_round_nearest,
+                    mul_f32, mx_fast_program, mx_grid_bits, mx_round_nearest,
                     rand_bits, round_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
-from ._tiles import (_mx_tile_integer, _store_block_values, _store_block_values_at, _tile_at,
-                     _tile_coords, _transformed_tile)
+from ._tiles import (_mx_store_tile, _mx_tile_blocks, _mx_tile_integer, _part_origin,
+                     _store_block_values_at, _tile_at, _tile_coords, _transformed_tile)
 from .mx_rows_hadamard import mx_rows_hadamard_kernel
 
 KIND_MX, KIND_NVFP4, KIND_FP8 = 0, 1, 2
@@ -166,22 +166,16 @@ def block_quant_kernel(
         tl.atomic_max(amax_ptr, tl.max(tl.max(bits & 0x7FFFFFFF, axis=1), axis=0))
     elif KIND == 0:
         rows, cols, offs, inb = _tile_coords(R, C, TR, TC, OFF64)
-        bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
-                                 HAS_SIGNS, TR, TC, HMODE, EVEN)
-        b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
-        a4 = b4 & 0x7FFFFFFF
-        am = tl.max(tl.max(a4, axis=3, keep_dims=True), axis=1, keep_dims=True)
-        e = mx_exponent(am, MODE, MBITS, EMAX, MCAP)
-        code = tl.where(am >= F32_INF_BITS, 255, e + E8M0_B)
+        b4, a4, am, e = _mx_tile_blocks(x_ptr, signs_ptr, offs, inb, AXIS, RB, CB, LOG2HB, HSCALE,
+                                        HAS_SIGNS, MODE, MBITS, EMAX, MCAP, IN_KIND, TR, TC, HMODE,
+                                        EVEN)
         if ROUND == 1:
             rnd = tl.reshape(rand_bits(tl.load(seed_ptr), pid_b * R + rows, pid_c * (TC // 4),
                                        (C + 3) // 4, TR, TC), [TR // RB, RB, TC // CB, CB])
             mag = mx_grid_bits(a4, e, rnd, False, MBITS, EMIN, MAXN, MAXQ, LOG2N, NBITS, FMT_MAX,
                                ROUND)
-            out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | (b4 & (-2147483648)))
-            store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
-            if WRITE_SCALES:
-                _store_block_values(scale_ptr, code.to(tl.uint8), R, C, RB, CB, TR, TC)
+            _mx_store_tile(out_ptr, scale_ptr, mag, b4, am, e, offs, inb, R, C, pid_r * TR,
+                           pid_c * TC, RB, CB, E8M0_B, IN_KIND, WRITE_SCALES, TR, TC, EVEN)
         elif mx_fast_program(e, am):
             if RELOAD:
                 # Read the tile again (a cache hit) rather than hold it across the block-wide
@@ -192,19 +186,12 @@ def block_quant_kernel(
                 b4 = tl.reshape(bits, [TR // RB, RB, TC // CB, CB])
                 a4 = b4 & 0x7FFFFFFF
             mag = mx_round_nearest(a4, e, EMIN, MBITS, FMT_MAX)
-            out = tl.where(am >= F32_INF_BITS, F32_NAN_BITS, mag | (b4 & (-2147483648)))
-            store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
-            if WRITE_SCALES:
-                _store_block_values(scale_ptr, code.to(tl.uint8), R, C, RB, CB, TR, TC)
+            _mx_store_tile(out_ptr, scale_ptr, mag, b4, am, e, offs, inb, R, C, pid_r * TR,
+                           pid_c * TC, RB, CB, E8M0_B, IN_KIND, WRITE_SCALES, TR, TC, EVEN)
         else:
             # The integer route, SUB parts of the tile one after another (_mx_tile_integer).
             for part in range(SUB):
-                if AXIS == 1:
-                    r0 = pid_r * TR + part * (TR // SUB)
-                    c0 = pid_c * TC
-                else:
-                    r0 = pid_r * TR
-                    c0 = pid_c * TC + part * (TC // SUB)
+                r0, c0 = _part_origin(part, AXIS, TR, TC, SUB)
                 _mx_tile_integer(x_ptr, out_ptr, signs_ptr, scale_ptr, R, C, r0, c0, AXIS, RB, CB,
                                  LOG2HB, HSCALE, HAS_SIGNS, MODE, MBITS, EMIN, EMAX, MAXN, MAXQ,
                                  LOG2N, NBITS, MCAP, E8M0_B, IN_KIND, WRITE_SCALES,
@@ -231,12 +218,7 @@ def block_quant_kernel(
             # The float64 division, SUB parts of the tile one after another (the register
             # count of this rare route would otherwise be the kernel's).
             for part in range(SUB):
-                if AXIS == 1:
-                    r0 = pid_r * TR + part * (TR // SUB)
-                    c0 = pid_c * TC
-                else:
-                    r0 = pid_r * TR
-                    c0 = pid_c * TC + part * (TC // SUB)
+                r0, c0 = _part_origin(part, AXIS, TR, TC, SUB)
                 _scaled_tile(x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C, r0, c0, gf,
                              finite, KIND, AXIS, RB, CB, LOG2HB, HSCALE, HAS_SIGNS, ROUND, MBITS,
                              EMIN, FMT_MAX, FIX_QBITS, FIX_MAXB, SB_ROUND, NV_DIV, SB_MBITS,
@@ -318,9 +300,18 @@ def _default_config(kind, axis, hb, rb, cb, rounding):
     return tr, tc, 4, (1 if hb > 1 else 0)
 
 
-def launch_config(kind, axis, hb, rb, cb, rounding, block_2d):
+def block_shape(kind, axis, block_2d):
+    """(RB, CB): the rows and columns of one scale block of the kernel's [B, R, C] view."""
+    if block_2d:
+        return NVFP4_BLOCK, NVFP4_BLOCK
+    qb = MX_BLOCK if kind == KIND_MX else NVFP4_BLOCK
+    return (1, qb) if axis == 1 else (qb, 1)
+
+
+def launch_config(kind, axis, hb, rounding, block_2d):
     """The launch configuration (TR, TC, num_warps, HMODE[, RELOAD]) block_quantize uses: the
     TILE_CONFIG entry where it fits the blocks, else _default_config."""
+    rb, cb = block_shape(kind, axis, block_2d)
     config = TILE_CONFIG.get((kind == KIND_MX, axis, hb, rounding == "stochastic", block_2d))
     if config is None or not _fits(config, axis, hb, rb, cb):
         config = _default_config(kind, axis, hb, rb, cb, rounding)
@@ -342,14 +333,11 @@ def block_quantize(x3: torch.Tensor, kind: int, elem: str, axis: int, mode: str 
     in_kind = IN_KINDS[x3.dtype]
     view = KIND_VIEWS[in_kind]
     qb = MX_BLOCK if kind == KIND_MX else NVFP4_BLOCK
-    if block_2d:
-        rb, cb = NVFP4_BLOCK, NVFP4_BLOCK
-    else:
-        rb, cb = (1, qb) if axis == 1 else (qb, 1)
+    rb, cb = block_shape(kind, axis, block_2d)
     hb = hadamard_block or 1
     log2hb = int(math.log2(hb))
     if config is None:
-        config = launch_config(kind, axis, hb, rb, cb, rounding, block_2d)
+        config = launch_config(kind, axis, hb, rounding, block_2d)
     tr, tc, num_warps, hmode = config[:4]
     # Reading the tile again pays where it is only a load (80.3% of copy against 74.3% along the
     # tokens), not where the Hadamard must be recomputed too (52.8% against 61.5%; results/bench/
