@@ -8,7 +8,7 @@ candidate tile (TR, TC, num_warps, HMODE) of fp4.kernels.mx_quant.block_quantize
 
     mxfp4 along the last axis and along the tokens (HMODE 2 = the slab kernel, here without a
     transform), h16+mxfp4 both ways (the slab kernel along the tokens), nvfp4 both ways, and
-    the default of per-tensor E4M3 (its own kernel) both ways,
+    the default of per-tensor E4M3 (its own kernel) both ways, and its cast-transpose's tiles,
 
 1. bytes: the output and scale codes equal those of the launcher's default tile (FAIL otherwise;
    every tile computes the same elementwise operations, so any difference is a kernel bug);
@@ -26,6 +26,7 @@ import torch
 import triton
 
 from fp4.kernels import triton_quantize_operand
+from fp4.kernels.fp8_quant import FP8_T_CONFIG, fp8_quantize_t
 from fp4.kernels.mx_quant import KIND_MX, KIND_NVFP4, block_quantize, launch_config
 
 dev = torch.device("cuda")
@@ -45,15 +46,22 @@ CASES = {
                                                       (16, 512, 8, 0), (32, 128, 4, 0)]),
     "nvfp4 tokens": (KIND_NVFP4, "e2m1", 0, None, [(32, 256, 4, 0), (16, 256, 4, 0), (32, 128, 4, 0),
                                                    (64, 128, 8, 0), (32, 512, 8, 0), (16, 512, 8, 0)]),
-    # Per-tensor E4M3 (fp4.kernels.fp8_quant, its own tiles): the default only.
+    # Per-tensor E4M3 (fp4.kernels.fp8_quant, its own tiles): the flat pass (the default only;
+    # the layout does not matter to it) and the cast-transpose (both layouts of the FP8 bytes, as
+    # the real FP8 GEMMs take them: 2 bytes written per element too), its tiles (BM, BN, warps).
     "e4m3 last axis": (None, "e4m3", 1, None, []),
     "e4m3 tokens": (None, "e4m3", 0, None, []),
+    "e4m3 cast-transpose": (None, "e4m3", 2, None, [(32, 64, 2), (64, 32, 2), (64, 64, 4),
+                                                   (32, 128, 4), (64, 64, 2), (128, 64, 8)]),
 }
 
 
 def quant(x3, case, config, rounding="nearest"):
     kind, elem, axis, hb, _ = CASES[case]
     gen = torch.Generator(device=dev).manual_seed(7)
+    if kind is None and axis == 2:  # the cast-transpose of the real FP8 GEMMs
+        q, q_t, scale = fp8_quantize_t(x3.view(-1, x3.shape[-1]), elem, config)
+        return q.view(torch.uint8), scale, q_t.view(torch.uint8)
     if kind is None:  # the public entry of the per-tensor FP8 quantizer
         q, scale = triton_quantize_operand(x3.view(-1, x3.shape[-1]), elem, -1 if axis == 1 else 0)
         return q, scale, torch.empty(0, device=dev)
@@ -62,8 +70,11 @@ def quant(x3, case, config, rounding="nearest"):
 
 
 def default_tile(case):
-    """The (TR, TC, num_warps, HMODE) block_quantize picks for this case."""
+    """The (TR, TC, num_warps, HMODE) block_quantize picks for this case (the cast-transpose's
+    (BM, BN, warps))."""
     kind, _, axis, hb, _ = CASES[case]
+    if kind is None:
+        return tuple(FP8_T_CONFIG.values())
     return tuple(launch_config(kind, axis, hb or 1, "nearest", False)[:4])
 
 

@@ -326,31 +326,52 @@ def div_f32(num, den):
     return (num.to(tl.float64) / den).to(tl.float32)
 
 
-# div_f32_rn is exact where the divisor is >= this (a per-tensor scale, tested once per program).
-FAST_DIV_MIN = tl.constexpr(1e-27)  # ~2^-89.7
+# The divisors for which div_f32_fma is the IEEE quotient wherever a grid can tell (see there).
+DIV_FMA_MIN = tl.constexpr(2.0 ** -60)
+DIV_FMA_MAX = tl.constexpr(2.0 ** 125)
+# Below this |quotient| div_f32_fma's residuals may underflow (only SR on an exact uniform cares).
+DIV_FMA_TINY = tl.constexpr(2.0 ** -42)
 
 
 @triton.jit
-def div_f32_rn(num, den):
-    """Correctly rounded float32 num / den with the float32 IEEE division (libdevice div_rn,
-    `div.rn.f32`), ~10x cheaper than the float64 route on GPUs with slow float64.
+def recip_f32(den):
+    """RN32(1 / den), correctly rounded (the float64 route): once per divisor, for div_f32_fma."""
+    return (1.0 / den.to(tl.float64)).to(tl.float32)
 
-    Under Triton's nvvm-reflect-ftz it is the `.ftz` variant: a subnormal num or quotient is
-    flushed to a zero of the same sign. Callers use it only with den >= 2^-100 (see
-    FAST_DIV_MIN): then a subnormal num means |num / den| < 2^-26 and a subnormal quotient is
-    < 2^-126, both below half the smallest spacing of every element grid here (E5M2: 2^-16),
-    so they round to a zero of x's sign either way, and the kernels take that sign from x's own
-    bits. Every other quotient is the IEEE result."""
-    return tl.math.div_rn(num, den)
+
+@triton.jit
+def div_f32_fma(num, den, inv):
+    """Correctly rounded float32 num / den from inv = RN32(1 / den) (recip_f32): one multiply
+    and four FMAs an element, no branch, where div_rn spends a reciprocal, a range check and a
+    convergence barrier per element (the divisor of a scaled quantizer is shared by a block or
+    the tensor, so its reciprocal is computed once).
+
+        q0 = num * inv               within 1.5 ulp of num / den (inv within half an ulp)
+        q1 = q0 + fma(-den, q0, num) * inv      within 1 ulp: faithful
+        q  = q1 + fma(-den, q1, num) * inv      = RN(num / den)   (FMAs; one rounding each)
+
+    The last step is Markstein's theorem (Markstein 1990; Cornea, Harrison and Tang 2002): if
+    inv is within half an ulp of 1 / den and q1 is a faithful quotient, the residual
+    num - den * q1 is exact and q1 + residual * inv rounds to the correctly rounded quotient.
+    Its hypotheses, no underflow of the residual, hold for DIV_FMA_MIN <= den < DIV_FMA_MAX and
+    |num / den| >= DIV_FMA_TINY (the residual is ~ulp(q) * den >= 2^-126; inv is normal): every
+    quotient that a grid rounding can tell apart (the smallest half-spacing of every grid here,
+    E5M2's, is 2^-17; a 24-bit SR draw cannot raise anything below 2^-40). A smaller quotient
+    comes out within a few ulps, or flushed to a zero of its sign under `.ftz`, which every
+    grid rounds like the IEEE quotient, to zero; callers that need even those exact (SR against
+    an exact uniform, fp32_block_quant) test |q| < DIV_FMA_TINY. Triton lowers tl.fma to
+    `fma.rn.f32`; its interpreter (Triton >= 3.9) rounds an fma once, as the GPU does."""
+    q0 = num * inv
+    q1 = tl.fma(tl.fma(-den, q0, num), inv, q0)
+    return tl.fma(tl.fma(-den, q1, num), inv, q1)
 
 
 @triton.jit
 def div_scaled(x, den, fast):
-    """Correctly rounded float32 x / den: the cheap float32 IEEE division (div_f32_rn) when `fast`
-    (a scalar: every den of the call is >= FAST_DIV_MIN, where it is exact), else the float64
-    route (div_f32)."""
+    """Correctly rounded float32 x / den by a scalar divisor: div_f32_fma when `fast` (den in
+    [DIV_FMA_MIN, DIV_FMA_MAX), where it is exact), else the float64 route (div_f32)."""
     if fast:
-        v = div_f32_rn(x, den)
+        v = div_f32_fma(x, den, recip_f32(den))
     else:
         v = div_f32(x, den)
     return v

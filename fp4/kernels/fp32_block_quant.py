@@ -24,18 +24,20 @@ Exact arithmetic (Triton's float32 `/` is the approximate div.full.f32 on a GPU,
 may flush subnormals):
 - s: float64 division rounded once to float32 (_bits.div_f32), per block: correctly rounded
   (float64 has > 2 * 24 + 2 bits), no subnormal is flushed (the FP64 path never flushes).
-- v: the float32 IEEE division div_rn (_bits.div_f32_rn, `.ftz` on a GPU) when it is provably
-  the IEEE result for everything that matters, else the float64 route (div_f32), chosen per
-  program (a uniform branch):
-    * every positive scale of the tile >= FAST_DIV_MIN (~2^-89.7): then a flushed subnormal x
-      or quotient has |x / s| < 2^-26, which nearest rounding sends to a zero of x's sign
-      either way (the sign is taken from x's bits);
-    * under SR additionally no element with x != 0 and |v| < 2^-126 (a flushed or subnormal
-      quotient): such a v is rounded up with probability |v| / spacing, so its exact value
-      matters; a tile holding one takes the float64 route. (Rare: it needs a subnormal input
-      or an element 2^126 below its block max.)
-  Under TRITON_INTERPRET=1 (numpy, IEEE, no flushing) both routes give the same bits; the
-  EXACT_DIV launch option forces the float64 route (tests pin that it agrees).
+- v: one reciprocal per block and a multiply and four FMAs per element (_bits.div_f32_fma,
+  correctly rounded by Markstein's theorem) when that is provably the IEEE result for
+  everything that matters, else the float64 route (div_f32), chosen per program (a uniform
+  branch):
+    * every positive scale of the tile in [DIV_FMA_MIN, DIV_FMA_MAX) = [2^-60, 2^125): then
+      every quotient >= 2^-42 is exact, and a smaller one (flushed or a few ulps off) is far
+      below half the smallest spacing of every grid, so nearest rounding sends it to a zero of
+      x's sign either way (the sign is taken from x's bits);
+    * under SR additionally no element with x != 0 and |v| < DIV_FMA_TINY = 2^-42: such a v
+      is rounded up with probability |v| / spacing, so its exact value matters; a tile holding
+      one takes the float64 route. (Rare: it needs an element 2^40 below its block max.)
+  Under TRITON_INTERPRET=1 (numpy, IEEE, no flushing; Triton >= 3.9 rounds tl.fma once) both
+  routes give the same bits; the EXACT_DIV launch option forces the float64 route (tests pin
+  that it agrees).
 - x_dq: _bits.mul_f32 (exact float64 product, one rounding to float32; subnormal-safe).
 - Element rounding: `_bits.round_bits` (nearest, proven bit-identical for the other kernels) on
   the bits of |v| with the fixed grid (block exponent 0); SR by `round_bits_uniform` below.
@@ -64,14 +66,12 @@ import triton
 import triton.language as tl
 
 from ..formats import FP32_BLOCK
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
-                    fixed_scale_consts, grid_split, mul_f32, round_bits)
+from ._bits import (DIV_FMA_MAX, DIV_FMA_MIN, DIV_FMA_TINY, F32_INF_BITS, F32_NAN_BITS, FORMATS,
+                    div_f32, div_f32_fma, fixed_scale_consts, grid_split, mul_f32, recip_f32,
+                    round_bits)
 from .amax import IN_KINDS, KIND_VIEWS
 from ._tiles import _store_block_values, _tile_coords, _transformed_tile
 from .mx_quant import _f32_value
-
-F32_MIN_NORMAL_BITS = tl.constexpr(0x00800000)
-
 
 @triton.jit
 def pow2_f64(k):
@@ -123,10 +123,10 @@ def fp32_block_kernel(
     if EXACT_DIV:
         v = div_f32(x, den)
     else:
-        v = div_f32_rn(x, den)
-        need_exact = tl.min(den) < FAST_DIV_MIN
+        v = div_f32_fma(x, den, recip_f32(den))
+        need_exact = (tl.min(den) < DIV_FMA_MIN) | (tl.max(den) >= DIV_FMA_MAX)
         if ROUND == 1:
-            tiny = pos & (a4 != 0) & ((v.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < F32_MIN_NORMAL_BITS)
+            tiny = pos & (a4 != 0) & (tl.abs(v) < DIV_FMA_TINY)
             need_exact = need_exact | (tl.max(tiny.to(tl.int32)) > 0)
         if need_exact:
             v = div_f32(x, den)

@@ -15,7 +15,8 @@ program 0, so no host round trip sits between the passes.
 
 Numerics: s = fp32(amax / max) is a float64 division rounded once to float32 (equal to the
 correctly rounded float32 division; Triton's float32 `/` is the approximate div.full.f32 on
-NVIDIA), v = fp32(x / s) the float32 IEEE division (div_rn; float64 for a tiny s < 2^-89),
+NVIDIA), v = fp32(x / s) correctly rounded from one reciprocal of s and four FMAs an element
+(fp4.kernels._bits.div_f32_fma; float64 for s outside [2^-60, 2^125)),
 and v is rounded onto the FP8 grid: to nearest by two float32 additions
 (fp4.kernels._bits.round_nearest_f32; a subnormal v rounds to a zero of x's sign, flushed or
 not), stochastically by integer arithmetic on its bits. The FP8 byte is the conversion of that
@@ -38,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..formats import FP8_DTYPES, FP8_MAX
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_scaled,
+from ._bits import (DIV_FMA_MAX, DIV_FMA_MIN, F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, div_scaled,
                     fixed_grid_bits, fixed_scale_consts, load_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 
@@ -71,8 +72,8 @@ def _fp8_tensor_scale(amax_ptr, FMT_MAX: tl.constexpr):
 def _fp8_grid_bits(bits, s, rnd, MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS: tl.constexpr,
                    MAXB: tl.constexpr, FMT_MAX: tl.constexpr, ROUND: tl.constexpr):
     """Signed float32 bits of q = fp8_round(fp32(x / s)) for x given as float32 bits (any shape)."""
-    # s >= FAST_DIV_MIN: the fp32 IEEE division is exact here (see _bits.div_f32_rn).
-    v = div_scaled(bits.to(tl.float32, bitcast=True), s, s >= FAST_DIV_MIN)
+    # One reciprocal for the tensor, then FMAs per element (_bits.div_f32_fma: the IEEE quotient).
+    v = div_scaled(bits.to(tl.float32, bitcast=True), s, (s >= DIV_FMA_MIN) & (s < DIV_FMA_MAX))
     q = fixed_grid_bits(v, rnd, EMIN, QBITS, MAXB, FMT_MAX, MBITS, ROUND)
     return q | (bits & (-2147483648))
 

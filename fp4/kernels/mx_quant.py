@@ -23,8 +23,9 @@ What one program computes (PASS=1):
      rounded by `mx_grid_bits` (float32 magic-number rounding of |x| * 2^-e where the program's
      block exponents are moderate, else `round_bits` in x's own units) -- bits of q * 2^e.
      NVFP4: s_g, s_b, s = s_b * s_g and v = x / s as correctly rounded float32 operations
-     (per-block ops: float64 op then one rounding; per-element x / s: the float32 IEEE
-     division div_rn, or float64 for tensors so tiny that s_g < 2^-89), the E4M3 block scale
+     (per-block ops: float64 op then one rounding; per-element x / s: a multiply and four
+     FMAs from the block's reciprocal, _bits.div_f32_fma, or float64 for tensors so tiny or
+     huge that some s falls outside [2^-60, 2^125)), the E4M3 block scale
      rounded by `round_bits`, E2M1 elements by `fixed_grid_bits`, output q * s_b. Never
      Triton's float32 `/` (approximate div.full.f32).
      FP8 (KIND=2): s = fp32(amax / max), v = x / s, output q.
@@ -33,7 +34,7 @@ Registers decide the speed. At copy speed an H200 has ~32 issue slots per elemen
 kernels are bound by the bytes each SM keeps in flight, i.e. by how many programs fit its
 registers (experiments/kernel_sass.py prints both, offline). The rare routes -- MX integer
 rounding for programs with a tiny or huge block exponent, the float64 division of tensors with
-s_g < FAST_DIV_MIN -- would set the register count of the whole kernel, so they run on SUB parts
+s_g < 2^-51 -- would set the register count of the whole kernel, so they run on SUB parts
 of the tile one after another (each part loaded, rounded and stored by itself along the axis the
 blocks do not run; fp4.kernels._tiles holds the tile code). Without a Hadamard the MX
 round-to-nearest route reads its tile again after the program-wide test of the block exponents
@@ -68,10 +69,10 @@ import triton.language as tl
 
 from ..formats import E4M3, E8M0_BIAS, MX_BLOCK, NVFP4_BLOCK, NVFP4_TENSOR_DIVISOR
 from ..scaling import MX_SCALE_MODES
-from ._bits import (F32_INF_BITS, F32_NAN_BITS, FAST_DIV_MIN, FORMATS, div_f32, div_f32_rn,
+from ._bits import (DIV_FMA_MAX, DIV_FMA_MIN, F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, div_f32_fma,
                     encode_minifloat, fixed_grid_bits, fixed_scale_consts, f32_bits,
                     mul_f32, mx_fast_program, mx_grid_bits, mx_round_nearest,
-                    rand_bits, round_bits, store_bits)
+                    rand_bits, recip_f32, round_bits, store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 from ._tiles import (_mx_store_tile, _mx_tile_blocks, _mx_tile_integer, _part_origin,
                      _store_block_values_at, _tile_at, _tile_coords, _transformed_tile)
@@ -100,7 +101,8 @@ def _scaled_tile(x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C, r0, c0, g
                  OFF64: tl.constexpr, DIV64: tl.constexpr):
     """NVFP4 (KIND 1) or tensor-scaled FP8 (KIND 2) of the [TR, TC] tile at (r0, c0), loaded and
     stored here, with the tensor amax gf (float32; finite False for NaN / Inf). DIV64: x / s by
-    the float64 route (tensors so tiny that s_g < FAST_DIV_MIN), else the float32 IEEE division."""
+    the float64 route (a tensor scale with some s outside [DIV_FMA_MIN, DIV_FMA_MAX)), else
+    one reciprocal per block and FMAs per element (_bits.div_f32_fma), both correctly rounded."""
     rows, cols, offs, inb = _tile_at(R, C, r0, c0, TR, TC, OFF64)
     bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
                              HAS_SIGNS, TR, TC, HMODE, EVEN)
@@ -124,8 +126,8 @@ def _scaled_tile(x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C, r0, c0, g
         s_b = sb.to(tl.float32, bitcast=True)
         s = mul_f32(s_b, s_g)
         den = tl.where(s > 0, s, 1.0)
-        # s_g >= FAST_DIV_MIN -> every s >= 2^-9 * s_g (or 1): the fp32 IEEE division is exact.
-        v = div_f32(x, den) if DIV64 else div_f32_rn(x, den)
+        # The launcher's test of s_g puts every s in div_f32_fma's range: one reciprocal a block.
+        v = div_f32(x, den) if DIV64 else div_f32_fma(x, den, recip_f32(den))
         q = fixed_grid_bits(v, rnd, EMIN, FIX_QBITS, FIX_MAXB, FMT_MAX, MBITS, ROUND)
         q = tl.where(s > 0, q, 0)
         # q * s_b is exact in float32 (<= 5 significant bits, far from the subnormals).
@@ -137,7 +139,7 @@ def _scaled_tile(x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C, r0, c0, g
     else:
         s = div_f32(gf, FMT_MAX)
         s = tl.where(s == 0, 1.0, s)
-        v = div_f32(x, s) if DIV64 else div_f32_rn(x, s)
+        v = div_f32(x, s) if DIV64 else div_f32_fma(x, s, recip_f32(s))
         q = fixed_grid_bits(v, rnd, EMIN, FIX_QBITS, FIX_MAXB, FMT_MAX, MBITS, ROUND)
         out = tl.where(finite, q | sign, F32_NAN_BITS)
     store_bits(out_ptr, offs, tl.reshape(out, [TR, TC]), inb, IN_KIND, EVEN)
@@ -152,9 +154,9 @@ def block_quant_kernel(
         EMAX: tl.constexpr, MAXN: tl.constexpr, MAXQ: tl.constexpr, LOG2N: tl.constexpr,
         NBITS: tl.constexpr, MCAP: tl.constexpr, FMT_MAX: tl.constexpr, FIX_QBITS: tl.constexpr,
         FIX_MAXB: tl.constexpr, SB_ROUND: tl.constexpr, NV_DIV: tl.constexpr, SB_MBITS: tl.constexpr,
-        SB_EMIN: tl.constexpr, E8M0_B: tl.constexpr, IN_KIND: tl.constexpr,
-        WRITE_SCALES: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, HMODE: tl.constexpr,
-        EVEN: tl.constexpr = False, OFF64: tl.constexpr = True, SUB: tl.constexpr = 1,
+        SB_EMIN: tl.constexpr, SB_MIN: tl.constexpr, SB_MAX: tl.constexpr, E8M0_B: tl.constexpr,
+        IN_KIND: tl.constexpr, WRITE_SCALES: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+        HMODE: tl.constexpr, EVEN: tl.constexpr = False, OFF64: tl.constexpr = True, SUB: tl.constexpr = 1,
         RELOAD: tl.constexpr = True):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -203,12 +205,16 @@ def block_quant_kernel(
         gf = g.to(tl.float32, bitcast=True)
         if KIND == 1:
             s_t = div_f32(gf, NV_DIV)
+            # Every divisor s = s_b * s_g (s_b a non-zero E4M3 value, or 1 for an empty block)
+            # within div_f32_fma's range.
+            fma_div = (s_t * SB_MIN >= DIV_FMA_MIN) & (s_t * SB_MAX < DIV_FMA_MAX)
         else:
             s_t = div_f32(gf, FMT_MAX)
             s_t = tl.where(s_t == 0, 1.0, s_t)
+            fma_div = (s_t >= DIV_FMA_MIN) & (s_t < DIV_FMA_MAX)
         if pid_r + pid_c + pid_b == 0:
             tl.store(tscale_ptr, tl.where(finite, s_t, float("nan")))
-        if s_t >= FAST_DIV_MIN:
+        if fma_div:
             _scaled_tile(x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C, pid_r * TR,
                          pid_c * TC, gf, finite, KIND, AXIS, RB, CB, LOG2HB, HSCALE, HAS_SIGNS,
                          ROUND, MBITS, EMIN, FMT_MAX, FIX_QBITS, FIX_MAXB, SB_ROUND, NV_DIV,
@@ -235,8 +241,10 @@ def _fmt_constexprs(elem: str):
 
 
 def _scale_constexprs():
-    """Scale-encoding constexprs from fp4.formats: NVFP4 s_g divisor, E4M3 block-scale fields, E8M0 bias."""
-    return dict(NV_DIV=float(NVFP4_TENSOR_DIVISOR), SB_MBITS=E4M3.mbits, SB_EMIN=E4M3.emin, E8M0_B=E8M0_BIAS)
+    """Scale-encoding constexprs from fp4.formats: NVFP4 s_g divisor, E4M3 block-scale fields and
+    range (smallest non-zero and largest s_b), E8M0 bias."""
+    return dict(NV_DIV=float(NVFP4_TENSOR_DIVISOR), SB_MBITS=E4M3.mbits, SB_EMIN=E4M3.emin,
+                SB_MIN=E4M3.min_subnormal, SB_MAX=E4M3.max, E8M0_B=E8M0_BIAS)
 
 
 def _f32_value(v: float) -> float:

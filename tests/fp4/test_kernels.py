@@ -401,10 +401,11 @@ def test_scale_is_correctly_rounded_division(fmt, divisor):
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "e4m3", "e5m2"])
-@pytest.mark.parametrize("scale_exp", [-110, -60, 0])
+@pytest.mark.parametrize("scale_exp", [-110, -60, -45, 0, 100])
 def test_tiny_tensors_take_the_exact_division_route(fmt, scale_exp):
-    """s below FAST_DIV_MIN (2^-89) takes the float64 division, above it the float32 div_rn:
-    both bit-identical to the reference, including float32 subnormal inputs and scales."""
+    """Divisors below DIV_FMA_MIN (2^-60) take the float64 division, the others the reciprocal
+    and FMAs of _bits.div_f32_fma: both bit-identical to the reference, including float32
+    subnormal inputs and scales, and huge tensors."""
     x = wide((32, 64), torch.float32, seed=5, spread=6).cpu() * 2.0 ** scale_exp
     check(x.to(DEV), fmt, -1)
     check(x.to(DEV), fmt, 0)

@@ -109,7 +109,7 @@ def test_planted_hard_values(fmt, dtype):
     _, _, s = check(x, fmt)
     assert float(s) == 2.0 ** -3
     # The same values scaled to a huge amax (s near the top of float32), to a tiny one (s below
-    # FAST_DIV_MIN: the float64 division branch), and to an amax that is itself subnormal.
+    # DIV_FMA_MIN: the float64 division branch), and to an amax that is itself subnormal.
     for k in (110, -100, -135):
         y = hard_values(fmt, k).to(torch.float32)
         check(y.reshape(1, -1).repeat(3, 1).to(dtype).to(DEV), fmt)
