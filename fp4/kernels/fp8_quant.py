@@ -39,8 +39,9 @@ import triton
 import triton.language as tl
 
 from ..formats import FP8_DTYPES, FP8_MAX
-from ._bits import (DIV_FMA_MAX, DIV_FMA_MIN, F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, div_scaled,
-                    fixed_grid_bits, fixed_scale_consts, load_bits, store_bits)
+from ._bits import (DIV_FMA_MAX, DIV_FMA_MIN, F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32,
+                    div_f32_fma, fixed_grid_bits, fixed_scale_consts, load_bits, recip_f32,
+                    store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 
 # NaN bytes: E4M3FN has only S.1111.111; E5M2 uses exponent 31 with a non-zero mantissa. (An
@@ -70,12 +71,21 @@ def _fp8_tensor_scale(amax_ptr, FMT_MAX: tl.constexpr):
 
 @triton.jit
 def _fp8_grid_bits(bits, s, rnd, MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS: tl.constexpr,
-                   MAXB: tl.constexpr, FMT_MAX: tl.constexpr, ROUND: tl.constexpr):
-    """Signed float32 bits of q = fp8_round(fp32(x / s)) for x given as float32 bits (any shape)."""
-    # One reciprocal for the tensor, then FMAs per element (_bits.div_f32_fma: the IEEE quotient).
-    v = div_scaled(bits.to(tl.float32, bitcast=True), s, (s >= DIV_FMA_MIN) & (s < DIV_FMA_MAX))
+                   MAXB: tl.constexpr, FMT_MAX: tl.constexpr, ROUND: tl.constexpr,
+                   DIV64: tl.constexpr):
+    """Signed float32 bits of q = fp8_round(fp32(x / s)) for x given as float32 bits (any shape).
+    DIV64: the float64 division (s outside [DIV_FMA_MIN, DIV_FMA_MAX)), else one reciprocal of
+    the tensor scale and FMAs per element (_bits.div_f32_fma); both correctly rounded."""
+    x = bits.to(tl.float32, bitcast=True)
+    v = div_f32(x, s) if DIV64 else div_f32_fma(x, s, recip_f32(s))
     q = fixed_grid_bits(v, rnd, EMIN, QBITS, MAXB, FMT_MAX, MBITS, ROUND)
     return q | (bits & (-2147483648))
+
+
+@triton.jit
+def _fma_route(s):
+    """The uniform test of both kernels: s in div_f32_fma's range (else the float64 route)."""
+    return (s >= DIV_FMA_MIN) & (s < DIV_FMA_MAX)
 
 
 @triton.jit
@@ -91,27 +101,27 @@ def _fp8_code(q, MBITS: tl.constexpr):
 
 
 @triton.jit
-def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
-                FMT_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-                QBITS: tl.constexpr, MAXB: tl.constexpr, NAN_CODE: tl.constexpr,
-                ROUND: tl.constexpr, WRITE_F8: tl.constexpr, WRITE_DQ: tl.constexpr,
-                IN_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _fp8_chunk(x_ptr, out_ptr, f8_ptr, seed_ptr, N, start, bits, s, finite, FMT_MAX: tl.constexpr,
+               MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS: tl.constexpr, MAXB: tl.constexpr,
+               NAN_CODE: tl.constexpr, ROUND: tl.constexpr, WRITE_F8: tl.constexpr,
+               WRITE_DQ: tl.constexpr, IN_KIND: tl.constexpr, BLOCK: tl.constexpr,
+               DIV64: tl.constexpr):
+    """_fp8_kernel's work on the BLOCK elements from `start` (a multiple of 4): their bits as the
+    caller loaded them (the usual route, whose load is in flight while the tensor scale is read)
+    or, when `bits` is None, loaded here."""
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < N
-    bits = load_bits(x_ptr, offs, mask, IN_KIND)
-    s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
-    if pid == 0:
-        tl.store(scale_ptr, tl.where(finite, s, float("nan")))
+    if bits is None:
+        bits = load_bits(x_ptr, offs, mask, IN_KIND)
     if ROUND == 1:
         # One Philox call (4 x 32 bits) per 4 consecutive elements.
-        ctr = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+        ctr = (start // 4 + tl.arange(0, BLOCK // 4)).to(tl.int32)
         r0, r1, r2, r3 = tl.randint4x(tl.load(seed_ptr), ctr)
         rnd = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK])
         rnd = rnd.to(tl.int32, bitcast=True)
     else:
         rnd = bits
-    q = _fp8_grid_bits(bits, s, rnd, MBITS, EMIN, QBITS, MAXB, FMT_MAX, ROUND)
+    q = _fp8_grid_bits(bits, s, rnd, MBITS, EMIN, QBITS, MAXB, FMT_MAX, ROUND, DIV64)
     if WRITE_DQ:
         store_bits(out_ptr, offs, tl.where(finite, q, F32_NAN_BITS), mask, IN_KIND)
     if WRITE_F8:
@@ -120,27 +130,80 @@ def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
 
 
 @triton.jit
+def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
+                FMT_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                QBITS: tl.constexpr, MAXB: tl.constexpr, NAN_CODE: tl.constexpr,
+                ROUND: tl.constexpr, WRITE_F8: tl.constexpr, WRITE_DQ: tl.constexpr,
+                IN_KIND: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr = 4):
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    # The load first: in flight while the tensor scale is read.
+    bits = load_bits(x_ptr, offs, offs < N, IN_KIND)
+    s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
+    if pid == 0:
+        tl.store(scale_ptr, tl.where(finite, s, float("nan")))
+    if _fma_route(s):
+        _fp8_chunk(x_ptr, out_ptr, f8_ptr, seed_ptr, N, start, bits, s, finite, FMT_MAX, MBITS,
+                   EMIN, QBITS, MAXB, NAN_CODE, ROUND, WRITE_F8, WRITE_DQ, IN_KIND, BLOCK, False)
+    else:
+        # The float64 division of a tiny or huge tensor, PARTS chunks one after another: this
+        # rare route would otherwise set the kernel's register count (fp4.kernels.mx_quant).
+        for part in range(PARTS):
+            _fp8_chunk(x_ptr, out_ptr, f8_ptr, seed_ptr, N, start + part * (BLOCK // PARTS), None,
+                       s, finite, FMT_MAX, MBITS, EMIN, QBITS, MAXB, NAN_CODE, ROUND, WRITE_F8,
+                       WRITE_DQ, IN_KIND, BLOCK // PARTS, True)
+
+
+@triton.jit
+def _fp8_t_tile(x_ptr, f8_ptr, f8t_ptr, M, N, r0, c0, bits, s, finite, FMT_MAX: tl.constexpr,
+                MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS: tl.constexpr,
+                MAXB: tl.constexpr, NAN_CODE: tl.constexpr, IN_KIND: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIV64: tl.constexpr):
+    """The cast-transpose of the [BLOCK_M, BLOCK_N] tile of x at (r0, c0); `bits` as the caller
+    loaded them, or None: loaded here."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    cols = c0 + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    if bits is None:
+        bits = load_bits(x_ptr, rows[:, None] * N + cols[None, :], mask, IN_KIND)
+    q = _fp8_grid_bits(bits, s, bits, MBITS, EMIN, QBITS, MAXB, FMT_MAX, 0, DIV64)
+    code = tl.where(finite, _fp8_code(q, MBITS), NAN_CODE).to(tl.uint8)
+    tl.store(f8_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
+    mask_t = (cols[:, None] < N) & (rows[None, :] < M)
+    tl.store(f8t_ptr + cols[:, None] * M + rows[None, :], tl.trans(code), mask=mask_t)
+
+
+@triton.jit
 def _fp8_t_kernel(x_ptr, f8_ptr, f8t_ptr, amax_ptr, scale_ptr, M, N,
                   FMT_MAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
                   QBITS: tl.constexpr, MAXB: tl.constexpr, NAN_CODE: tl.constexpr,
-                  IN_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  IN_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PARTS: tl.constexpr = 2):
     """Cast-transpose: one [BLOCK_M, BLOCK_N] tile of a row-major x [M, N] is loaded once, rounded
     as _fp8_kernel rounds (nearest), and its codes stored to f8 [M, N] and, transposed in
     registers (tl.trans), to f8t [N, M], both row-major with rows along the contiguous axis."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    bits = load_bits(x_ptr, rows[:, None] * N + cols[None, :], mask, IN_KIND)
+    r0 = pid_m.to(tl.int64) * BLOCK_M
+    c0 = pid_n.to(tl.int64) * BLOCK_N
+    rows = r0 + tl.arange(0, BLOCK_M)
+    cols = c0 + tl.arange(0, BLOCK_N)
+    # The load first, in flight while the tensor scale is read (_fp8_kernel).
+    bits = load_bits(x_ptr, rows[:, None] * N + cols[None, :],
+                     (rows[:, None] < M) & (cols[None, :] < N), IN_KIND)
     s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
     if pid_m + pid_n == 0:
         tl.store(scale_ptr, tl.where(finite, s, float("nan")))
-    q = _fp8_grid_bits(bits, s, bits, MBITS, EMIN, QBITS, MAXB, FMT_MAX, 0)
-    code = tl.where(finite, _fp8_code(q, MBITS), NAN_CODE).to(tl.uint8)
-    tl.store(f8_ptr + rows[:, None] * N + cols[None, :], code, mask=mask)
-    mask_t = (cols[:, None] < N) & (rows[None, :] < M)
-    tl.store(f8t_ptr + cols[:, None] * M + rows[None, :], tl.trans(code), mask=mask_t)
+    if _fma_route(s):
+        _fp8_t_tile(x_ptr, f8_ptr, f8t_ptr, M, N, r0, c0, bits, s, finite, FMT_MAX, MBITS, EMIN,
+                    QBITS, MAXB, NAN_CODE, IN_KIND, BLOCK_M, BLOCK_N, False)
+    else:
+        # The float64 division, PARTS row parts one after another (_fp8_kernel).
+        for part in range(PARTS):
+            _fp8_t_tile(x_ptr, f8_ptr, f8t_ptr, M, N, r0 + part * (BLOCK_M // PARTS), c0, None, s,
+                        finite, FMT_MAX, MBITS, EMIN, QBITS, MAXB, NAN_CODE, IN_KIND,
+                        BLOCK_M // PARTS, BLOCK_N, True)
 
 
 def fp8_quantize(x: torch.Tensor, fmt: str, rounding: str = "nearest", generator=None,
