@@ -37,22 +37,29 @@ CASES = {
                                                    (64, 128, 8, 0), (32, 256, 8, 0)]),
     "mxfp4 tokens": (KIND_MX, "e2m1", 0, None, [(32, 128, 4, 0), (32, 256, 8, 0), (32, 128, 4, 2),
                                                 (32, 256, 4, 2), (32, 256, 2, 2), (32, 512, 4, 2),
-                                                (64, 128, 4, 2), (64, 256, 8, 2)]),
+                                                (64, 128, 4, 2), (64, 256, 8, 2), (32, 128, 2, 2),
+                                                (64, 128, 2, 2), (128, 128, 4, 2), (64, 64, 2, 2)]),
     "h16+mxfp4 tokens": (KIND_MX, "e2m1", 0, 16, [(32, 128, 4, 2), (32, 256, 4, 2), (32, 256, 2, 2),
                                                   (32, 128, 2, 2), (32, 256, 8, 2), (64, 128, 4, 2),
-                                                  (64, 256, 8, 2)]),
-    "h16+mxfp4 last axis": (KIND_MX, "e2m1", 1, 16, [(8, 512, 4, 0), (16, 256, 4, 0)]),
+                                                  (64, 256, 8, 2), (32, 64, 2, 2), (32, 64, 1, 2),
+                                                  (32, 128, 1, 2), (64, 128, 2, 2)]),
+    "h16+mxfp4 last axis": (KIND_MX, "e2m1", 1, 16, [(8, 512, 4, 0), (16, 256, 4, 0), (8, 256, 4, 0),
+                                                     (4, 256, 2, 0), (16, 128, 4, 0), (8, 128, 2, 0)]),
     "nvfp4 last axis": (KIND_NVFP4, "e2m1", 1, None, [(16, 256, 4, 0), (8, 512, 4, 0), (32, 256, 8, 0),
-                                                      (16, 512, 8, 0), (32, 128, 4, 0)]),
+                                                      (16, 512, 8, 0), (32, 128, 4, 0), (16, 128, 2, 0),
+                                                      (64, 128, 8, 0), (32, 64, 2, 0), (64, 64, 4, 0)]),
     "nvfp4 tokens": (KIND_NVFP4, "e2m1", 0, None, [(32, 256, 4, 0), (16, 256, 4, 0), (32, 128, 4, 0),
-                                                   (64, 128, 8, 0), (32, 512, 8, 0), (16, 512, 8, 0)]),
+                                                   (64, 128, 8, 0), (32, 512, 8, 0), (16, 512, 8, 0),
+                                                   (16, 128, 2, 0), (16, 128, 4, 0), (16, 64, 1, 0),
+                                                   (16, 256, 2, 0)]),
     # Per-tensor E4M3 (fp4.kernels.fp8_quant, its own tiles): the flat pass (the default only;
     # the layout does not matter to it) and the cast-transpose (both layouts of the FP8 bytes, as
     # the real FP8 GEMMs take them: 2 bytes written per element too), its tiles (BM, BN, warps).
     "e4m3 last axis": (None, "e4m3", 1, None, []),
     "e4m3 tokens": (None, "e4m3", 0, None, []),
     "e4m3 cast-transpose": (None, "e4m3", 2, None, [(32, 64, 2), (64, 32, 2), (64, 64, 4),
-                                                   (32, 128, 4), (64, 64, 2), (128, 64, 8)]),
+                                                   (32, 128, 4), (64, 64, 2), (128, 64, 8), (32, 32, 1),
+                                                   (16, 64, 1), (32, 32, 4), (16, 32, 1)]),
 }
 
 
@@ -87,6 +94,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="the 65536 x 768 shape only")
     ap.add_argument("--defaults-only", action="store_true", help="time the launcher's default tiles only")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--reload-ab", action="store_true",
                     help="also time each default tile holding its tile in registers (RELOAD False)")
     args = ap.parse_args()
@@ -103,6 +111,8 @@ def main() -> int:
         copy_gbs = 4 * n / copy_ms / 1e6
         print(f"\n{R} x {C} bf16 (x4): copy {copy_ms * 1e3:.0f} us = {copy_gbs:.0f} GB/s", flush=True)
         for case, (kind, _, _, _, tiles) in CASES.items():
+            if args.cases and case not in args.cases.split(","):
+                continue
             tiles = [] if args.defaults_only else tiles
             if args.reload_ab and kind is not None:
                 tiles = tiles + [default_tile(case) + (False,)]

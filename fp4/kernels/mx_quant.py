@@ -258,8 +258,10 @@ def _f32_value(v: float) -> float:
 # HMODE 2 = fp4.kernels.mx_rows_hadamard (MX, axis 0, HB <= 32): 36% of copy against the dot's
 # 25% on an H200 (results/bench/rows_hadamard_check-h200-d75e512.txt), the same bits as HMODE 0.
 TILE_CONFIG = {
-    (False, 1, 1, False, False): (16, 256, 4, 0),   # nvfp4 axis=-1: 20% -> 30% (before div_rn)
-    (False, 0, 1, False, False): (32, 256, 4, 0),   # nvfp4 axis=0: 16% -> 19% (before div_rn)
+    # nvfp4 (since div_f32_fma, results/bench/division_check-h200-13c5b2e.txt, 65536 x 768):
+    # axis=-1 34.8% -> 42.2% of copy, axis=0 19.8% -> 26.2%.
+    (False, 1, 1, False, False): (32, 128, 4, 0),
+    (False, 0, 1, False, False): (16, 256, 4, 0),
     (True, 1, 1, True, False): (16, 256, 4, 0),     # sr+mxfp4 axis=-1: 42% -> 52%
     (True, 1, 16, False, False): (8, 512, 4, 0),    # h16+mxfp4 axis=-1: 57% -> 62%
     (True, 1, 16, True, False): (8, 512, 4, 0),
@@ -267,8 +269,10 @@ TILE_CONFIG = {
     # Without a transform too: 66.8% of copy against this kernel's 44.4% on llama-150m's
     # 65536 x 768 operands (results/bench/kernel_tiles_check-h200-2eb148a.txt); not under SR,
     # where the slab layout's Philox draws make it 2x slower.
-    (True, 0, 1, False, False): (32, 256, 2, 2),
-    (True, 0, 16, False, False): (32, 256, 4, 2),
+    # Same file: without a transform 73.5% -> 76.6% with two MX blocks of 128 columns; h16
+    # 59.4% -> 79.8% with one block of 128 columns and two warps.
+    (True, 0, 1, False, False): (64, 128, 4, 2),
+    (True, 0, 16, False, False): (32, 128, 2, 2),
     (True, 0, 16, True, False): (32, 256, 4, 2),
 }
 
