@@ -51,11 +51,11 @@ FP8_NAN_CODE = {"e4m3": 0x7F, "e5m2": 0x7E}
 # per program and warps. The amax pre-pass has its own (fp4.kernels.amax.AMAX_CONFIG).
 FP8_CONFIG = dict(block=4096, num_warps=4)
 # Tile (rows x columns of x) and warps of the cast-transpose pass (fp8_quantize_t): the fastest
-# of ten byte-identical tiles on llama-150m's operands (65536 x 768 and x 2304 bf16) on an H200,
-# 57% / 53% of copy bandwidth against 64 x 64 x 4 warps' 48% on the wider one
-# (results/bench/fast_round_check-h200-1477fb5.txt). Both sides are multiples of 16 so either
-# store is a run of >= 16 consecutive bytes per row.
-FP8_T_CONFIG = dict(block_m=32, block_n=32, num_warps=2)
+# of fifteen byte-identical tiles on llama-150m's operands (65536 x 768 and x 2304 bf16) on an
+# H200 after the division change, 36.6% / 36.8% of copy (amax pre-pass included, 4 bytes an
+# element) against 32 x 32 x 2 warps' 35.5% / 33.6% (results/bench/tiles_check-h200-18e4257.txt).
+# Both sides are multiples of 16 so either store is a run of >= 16 consecutive bytes per row.
+FP8_T_CONFIG = dict(block_m=16, block_n=64, num_warps=1)
 
 
 @triton.jit

@@ -259,11 +259,14 @@ def _f32_value(v: float) -> float:
 # 25% on an H200 (results/bench/rows_hadamard_check-h200-d75e512.txt), the same bits as HMODE 0.
 TILE_CONFIG = {
     # nvfp4 (since div_f32_fma, results/bench/division_check-h200-13c5b2e.txt, 65536 x 768):
-    # axis=-1 34.8% -> 42.2% of copy, axis=0 19.8% -> 26.2%.
+    # axis=-1 34.8% -> 42.2% of copy, axis=0 19.8% -> 32.8% (16 x 64, one warp;
+    # tiles_check-h200-18e4257.txt, 33.2% on 65536 x 2304).
     (False, 1, 1, False, False): (32, 128, 4, 0),
-    (False, 0, 1, False, False): (16, 256, 4, 0),
+    (False, 0, 1, False, False): (16, 64, 1, 0),
     (True, 1, 1, True, False): (16, 256, 4, 0),     # sr+mxfp4 axis=-1: 42% -> 52%
-    (True, 1, 16, False, False): (8, 512, 4, 0),    # h16+mxfp4 axis=-1: 57% -> 62%
+    # h16+mxfp4 axis=-1: 48.6% -> 68.1% of copy on 65536 x 768 (C not a multiple of 512),
+    # 56.6% -> 67.8% on 65536 x 2304 (tiles_check-h200-18e4257.txt).
+    (True, 1, 16, False, False): (16, 256, 4, 0),
     (True, 1, 16, True, False): (8, 512, 4, 0),
     # HMODE 2 = fp4.kernels.mx_rows_hadamard (TR = 32 rows per MX block x blocks per program).
     # Without a transform too: 66.8% of copy against this kernel's 44.4% on llama-150m's
