@@ -360,7 +360,8 @@ def div_f32_fma(num, den, inv):
     comes out within a few ulps, or flushed to a zero of its sign under `.ftz`, which every
     grid rounds like the IEEE quotient, to zero; callers that need even those exact (SR against
     an exact uniform, fp32_block_quant) test |q| < DIV_FMA_TINY. Triton lowers tl.fma to
-    `fma.rn.f32`; its interpreter (Triton >= 3.9) rounds an fma once, as the GPU does."""
+    `fma.rn.f32`; its interpreter rounds an fma once, as the GPU does, from Triton 3.9 (3.6 rounds
+    the product first)."""
     q0 = num * inv
     q1 = tl.fma(tl.fma(-den, q0, num), inv, q0)
     return tl.fma(tl.fma(-den, q1, num), inv, q1)

@@ -35,7 +35,7 @@ may flush subnormals):
     * under SR additionally no element with x != 0 and |v| < DIV_FMA_TINY = 2^-42: such a v
       is rounded up with probability |v| / spacing, so its exact value matters; a tile holding
       one takes the float64 route. (Rare: it needs an element 2^40 below its block max.)
-  Under TRITON_INTERPRET=1 (numpy, IEEE, no flushing; Triton >= 3.9 rounds tl.fma once) both
+  Under TRITON_INTERPRET=1 (numpy, IEEE, no flushing; Triton 3.9 rounds tl.fma once) both
   routes give the same bits; the EXACT_DIV launch option forces the float64 route (tests pin
   that it agrees).
 - x_dq: _bits.mul_f32 (exact float64 product, one rounding to float32; subnormal-safe).

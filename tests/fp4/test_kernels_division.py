@@ -6,7 +6,8 @@ quotients >= DIV_FMA_TINY; the cases below aim at where a Newton-style division 
 divisors whose significand is all ones (1 / b just above a float32 tie), quotients next to
 float32 ties (a = b * m * (1 +- k ulp) with m of few bits), bf16 numerators over float32 scales
 (the quantizers' own case), and the ends of the range. Under TRITON_INTERPRET=1 this needs an
-interpreter whose tl.fma rounds once (Triton >= 3.9): an older one is skipped, saying so.
+interpreter whose tl.fma rounds once (Triton 3.9's does, 3.6's does not): otherwise the
+file is skipped, saying so.
 """
 import os
 
@@ -64,7 +65,7 @@ def fma_rounds_once():
     _fma_probe[(1,)](t)
     if float(t[0]) != 2.0 ** -23 + 2.0 ** -46:
         pytest.skip(f"this Triton's interpreter ({triton.__version__}) rounds tl.fma twice: "
-                    f"the kernels' division can only be checked on a GPU or with Triton >= 3.9")
+                    f"the kernels' division can only be checked on a GPU or with an exact interpreter (3.9's)")
 
 
 def significands(n, g):
