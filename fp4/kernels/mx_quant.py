@@ -258,7 +258,7 @@ def _f32_value(v: float) -> float:
 # HMODE 2 = fp4.kernels.mx_rows_hadamard (MX, axis 0, HB <= 32): 36% of copy against the dot's
 # 25% on an H200 (results/bench/rows_hadamard_check-h200-d75e512.txt), the same bits as HMODE 0.
 TILE_CONFIG = {
-    # nvfp4 (since div_f32_fma, results/bench/division_check-h200-13c5b2e.txt, 65536 x 768):
+    # nvfp4 (since div_f32_fma, results/bench/division_check-h200-ca735ce.txt, 65536 x 768):
     # axis=-1 34.8% -> 42.2% of copy, axis=0 19.8% -> 32.8% (16 x 64, one warp;
     # tiles_check-h200-18e4257.txt, 33.2% on 65536 x 2304).
     (False, 1, 1, False, False): (32, 128, 4, 0),
