@@ -368,14 +368,10 @@ def div_f32_fma(num, den, inv):
 
 
 @triton.jit
-def div_scaled(x, den, fast):
-    """Correctly rounded float32 x / den by a scalar divisor: div_f32_fma when `fast` (den in
-    [DIV_FMA_MIN, DIV_FMA_MAX), where it is exact), else the float64 route (div_f32)."""
-    if fast:
-        v = div_f32_fma(x, den, recip_f32(den))
-    else:
-        v = div_f32(x, den)
-    return v
+def div_fma_exact(lo, hi):
+    """Whether every divisor in [lo, hi] is in div_f32_fma's range [DIV_FMA_MIN, DIV_FMA_MAX):
+    the kernels' uniform test between it and the float64 route (div_f32)."""
+    return (lo >= DIV_FMA_MIN) & (hi < DIV_FMA_MAX)
 
 
 @triton.jit

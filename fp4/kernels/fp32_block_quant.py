@@ -66,8 +66,8 @@ import triton
 import triton.language as tl
 
 from ..formats import FP32_BLOCK
-from ._bits import (DIV_FMA_MAX, DIV_FMA_MIN, DIV_FMA_TINY, F32_INF_BITS, F32_NAN_BITS, FORMATS,
-                    div_f32, div_f32_fma, fixed_scale_consts, grid_split, mul_f32, recip_f32,
+from ._bits import (DIV_FMA_TINY, F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, div_f32_fma,
+                    div_fma_exact, fixed_scale_consts, grid_split, mul_f32, recip_f32,
                     round_bits)
 from .amax import IN_KINDS, KIND_VIEWS
 from ._tiles import _store_block_values, _tile_coords, _transformed_tile
@@ -124,7 +124,7 @@ def fp32_block_kernel(
         v = div_f32(x, den)
     else:
         v = div_f32_fma(x, den, recip_f32(den))
-        need_exact = (tl.min(den) < DIV_FMA_MIN) | (tl.max(den) >= DIV_FMA_MAX)
+        need_exact = div_fma_exact(tl.min(den), tl.max(den)) == 0
         if ROUND == 1:
             tiny = pos & (a4 != 0) & (tl.abs(v) < DIV_FMA_TINY)
             need_exact = need_exact | (tl.max(tiny.to(tl.int32)) > 0)

@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from ..formats import FP8_DTYPES, FP8_MAX
-from ._bits import (DIV_FMA_MAX, DIV_FMA_MIN, F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32,
-                    div_f32_fma, fixed_grid_bits, fixed_scale_consts, load_bits, recip_f32,
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, div_f32_fma, div_fma_exact,
+                    fixed_grid_bits, fixed_scale_consts, load_bits, recip_f32,
                     store_bits)
 from .amax import IN_KINDS, KIND_VIEWS, draw_seed, global_amax_bits
 
@@ -74,18 +74,12 @@ def _fp8_grid_bits(bits, s, rnd, MBITS: tl.constexpr, EMIN: tl.constexpr, QBITS:
                    MAXB: tl.constexpr, FMT_MAX: tl.constexpr, ROUND: tl.constexpr,
                    DIV64: tl.constexpr):
     """Signed float32 bits of q = fp8_round(fp32(x / s)) for x given as float32 bits (any shape).
-    DIV64: the float64 division (s outside [DIV_FMA_MIN, DIV_FMA_MAX)), else one reciprocal of
+    DIV64: the float64 division (s outside div_f32_fma's range, _bits.div_fma_exact), else one reciprocal of
     the tensor scale and FMAs per element (_bits.div_f32_fma); both correctly rounded."""
     x = bits.to(tl.float32, bitcast=True)
     v = div_f32(x, s) if DIV64 else div_f32_fma(x, s, recip_f32(s))
     q = fixed_grid_bits(v, rnd, EMIN, QBITS, MAXB, FMT_MAX, MBITS, ROUND)
     return q | (bits & (-2147483648))
-
-
-@triton.jit
-def _fma_route(s):
-    """The uniform test of both kernels: s in div_f32_fma's range (else the float64 route)."""
-    return (s >= DIV_FMA_MIN) & (s < DIV_FMA_MAX)
 
 
 @triton.jit
@@ -143,7 +137,7 @@ def _fp8_kernel(x_ptr, out_ptr, f8_ptr, amax_ptr, scale_ptr, seed_ptr, N,
     s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
     if pid == 0:
         tl.store(scale_ptr, tl.where(finite, s, float("nan")))
-    if _fma_route(s):
+    if div_fma_exact(s, s):
         _fp8_chunk(x_ptr, out_ptr, f8_ptr, seed_ptr, N, start, bits, s, finite, FMT_MAX, MBITS,
                    EMIN, QBITS, MAXB, NAN_CODE, ROUND, WRITE_F8, WRITE_DQ, IN_KIND, BLOCK, False)
     else:
@@ -195,7 +189,7 @@ def _fp8_t_kernel(x_ptr, f8_ptr, f8t_ptr, amax_ptr, scale_ptr, M, N,
     s, finite = _fp8_tensor_scale(amax_ptr, FMT_MAX)
     if pid_m + pid_n == 0:
         tl.store(scale_ptr, tl.where(finite, s, float("nan")))
-    if _fma_route(s):
+    if div_fma_exact(s, s):
         _fp8_t_tile(x_ptr, f8_ptr, f8t_ptr, M, N, r0, c0, bits, s, finite, FMT_MAX, MBITS, EMIN,
                     QBITS, MAXB, NAN_CODE, IN_KIND, BLOCK_M, BLOCK_N, False)
     else:

@@ -69,7 +69,7 @@ import triton.language as tl
 
 from ..formats import E4M3, E8M0_BIAS, MX_BLOCK, NVFP4_BLOCK, NVFP4_TENSOR_DIVISOR
 from ..scaling import MX_SCALE_MODES
-from ._bits import (DIV_FMA_MAX, DIV_FMA_MIN, F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, div_f32_fma,
+from ._bits import (F32_INF_BITS, F32_NAN_BITS, FORMATS, div_f32, div_f32_fma, div_fma_exact,
                     encode_minifloat, fixed_grid_bits, fixed_scale_consts, f32_bits,
                     mul_f32, mx_fast_program, mx_grid_bits, mx_round_nearest,
                     rand_bits, recip_f32, round_bits, store_bits)
@@ -101,7 +101,7 @@ def _scaled_tile(x_ptr, out_ptr, signs_ptr, scale_ptr, seed_ptr, R, C, r0, c0, g
                  OFF64: tl.constexpr, DIV64: tl.constexpr):
     """NVFP4 (KIND 1) or tensor-scaled FP8 (KIND 2) of the [TR, TC] tile at (r0, c0), loaded and
     stored here, with the tensor amax gf (float32; finite False for NaN / Inf). DIV64: x / s by
-    the float64 route (a tensor scale with some s outside [DIV_FMA_MIN, DIV_FMA_MAX)), else
+    the float64 route (a tensor scale with some s outside div_f32_fma's range), else
     one reciprocal per block and FMAs per element (_bits.div_f32_fma), both correctly rounded."""
     rows, cols, offs, inb = _tile_at(R, C, r0, c0, TR, TC, OFF64)
     bits = _transformed_tile(x_ptr, signs_ptr, offs, inb, IN_KIND, AXIS, LOG2HB, HSCALE,
@@ -207,11 +207,11 @@ def block_quant_kernel(
             s_t = div_f32(gf, NV_DIV)
             # Every divisor s = s_b * s_g (s_b a non-zero E4M3 value, or 1 for an empty block)
             # within div_f32_fma's range.
-            fma_div = (s_t * SB_MIN >= DIV_FMA_MIN) & (s_t * SB_MAX < DIV_FMA_MAX)
+            fma_div = div_fma_exact(s_t * SB_MIN, s_t * SB_MAX)
         else:
             s_t = div_f32(gf, FMT_MAX)
             s_t = tl.where(s_t == 0, 1.0, s_t)
-            fma_div = (s_t >= DIV_FMA_MIN) & (s_t < DIV_FMA_MAX)
+            fma_div = div_fma_exact(s_t, s_t)
         if pid_r + pid_c + pid_b == 0:
             tl.store(tscale_ptr, tl.where(finite, s_t, float("nan")))
         if fma_div:
